@@ -1,0 +1,51 @@
+"""What every command shares: consoles, error handling at the edge, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from clipguard.errors import ClipguardError
+
+# Diagnostics and progress go to stderr so that stdout stays clean for --format json.
+err_console = Console(stderr=True, width=int(os.environ.get("CLIPGUARD_CONSOLE_WIDTH", "0")) or None)
+console = Console(width=int(os.environ.get("CLIPGUARD_CONSOLE_WIDTH", "0")) or None)
+
+ERROR_EXIT = 2
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn domain errors into a red message and exit code 2; anything else is a bug and raises."""
+    try:
+        yield
+    except ClipguardError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=ERROR_EXIT) from None
+
+
+def progress_bar(unit: str = "pairs") -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[done]:,} " + unit),
+        TextColumn("{task.fields[rate]:,.1f} " + unit + "/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )

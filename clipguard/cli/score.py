@@ -1,0 +1,86 @@
+"""`clipguard score`: flags -> ScoreConfig -> score_shards, with a progress bar and a summary."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from clipguard.cli.common import console, err_console, progress_bar, user_errors
+from clipguard.data.pairs import DecodeLimits, DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS
+from clipguard.data.shardspec import resolve_shards
+from clipguard.model.loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec, load_model
+from clipguard.scoring.run import ScoreConfig, ScoreProgress, ScoreSummary, score_shards
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def score(
+    shards: Annotated[list[str], typer.Argument(help="Shard folders, globs, brace patterns ({00000..00099}.tar) or http(s) URLs.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for score files and manifest.json.")],
+    model: Annotated[str, typer.Option(help="open_clip architecture or bundled model name.")] = DEFAULT_MODEL,
+    pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag (online), local weights file, or 'none' for random weights.")] = DEFAULT_PRETRAINED,
+    model_config: Annotated[Optional[Path], typer.Option(help="open_clip model-config JSON for a custom architecture.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pairs per inference batch.")] = 64,
+    precision: Annotated[Precision, typer.Option(help="Inference precision (bf16 is fast on CPUs with AMX/AVX512-BF16).")] = Precision.fp32,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes that decode while the model runs.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    save_embeddings: Annotated[bool, typer.Option(help="Also write fp16 image and text embeddings (.npy) per shard.")] = False,
+    max_pixels: Annotated[int, typer.Option(help="Images whose header announces more pixels become error rows, undecoded.")] = DEFAULT_MAX_PIXELS,
+    max_caption_bytes: Annotated[int, typer.Option(help="Captions are clipped to this many bytes.")] = DEFAULT_MAX_CAPTION_BYTES,
+    jpeg_draft: Annotated[bool, typer.Option(help="Decode large JPEGs at reduced DCT scale (faster, nearly identical scores).")] = True,
+    allow_pipe: Annotated[bool, typer.Option(help="Allow pipe: shard URLs (they run shell commands).")] = False,
+) -> None:
+    """Stream shards through a reference CLIP and write every pair's cosine distance."""
+    with user_errors():
+        shard_list = resolve_shards(shards, allow_pipe=allow_pipe)
+        spec = ModelSpec(name=model, pretrained=pretrained, model_config=model_config, device=device, precision=precision.value)
+        loaded = load_model(spec)
+        limits = DecodeLimits(
+            max_pixels=max_pixels,
+            max_caption_bytes=max_caption_bytes,
+            draft_size=loaded.info.image_size if jpeg_draft else None,
+        )
+        config = ScoreConfig(batch_size=batch_size, workers=workers, save_embeddings=save_embeddings, limits=limits)
+        err_console.print(
+            f"scoring {len(shard_list)} shard(s) with {loaded.info.architecture} "
+            f"({loaded.info.weights_source} weights, {precision.value}) into {out}"
+        )
+        with progress_bar() as bar:
+            task = bar.add_task("score", total=len(shard_list), done=0, rate=0.0)
+            started = time.perf_counter()
+
+            def on_progress(event: ScoreProgress) -> None:
+                rate = event.pairs_done / max(time.perf_counter() - started, 1e-9)
+                bar.update(task, completed=event.shards_done, done=event.pairs_done, rate=rate)
+
+            summary = score_shards(shard_list, loaded, out, config, progress=on_progress)
+            bar.update(task, completed=len(shard_list))
+        print_summary(summary)
+
+
+def print_summary(summary: ScoreSummary) -> None:
+    table = Table(title=f"clipguard score -> {summary.out_dir}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    skipped = sum(r.skipped_on_resume for r in summary.shards)
+    table.add_row("shards", f"{len(summary.shards)} ({skipped} already complete, skipped)")
+    table.add_row("pairs", f"{summary.pairs:,} ({summary.ok:,} ok)")
+    errors = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
+    table.add_row("errors by reason", errors)
+    truncated = [r.shard for r in summary.shards if r.truncated]
+    table.add_row("truncated shards", ", ".join(truncated) or "none")
+    if summary.distance_quantiles:
+        q = summary.distance_quantiles
+        table.add_row("cosine distance", "  ".join(f"{k} {v:.3f}" for k, v in q.items()))
+    table.add_row("wall time", f"{summary.wall_seconds:.1f} s")
+    table.add_row("throughput", f"{summary.pairs_per_second:,.1f} pairs/s (pairs scored in this run)")
+    console.print(table)

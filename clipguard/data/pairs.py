@@ -1,0 +1,115 @@
+"""Decode a raw sample into an image–caption pair, or a named reason why it cannot be one.
+
+Limits protect the scorer from hostile input: the pixel count is checked from the image header
+before any pixel is decoded, captions are bounded in bytes, and only image and text fields are
+ever parsed (``.pkl``/``.pth`` members stay opaque bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+from clipguard.data.tarstream import RawSample
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_CAPTION_BYTES = 16_384
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES
+    # JPEG draft mode decodes at a reduced DCT scale (>= this size) instead of full resolution.
+    draft_size: int | None = None
+
+
+@dataclass
+class Pair:
+    key: str
+    image: Image.Image | None
+    caption: str | None
+    image_sha256: str | None
+    caption_invalid_utf8: bool = False
+    caption_clipped: bool = False
+    error: str | None = None  # None means the pair is usable
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def image_field(sample: RawSample) -> str | None:
+    return next((f for f in IMAGE_FIELDS if f in sample.fields), None)
+
+
+def read_caption(sample: RawSample, limits: DecodeLimits) -> tuple[str | None, bool, bool]:
+    """Caption from ``txt``, else ``json["caption"]``; returns (caption, invalid_utf8, clipped)."""
+    raw = sample.fields.get("txt")
+    if raw is None and "json" in sample.fields:
+        try:
+            meta = json.loads(sample.fields["json"].decode("utf-8", errors="replace"))
+        except (json.JSONDecodeError, ValueError):
+            meta = None
+        if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
+            raw = meta["caption"].encode("utf-8", errors="replace")
+    if raw is None:
+        return None, False, False
+    try:
+        raw.decode("utf-8")
+        invalid = False
+    except UnicodeDecodeError:
+        invalid = True
+    clipped = len(raw) > limits.max_caption_bytes
+    # "ignore" at the cut only drops a multi-byte character that the clip split in two.
+    text = raw[: limits.max_caption_bytes].decode("utf-8", errors="replace" if invalid else "ignore")
+    return text.strip(), invalid, clipped
+
+
+def decode_pair(sample: RawSample, limits: DecodeLimits) -> Pair:
+    field_name = image_field(sample)
+    image_bytes = sample.fields.get(field_name) if field_name else None
+    caption, invalid_utf8, clipped = read_caption(sample, limits)
+    pair = Pair(
+        key=sample.key,
+        image=None,
+        caption=caption,
+        image_sha256=hashlib.sha256(image_bytes).hexdigest() if image_bytes is not None else None,
+        caption_invalid_utf8=invalid_utf8,
+        caption_clipped=clipped,
+    )
+    if sample.problems:
+        pair.error = sample.problems[0]
+    elif image_bytes is None:
+        pair.error = "missing_image"
+    elif caption is None:
+        pair.error = "missing_caption"
+    else:
+        pair.image, pair.error = open_image(image_bytes, limits)
+    return pair
+
+
+def open_image(data: bytes, limits: DecodeLimits) -> tuple[Image.Image | None, str | None]:
+    try:
+        with warnings.catch_warnings():
+            # We enforce our own pixel limit below, before decoding; PIL's would only warn.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                return None, f"image_too_large: {width}x{height} exceeds {limits.max_pixels} pixels"
+            if limits.draft_size and image.format == "JPEG":
+                image.draft("RGB", (limits.draft_size, limits.draft_size))
+            image = image.convert("RGB")
+            image.load()
+    except Image.DecompressionBombError as exc:
+        return None, f"image_too_large: {exc}"
+    except Exception as exc:  # PIL raises many types for corrupt data
+        return None, f"corrupt_image: {type(exc).__name__}: {str(exc)[:120]}"
+    return image, None

@@ -1,0 +1,96 @@
+"""Resolve what the user typed (folders, globs, brace patterns, URLs) into an ordered shard list."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+
+from clipguard.errors import ShardSpecError
+
+REMOTE_SCHEMES = ("http://", "https://")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar shard. ``name`` is unique within a run and names its output files."""
+
+    url: str
+    name: str
+
+    @property
+    def is_remote(self) -> bool:
+        return self.url.startswith(REMOTE_SCHEMES)
+
+
+def resolve_shards(specs: list[str] | str, allow_pipe: bool = False) -> list[Shard]:
+    """Expand each spec in order; raise ShardSpecError for anything that names no shard."""
+    if isinstance(specs, (str, Path)):
+        specs = [str(specs)]
+    urls: list[str] = []
+    for spec in specs:
+        urls.extend(_expand_one(str(spec), allow_pipe))
+    if not urls:
+        raise ShardSpecError("no shards given")
+    return _name_uniquely(_dedupe(urls))
+
+
+def _expand_one(spec: str, allow_pipe: bool) -> list[str]:
+    if spec.startswith("pipe:"):
+        if not allow_pipe:
+            raise ShardSpecError(
+                f"refusing '{spec[:60]}': pipe: URLs run a shell command. Pass --allow-pipe if you "
+                "trust this source."
+            )
+        return list(braceexpand.braceexpand(spec))
+    if spec.startswith(REMOTE_SCHEMES):
+        return list(braceexpand.braceexpand(spec))
+    if spec.startswith("file://"):
+        spec = spec[len("file://"):]
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        found = sorted(str(p) for p in path.glob("*.tar"))
+        if not found:
+            raise ShardSpecError(f"folder {path} holds no .tar shards")
+        return found
+    expanded = list(braceexpand.braceexpand(spec))
+    urls: list[str] = []
+    for item in expanded:
+        if glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise ShardSpecError(f"pattern {item} matches no file")
+            urls.extend(matches)
+        elif Path(item).is_file():
+            urls.append(item)
+        else:
+            raise ShardSpecError(f"shard {item} does not exist")
+    return urls
+
+
+def _dedupe(urls: list[str]) -> list[str]:
+    return list(dict.fromkeys(urls))
+
+
+def _name_uniquely(urls: list[str]) -> list[Shard]:
+    stems = [_stem(url) for url in urls]
+    counts: dict[str, int] = {}
+    for stem in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    shards = []
+    for url, stem in zip(urls, stems):
+        # Two folders may both hold 00000.tar; a short hash of the full URL keeps outputs apart.
+        name = stem if counts[stem] == 1 else f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
+        shards.append(Shard(url=url, name=name))
+    return shards
+
+
+def _stem(url: str) -> str:
+    base = url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if base.endswith(suffix):
+            return base[: -len(suffix)] or "shard"
+    return base or "shard"

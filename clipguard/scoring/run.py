@@ -1,0 +1,307 @@
+"""`score`: stream shards through a reference CLIP and write each pair's cosine distance.
+
+shards -> (workers: read, decode, preprocess, tokenize) -> chunks -> (main: embed with caches)
+-> one Parquet per shard + manifest.json. Finished shards are skipped on rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+import clipguard
+from clipguard.data.pairs import DecodeLimits
+from clipguard.data.shardspec import Shard
+from clipguard.errors import ClipguardError
+from clipguard.model.loading import LoadedModel
+from clipguard.scoring.chunks import Chunk, ShardChunks, passthrough_collate
+from clipguard.scoring.embedder import EmbeddingCache, ShardEmbedder
+from clipguard.scoring.scorefiles import (
+    atomic_write_json,
+    embedding_paths,
+    read_metadata,
+    read_scores,
+    score_path,
+    write_embeddings,
+    write_score_table,
+)
+
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    batch_size: int = 64
+    workers: int = 0
+    save_embeddings: bool = False
+    trim_text: bool = True
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    url: str
+    score_file: str
+    samples: int
+    ok: int
+    errors: int
+    errors_by_reason: dict[str, int]
+    caption_truncated: int
+    caption_invalid_utf8: int
+    truncated: bool
+    read_error: str | None
+    skipped_members: list[dict[str, str]]
+    skipped_on_resume: bool = False
+
+
+@dataclass
+class ScoreSummary:
+    out_dir: Path
+    shards: list[ShardResult]
+    pairs: int
+    ok: int
+    errors_by_reason: dict[str, int]
+    distance_quantiles: dict[str, float]
+    wall_seconds: float
+    pairs_scored_this_run: int
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.pairs_scored_this_run / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+
+@dataclass
+class ScoreProgress:
+    """Passed to the progress callback after every chunk (the CLI draws a bar from it)."""
+
+    shards_done: int
+    shards_total: int
+    pairs_done: int
+    shard: str
+
+
+ProgressCallback = Callable[[ScoreProgress], None]
+
+
+def score_shards(
+    shards: list[Shard],
+    loaded: LoadedModel,
+    out_dir: Path,
+    config: ScoreConfig = ScoreConfig(),
+    progress: ProgressCallback | None = None,
+) -> ScoreSummary:
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_meta = _run_metadata(loaded, config)
+    finished, pending = _split_finished(shards, out_dir, run_meta, config)
+    results: dict[str, ShardResult] = {r.shard: r for r in finished}
+    _write_manifest(out_dir, run_meta, shards, results)
+
+    embedder = ShardEmbedder(loaded, config.batch_size, config.trim_text)
+    buffers: dict[str, _ShardBuffer] = {}
+    pairs_done = 0
+    for chunk in _chunk_stream(pending, loaded, config):
+        # Chunks of one shard arrive in order; other workers' shards may interleave with them.
+        buffer = buffers.setdefault(chunk.shard.name, _ShardBuffer())
+        buffer.add(chunk, embedder)
+        pairs_done += len(chunk.rows)
+        if chunk.last:
+            results[chunk.shard.name] = _finish_shard(chunk, buffers.pop(chunk.shard.name), out_dir, run_meta, config)
+            _write_manifest(out_dir, run_meta, shards, results)
+        if progress:
+            done = sum(1 for s in shards if s.name in results)
+            progress(ScoreProgress(done, len(shards), pairs_done, chunk.shard.name))
+
+    ordered = [results[s.name] for s in shards]
+    return _summarize(out_dir, ordered, time.perf_counter() - start, pairs_done)
+
+
+def _chunk_stream(pending: list[Shard], loaded: LoadedModel, config: ScoreConfig):
+    if not pending:
+        return iter(())
+    dataset = ShardChunks(pending, loaded.preprocess, loaded.tokenizer, config.batch_size, config.limits)
+    workers = min(config.workers, len(pending))
+    if workers == 0:
+        return iter(dataset)
+    loader = DataLoader(
+        dataset, batch_size=None, num_workers=workers, collate_fn=passthrough_collate, prefetch_factor=4
+    )
+    return iter(loader)
+
+
+class _ShardBuffer:
+    """Rows and embeddings of one shard, kept until its last chunk arrives."""
+
+    def __init__(self):
+        self.chunks: list[Chunk] = []
+        self.similarities: list[np.ndarray] = []
+        self.image_embeddings: list[np.ndarray | None] = []
+        self.text_embeddings: list[np.ndarray | None] = []
+        # One cache per shard: a shard's scores must not depend on which shards came before it.
+        self.cache = EmbeddingCache()
+
+    def add(self, chunk: Chunk, embedder: ShardEmbedder) -> None:
+        embeddings = embedder.embed(chunk, self.cache)
+        similarity = np.full(len(chunk.rows), np.nan, dtype=np.float32)
+        if embeddings is not None:
+            sims = (embeddings.image * embeddings.text).sum(dim=-1).numpy()
+            similarity[chunk.ok_index] = sims
+            dim = embeddings.image.shape[1]
+            image = np.full((len(chunk.rows), dim), np.nan, dtype=np.float32)
+            text = np.full((len(chunk.rows), dim), np.nan, dtype=np.float32)
+            image[chunk.ok_index] = embeddings.image.numpy()
+            text[chunk.ok_index] = embeddings.text.numpy()
+            self.image_embeddings.append(image)
+            self.text_embeddings.append(text)
+        else:
+            self.image_embeddings.append(None)
+            self.text_embeddings.append(None)
+        chunk.pixels = chunk.tokens = None
+        self.chunks.append(chunk)
+        self.similarities.append(similarity)
+
+
+def _finish_shard(last: Chunk, buffer: _ShardBuffer, out_dir: Path, run_meta: dict, config: ScoreConfig) -> ShardResult:
+    rows = [row for chunk in buffer.chunks for row in chunk.rows]
+    similarity = np.concatenate(buffer.similarities) if buffer.similarities else np.zeros(0, np.float32)
+    report = last.report
+    errors = Counter(_reason_class(row.error) for row in rows if row.error)
+    result = ShardResult(
+        shard=last.shard.name,
+        url=last.shard.url,
+        score_file=score_path(out_dir, last.shard.name).name,
+        samples=len(rows),
+        ok=len(rows) - sum(errors.values()),
+        errors=sum(errors.values()),
+        errors_by_reason=dict(errors),
+        caption_truncated=sum(r.caption_truncated for r in rows),
+        caption_invalid_utf8=sum(r.caption_invalid_utf8 for r in rows),
+        truncated=report.truncated,
+        read_error=report.read_error,
+        skipped_members=report.skipped_members,
+    )
+    if config.save_embeddings:
+        _save_shard_embeddings(out_dir, last.shard.name, buffer, len(rows))
+    columns = {
+        "key": [r.key for r in rows],
+        "shard": [last.shard.name] * len(rows),
+        "cosine_similarity": similarity.tolist(),
+        "cosine_distance": (1.0 - similarity).tolist(),
+        "status": ["error" if r.error else "ok" for r in rows],
+        "error": [r.error for r in rows],
+        "caption_tokens": [r.caption_tokens for r in rows],
+        "caption_truncated": [r.caption_truncated for r in rows],
+        "caption_invalid_utf8": [r.caption_invalid_utf8 for r in rows],
+        "caption_clipped": [r.caption_clipped for r in rows],
+        "image_sha256": [r.image_sha256 for r in rows],
+    }
+    columns["cosine_similarity"] = [None if np.isnan(v) else v for v in columns["cosine_similarity"]]
+    columns["cosine_distance"] = [None if np.isnan(v) else v for v in columns["cosine_distance"]]
+    write_score_table(score_path(out_dir, last.shard.name), columns, {**run_meta, "shard": asdict(result)})
+    return result
+
+
+def _save_shard_embeddings(out_dir: Path, name: str, buffer: _ShardBuffer, n_rows: int) -> None:
+    image_path, text_path = embedding_paths(out_dir, name)
+    dims = [e.shape[1] for e in buffer.image_embeddings if e is not None]
+    dim = dims[0] if dims else 0
+    for path, parts in ((image_path, buffer.image_embeddings), (text_path, buffer.text_embeddings)):
+        blocks = [
+            p if p is not None else np.full((len(c.rows), dim), np.nan, np.float32)
+            for p, c in zip(parts, buffer.chunks)
+        ]
+        array = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)
+        assert len(array) == n_rows
+        write_embeddings(path, array)
+
+
+def _reason_class(error: str) -> str:
+    """'corrupt_image: OSError: ...' -> 'corrupt_image' for counting."""
+    return error.split(":", 1)[0]
+
+
+def _run_metadata(loaded: LoadedModel, config: ScoreConfig) -> dict:
+    return {
+        "clipguard_version": clipguard.__version__,
+        "model": loaded.info.to_dict(),
+        "fingerprint": loaded.info.fingerprint(),
+        "batch_size": config.batch_size,
+        "trim_text": config.trim_text,
+        "limits": asdict(config.limits),
+    }
+
+
+def _split_finished(shards: list[Shard], out_dir: Path, run_meta: dict, config: ScoreConfig):
+    finished, pending = [], []
+    for shard in shards:
+        meta = read_metadata(score_path(out_dir, shard.name))
+        if meta is None:
+            pending.append(shard)
+            continue
+        if meta.get("fingerprint") != run_meta["fingerprint"]:
+            raise ClipguardError(
+                f"{out_dir} already holds scores for shard {shard.name} from a different model or "
+                "precision; score into a new --out folder"
+            )
+        if config.save_embeddings and not all(p.exists() for p in embedding_paths(out_dir, shard.name)):
+            pending.append(shard)
+            continue
+        finished.append(ShardResult(**{**meta["shard"], "skipped_on_resume": True}))
+    return finished, pending
+
+
+def _write_manifest(out_dir: Path, run_meta: dict, shards: list[Shard], results: dict[str, ShardResult]) -> None:
+    done = [results[s.name] for s in shards if s.name in results]
+    manifest = {
+        **run_meta,
+        "complete": len(done) == len(shards),
+        "shards_total": len(shards),
+        "shards_done": len(done),
+        "pairs": sum(r.samples for r in done),
+        "ok": sum(r.ok for r in done),
+        "errors": sum(r.errors for r in done),
+        "truncated_shards": [r.shard for r in done if r.truncated],
+        "shards": [asdict(r) for r in done],
+    }
+    atomic_write_json(out_dir / MANIFEST_NAME, manifest)
+
+
+def _summarize(out_dir: Path, results: list[ShardResult], wall: float, pairs_this_run: int) -> ScoreSummary:
+    reasons: Counter = Counter()
+    for r in results:
+        reasons.update(r.errors_by_reason)
+    quantiles: dict[str, float] = {}
+    if any(r.samples for r in results):
+        distances = read_scores(out_dir).cosine_distance
+        distances = distances[~np.isnan(distances)]
+        if len(distances):
+            for q in (0.01, 0.1, 0.5, 0.9, 0.99):
+                quantiles[f"p{int(q * 100)}"] = float(np.quantile(distances, q))
+            quantiles["max"] = float(distances.max())
+    return ScoreSummary(
+        out_dir=out_dir,
+        shards=results,
+        pairs=sum(r.samples for r in results),
+        ok=sum(r.ok for r in results),
+        errors_by_reason=dict(reasons),
+        distance_quantiles=quantiles,
+        wall_seconds=wall,
+        pairs_scored_this_run=pairs_this_run,
+    )
+
+
+def load_manifest(out_dir: Path) -> dict:
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ClipguardError(f"{out_dir} has no {MANIFEST_NAME}; it is not a clipguard score folder")
+    return json.loads(path.read_text())
+

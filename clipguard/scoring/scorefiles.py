@@ -1,0 +1,128 @@
+"""Score files: one Parquet per input shard, written atomically, readable back as tables.
+
+The Parquet file is the completion marker: it appears (by rename) only after its embeddings
+have been written, so a file that exists is complete, and a rerun can skip its shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCORE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("cosine_similarity", pa.float32()),
+        ("cosine_distance", pa.float32()),
+        ("status", pa.string()),  # "ok" or "error"
+        ("error", pa.string()),
+        ("caption_tokens", pa.int32()),
+        ("caption_truncated", pa.bool_()),
+        ("caption_invalid_utf8", pa.bool_()),
+        ("caption_clipped", pa.bool_()),
+        ("image_sha256", pa.string()),
+    ]
+)
+METADATA_KEY = b"clipguard"
+
+
+def score_path(out_dir: Path, shard_name: str) -> Path:
+    return Path(out_dir) / f"{shard_name}.parquet"
+
+
+def embedding_paths(out_dir: Path, shard_name: str) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    return out_dir / f"{shard_name}.image.npy", out_dir / f"{shard_name}.text.npy"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_score_table(path: Path, columns: dict[str, list], metadata: dict[str, Any]) -> None:
+    table = pa.Table.from_pydict(columns, schema=SCORE_SCHEMA)
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_embeddings(path: Path, embeddings: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, embeddings.astype(np.float16), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def read_metadata(path: Path) -> dict[str, Any] | None:
+    """The run metadata stored in a score file, or None if the file is absent or unreadable."""
+    try:
+        raw = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    try:
+        return json.loads(raw.get(METADATA_KEY, b"null"))
+    except json.JSONDecodeError:
+        return None
+
+
+@dataclass
+class ScoreTable:
+    """All score rows of a run, as columns (numpy arrays)."""
+
+    key: np.ndarray
+    shard: np.ndarray
+    cosine_distance: np.ndarray  # NaN for error rows
+    status: np.ndarray
+    error: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    @property
+    def ok(self) -> np.ndarray:
+        return self.status == "ok"
+
+
+def find_score_files(scores: Path) -> list[Path]:
+    scores = Path(scores)
+    if scores.is_file():
+        return [scores]
+    return sorted(p for p in scores.glob("*.parquet"))
+
+
+def read_scores(scores: Path) -> ScoreTable:
+    """Read one score file or a folder of them into columns."""
+    files = find_score_files(scores)
+    if not files:
+        from clipguard.errors import ClipguardError
+
+        raise ClipguardError(f"no score files (*.parquet) in {scores}; run `clipguard score` first")
+    table = pa.concat_tables(
+        [pq.read_table(f, columns=["key", "shard", "cosine_distance", "status", "error"]) for f in files]
+    )
+    distance = table.column("cosine_distance").to_numpy(zero_copy_only=False).astype(np.float64)
+    return ScoreTable(
+        key=np.asarray(table.column("key").to_pylist(), dtype=object),
+        shard=np.asarray(table.column("shard").to_pylist(), dtype=object),
+        cosine_distance=np.where(np.isnan(distance), np.nan, distance),
+        status=np.asarray(table.column("status").to_pylist(), dtype=object),
+        error=np.asarray(table.column("error").to_pylist(), dtype=object),
+    )
