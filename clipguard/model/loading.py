@@ -23,6 +23,7 @@ import torch
 
 from clipguard.errors import ModelLoadError
 from clipguard.model import bundled
+from clipguard.model.checkpoint import read_sidecar
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_MODEL = "ViT-B-32"
@@ -129,6 +130,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     name, pretrained, source_hint = spec.name, spec.pretrained, None
     if spec.model_config is not None:
         name = register_model_config(spec.model_config)
+    elif _is_checkpoint_path(name):
+        name, pretrained, source_hint = _checkpoint_architecture(Path(name)), name, "file"
     elif bundled.is_bundled(name):
         bundle = bundled.resolve(name)
         name, pretrained, source_hint = bundle.architecture, str(bundle.weights), "bundled"
@@ -155,6 +158,35 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         preprocess=_preprocess_description(model),
     )
     return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, info=info)
+
+
+def _is_checkpoint_path(name: str) -> bool:
+    return name.endswith((".safetensors", ".pt", ".pth", ".bin")) or Path(name).is_file()
+
+
+def _checkpoint_architecture(path: Path) -> str:
+    """A clipguard checkpoint names its architecture in a sidecar JSON (and may carry its config)."""
+    if not path.is_file():
+        raise ModelLoadError(f"model checkpoint {path} does not exist")
+    sidecar = read_sidecar(path)
+    if sidecar is None:
+        raise ModelLoadError(
+            f"{path} has no clipguard sidecar ({path.with_suffix('.json').name}) naming its "
+            "architecture; pass --model ARCH --pretrained FILE instead"
+        )
+    name = sidecar["architecture"]
+    if name not in open_clip.list_models() and sidecar.get("model_config"):
+        open_clip.add_model_config(_write_config_copy(name, sidecar["model_config"]))
+    return name
+
+
+def _write_config_copy(name: str, config: dict) -> Path:
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="clipguard-config-"))
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return path
 
 
 def resolve_weights(name: str, pretrained: str | None) -> WeightsFile | None:
