@@ -1,0 +1,71 @@
+"""Shared fixtures: offline by default, tiny real open_clip models, real tar shards."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("CLIPGUARD_CONSOLE_WIDTH", "200")
+
+TINY_MODEL = "clipguard-tiny-victim"
+
+
+def jpeg_bytes(seed: int, size: int = 72, quality: int = 90) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_shard(path: Path, samples: list[dict]) -> Path:
+    """Write samples ({"__key__", ext: bytes|str}) with webdataset's own writer."""
+    import webdataset as wds
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return path
+
+
+def simple_samples(shard_index: int, n: int, seed: int = 0) -> list[dict]:
+    return [
+        {
+            "__key__": f"{shard_index:05d}{i:04d}",
+            "jpg": jpeg_bytes(seed * 100_000 + shard_index * 1000 + i),
+            "txt": f"a photo of item {i} in shard {shard_index}",
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded():
+    from clipguard.model.loading import ModelSpec, load_model
+
+    return load_model(ModelSpec(name=TINY_MODEL, pretrained=None))
+
+
+@pytest.fixture
+def three_shards(tmp_path: Path) -> Path:
+    folder = tmp_path / "shards"
+    for s in range(3):
+        write_shard(folder / f"{s:05d}.tar", simple_samples(s, 20))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_loaded) -> Path:
+    """The tiny model saved as a clipguard checkpoint, so CLI runs load identical weights."""
+    from clipguard.model.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    return save_checkpoint(tiny_loaded.model, path, TINY_MODEL, {"note": "random weights for tests"})
