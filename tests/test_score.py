@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from clipguard.cli.main import app
 from clipguard.data.shardspec import resolve_shards
 from clipguard.model.encoding import encode_texts, tokenize
-from clipguard.model.loading import LoadedModel
 from clipguard.scoring.chunks import ShardChunks
 from clipguard.scoring.embedder import EmbeddingCache, ShardEmbedder
 from clipguard.scoring.run import ScoreConfig, score_shards
@@ -93,11 +92,11 @@ def test_trimmed_text_forward_on_vit_b_32():
 
 
 @pytest.mark.parametrize("precision", ["bf16"])
-def test_reduced_precision_stays_close_to_fp32(tmp_path, three_shards, tiny_loaded, precision):
-    reduced = LoadedModel(
-        model=tiny_loaded.model, preprocess=tiny_loaded.preprocess, tokenizer=tiny_loaded.tokenizer,
-        info=tiny_loaded.info.__class__(**{**tiny_loaded.info.to_dict(), "precision": precision}),
-    )
+def test_reduced_precision_stays_close_to_fp32(tmp_path, three_shards, tiny_loaded, tiny_checkpoint, precision):
+    from clipguard.model.loading import ModelSpec, load_model
+
+    reduced = load_model(ModelSpec(str(tiny_checkpoint), precision=precision))
+    assert next(reduced.model.parameters()).dtype == getattr(torch, {"bf16": "bfloat16"}[precision])
     score_shards(resolve_shards(str(three_shards)), tiny_loaded, tmp_path / "fp32", ScoreConfig(batch_size=16))
     score_shards(resolve_shards(str(three_shards)), reduced, tmp_path / precision, ScoreConfig(batch_size=16))
     a, b = distances(tmp_path / "fp32"), distances(tmp_path / precision)

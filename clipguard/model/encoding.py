@@ -9,13 +9,12 @@ own modules.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from clipguard.model.loading import LoadedModel, autocast_dtype
+from clipguard.model.loading import LoadedModel, precision_dtype
 
 
 @dataclass
@@ -38,25 +37,18 @@ def tokenize(tokenizer, captions: list[str]) -> TokenizedCaptions:
     return TokenizedCaptions(tokens=tokens, n_tokens=lengths, truncated=[n > context for n in lengths])
 
 
-def precision_context(loaded: LoadedModel):
-    dtype = autocast_dtype(loaded.info.precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    device_type = "cuda" if loaded.info.device.startswith("cuda") else "cpu"
-    return torch.autocast(device_type=device_type, dtype=dtype)
-
-
 def encode_images(loaded: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
     """[batch, 3, H, W] preprocessed pixels -> [batch, dim] float32 unit vectors."""
-    with torch.inference_mode(), precision_context(loaded):
-        features = loaded.model.encode_image(pixels.to(loaded.info.device))
+    dtype = precision_dtype(loaded.info.precision)
+    with torch.inference_mode():
+        features = loaded.model.encode_image(pixels.to(loaded.info.device, dtype))
     return F.normalize(features.float(), dim=-1).cpu()
 
 
 def encode_texts(loaded: LoadedModel, tokens: torch.Tensor, trim: bool = True) -> torch.Tensor:
     """[batch, context] tokens -> [batch, dim] float32 unit vectors."""
     tokens = tokens.to(loaded.info.device)
-    with torch.inference_mode(), precision_context(loaded):
+    with torch.inference_mode():
         if trim and supports_trimmed_text(loaded.model):
             features = _encode_text_trimmed(loaded.model, tokens)
         else:

@@ -144,6 +144,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     if weights is not None and source_hint:
         weights = WeightsFile(weights.path, source_hint, weights.quick_gelu)
     model, preprocess = _build(name, weights, spec.device)
+    if spec.precision != "fp32":
+        # Weights cast once: on CPUs with AMX/AVX512-BF16, bf16 weights run about twice as fast as
+        # fp32, while autocast re-casts weights every call and gains nothing (measured on ViT-B-32).
+        model = model.to(_PRECISIONS[spec.precision])
     tokenizer = open_clip.get_tokenizer(name)
     info = ModelInfo(
         architecture=name,
@@ -364,7 +368,5 @@ def _check_precision(precision: str, device: str) -> None:
         raise ModelLoadError("--device cuda was asked for but no CUDA device is available; use --device cpu")
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The dtype to autocast to, or None for full fp32."""
-    dtype = _PRECISIONS[precision]
-    return None if dtype is torch.float32 else dtype
+def precision_dtype(precision: str) -> torch.dtype:
+    return _PRECISIONS[precision]
