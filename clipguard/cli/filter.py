@@ -1,0 +1,164 @@
+"""`clipguard filter`: flags -> threshold, model, FilterConfig -> filter_shards; progress and a summary.
+
+The model and decoding options are the ones `clipguard score` takes, declared once here and
+shared with `clipguard gate`, so that scores computed on the fly equal what `score` would write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from clipguard.cli.common import console, err_console, progress_bar, user_errors
+from clipguard.cli.score import Precision
+from clipguard.data.pairs import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS, DecodeLimits
+from clipguard.data.shardspec import resolve_shards
+from clipguard.errors import ClipguardError
+from clipguard.filtering.run import DEFAULT_SHARD_SIZE, FilterConfig, check_output_folders, FilterProgress, FilterSummary, filter_shards
+from clipguard.filtering.threshold import resolve_threshold
+from clipguard.model.loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedModel, ModelSpec, load_model
+from clipguard.scoring.run import ScoreConfig
+
+ShardsArg = Annotated[list[str], typer.Argument(help="Shard folders, globs, brace patterns ({00000..00099}.tar) or http(s) URLs.")]
+GammaOpt = Annotated[Optional[float], typer.Option(help="Flag a pair when its cosine distance >= GAMMA (0..2).")]
+CalibrationOpt = Annotated[
+    Optional[Path],
+    typer.Option(exists=True, dir_okay=False, help="calibration.json from `clipguard calibrate` (its gamma, checked against --model)."),
+]
+ScoresOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        exists=True, file_okay=False,
+        help="A `clipguard score` folder to reuse (read only); it must come from the same model. Shards it lacks are scored now.",
+    ),
+]
+ModelOpt = Annotated[str, typer.Option(help="open_clip architecture or bundled model name (the scoring model).")]
+PretrainedOpt = Annotated[Optional[str], typer.Option(help="Pretrained tag (online), local weights file, or 'none' for random weights.")]
+ModelConfigOpt = Annotated[Optional[Path], typer.Option(help="open_clip model-config JSON for a custom architecture.")]
+BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Pairs per inference batch.")]
+PrecisionOpt = Annotated[Precision, typer.Option(help="Inference precision (bf16 is fast on CPUs with AMX/AVX512-BF16).")]
+WorkersOpt = Annotated[int, typer.Option(min=0, help="DataLoader worker processes that decode while the model runs.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda.")]
+MaxPixelsOpt = Annotated[int, typer.Option(help="Images whose header announces more pixels become error rows, undecoded.")]
+MaxCaptionBytesOpt = Annotated[int, typer.Option(help="Captions are clipped to this many bytes.")]
+JpegDraftOpt = Annotated[bool, typer.Option(help="Decode large JPEGs at reduced DCT scale (faster, nearly identical scores).")]
+AllowPipeOpt = Annotated[bool, typer.Option(help="Allow pipe: shard URLs (they run shell commands).")]
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    model: str
+    pretrained: str | None
+    model_config: Path | None
+    batch_size: int
+    precision: Precision
+    workers: int
+    device: str
+    max_pixels: int
+    max_caption_bytes: int
+    jpeg_draft: bool
+
+
+def load_scoring(options: ScoringOptions) -> tuple[LoadedModel, ScoreConfig]:
+    """The model and score settings, exactly as `clipguard score` builds them."""
+    spec = ModelSpec(
+        name=options.model,
+        pretrained=options.pretrained,
+        model_config=options.model_config,
+        device=options.device,
+        precision=options.precision.value,
+    )
+    loaded = load_model(spec)
+    limits = DecodeLimits(
+        max_pixels=options.max_pixels,
+        max_caption_bytes=options.max_caption_bytes,
+        draft_size=loaded.info.image_size if options.jpeg_draft else None,
+    )
+    return loaded, ScoreConfig(batch_size=options.batch_size, workers=options.workers, limits=limits)
+
+
+def filter_command(
+    shards: ShardsArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder for clean shards, filter_manifest.json and per-shard records.")],
+    quarantine: Annotated[Path, typer.Option("--quarantine", help="Folder for quarantine shards (flagged and errored pairs, each with a reason).")],
+    gamma: GammaOpt = None,
+    calibration: CalibrationOpt = None,
+    scores: ScoresOpt = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="At most this many samples per output shard.")] = DEFAULT_SHARD_SIZE,
+    model: ModelOpt = DEFAULT_MODEL,
+    pretrained: PretrainedOpt = DEFAULT_PRETRAINED,
+    model_config: ModelConfigOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    precision: PrecisionOpt = Precision.fp32,
+    workers: WorkersOpt = 1,
+    device: DeviceOpt = "cpu",
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    max_caption_bytes: MaxCaptionBytesOpt = DEFAULT_MAX_CAPTION_BYTES,
+    jpeg_draft: JpegDraftOpt = True,
+    allow_pipe: AllowPipeOpt = False,
+) -> None:
+    """Write clean shards and quarantine shards: a pair is flagged when cosine distance >= gamma.
+
+    Every input pair ends in exactly one place, its members copied byte for byte. Flagged pairs and pairs that could not be scored go to quarantine with a <key>.clipguard.json member giving the reason. Outputs are per input shard (<shard>-clean-000000.tar, ...), and a rerun skips input shards that are already done.
+    """
+    with user_errors():
+        threshold = resolve_threshold(gamma, calibration)
+        shard_list = resolve_shards(shards, allow_pipe=allow_pipe)
+        config = FilterConfig(clean_dir=out, quarantine_dir=quarantine, shard_size=shard_size, reuse_scores=scores)
+        check_output_folders(shard_list, config)
+        options = ScoringOptions(model, pretrained, model_config, batch_size, precision, workers, device, max_pixels, max_caption_bytes, jpeg_draft)
+        loaded, score_config = load_scoring(options)
+        config = dataclasses.replace(config, score=score_config)
+        err_console.print(
+            f"filtering {len(shard_list)} shard(s) at gamma {threshold.gamma:.4f} ({threshold.source}) "
+            f"with {loaded.info.architecture} into {out} (quarantine: {quarantine})",
+            markup=False,
+        )
+        with progress_bar() as bar:
+            tasks: dict[str, int] = {}
+            started = time.perf_counter()
+
+            def on_progress(event: FilterProgress) -> None:
+                if event.phase not in tasks:
+                    tasks[event.phase] = bar.add_task(event.phase, total=event.shards_total, done=0, rate=0.0)
+                rate = event.pairs_done / max(time.perf_counter() - started, 1e-9)
+                bar.update(tasks[event.phase], completed=event.shards_done, done=event.pairs_done, rate=rate)
+
+            summary = filter_shards(shard_list, loaded, threshold, config, progress=on_progress)
+        print_summary(summary)
+        if summary.unreadable:
+            names = ", ".join(r.shard for r in summary.unreadable[:5])
+            raise ClipguardError(
+                f"{len(summary.unreadable)} shard(s) could not be read ({names}); nothing was written for "
+                "them. Fix the source and rerun: finished shards are skipped"
+            )
+
+
+def print_summary(summary: FilterSummary) -> None:
+    table = Table(title=f"clipguard filter -> {escape(str(summary.clean_dir))}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    skipped = sum(r.skipped_on_resume for r in summary.shards)
+    reused = sum(r.scores == "reused" for r in summary.shards if not r.skipped_on_resume)
+    table.add_row("input shards", f"{len(summary.shards)} ({skipped} already done, skipped; scores reused for {reused})")
+    table.add_row("pairs read", f"{summary.read:,}")
+    table.add_row("kept", f"{summary.kept:,}")
+    table.add_row("flagged", f"{summary.flagged:,} (cosine distance >= {summary.threshold.gamma:.4f})")
+    errors = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
+    table.add_row("errored", f"{summary.errored:,} ({errors})")
+    parts_clean = sum(len(r.clean) for r in summary.shards)
+    parts_quarantine = sum(len(r.quarantine) for r in summary.shards)
+    table.add_row("clean shards", f"{parts_clean} in {escape(str(summary.clean_dir))}")
+    table.add_row("quarantine shards", f"{parts_quarantine} in {escape(str(summary.quarantine_dir))}")
+    truncated = [r.shard for r in summary.shards if r.truncated]
+    table.add_row("truncated inputs", escape(", ".join(truncated)) or "none")
+    table.add_row("manifest", escape(str(summary.manifest_path)))
+    table.add_row("wall time", f"{summary.wall_seconds:.1f} s")
+    console.print(table)

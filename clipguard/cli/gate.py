@@ -1,0 +1,137 @@
+"""`clipguard gate`: flags -> threshold, model, policy -> gate_shards; the report to stdout.
+
+Exit codes are the contract with CI: 0 the dataset is within policy, 1 it is not, 2 the gate
+could not decide (bad path, calibration file or model, unreadable shard, or a crash). A crash must
+not read as 1, so unexpected exceptions also exit 2, with their traceback on stderr.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from clipguard.cli.common import ERROR_EXIT, err_console, progress_bar, user_errors
+from clipguard.cli.filter import (
+    AllowPipeOpt,
+    BatchSizeOpt,
+    CalibrationOpt,
+    DeviceOpt,
+    GammaOpt,
+    JpegDraftOpt,
+    MaxCaptionBytesOpt,
+    MaxPixelsOpt,
+    ModelConfigOpt,
+    ModelOpt,
+    PrecisionOpt,
+    PretrainedOpt,
+    ScoresOpt,
+    ScoringOptions,
+    ShardsArg,
+    WorkersOpt,
+    load_scoring,
+)
+from clipguard.cli.score import Precision
+from clipguard.data.pairs import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS
+from clipguard.data.shardspec import resolve_shards
+from clipguard.filtering.gate import DEFAULT_EXAMPLES, DEFAULT_MAX_ERROR_RATE, GateConfig, GatePolicy, GateReport, gate_shards
+from clipguard.filtering.gate_report import render_json, render_markdown, render_text
+from clipguard.filtering.threshold import resolve_threshold
+from clipguard.model.loading import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from clipguard.scoring.run import ScoreProgress
+
+FAIL_EXIT = 1
+
+
+class ReportFormat(str, Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+
+
+_RENDERERS = {ReportFormat.text: render_text, ReportFormat.json: render_json, ReportFormat.markdown: render_markdown}
+
+
+def gate(
+    shards: ShardsArg,
+    max_flagged_rate: Annotated[float, typer.Option(help="Fail when more than this fraction of scored pairs is flagged (0.001 = 0.1%).")],
+    gamma: GammaOpt = None,
+    calibration: CalibrationOpt = None,
+    max_error_rate: Annotated[
+        float,
+        typer.Option(help="Fail when more than this fraction of all pairs could not be scored (corrupt image, missing caption, unsafe member); such pairs are never counted as flagged."),
+    ] = DEFAULT_MAX_ERROR_RATE,
+    scores: ScoresOpt = None,
+    save_scores: Annotated[Optional[Path], typer.Option(file_okay=False, help="Keep the scores computed here in this folder (default: a temporary folder).")] = None,
+    report_format: Annotated[ReportFormat, typer.Option("--format", help="text for a CI log, json for machines (stdout only), markdown for a PR comment or $GITHUB_STEP_SUMMARY.")] = ReportFormat.text,
+    examples: Annotated[int, typer.Option(min=0, help="Show this many flagged pairs with the highest distance.")] = DEFAULT_EXAMPLES,
+    model: ModelOpt = DEFAULT_MODEL,
+    pretrained: PretrainedOpt = DEFAULT_PRETRAINED,
+    model_config: ModelConfigOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    precision: PrecisionOpt = Precision.fp32,
+    workers: WorkersOpt = 1,
+    device: DeviceOpt = "cpu",
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    max_caption_bytes: MaxCaptionBytesOpt = DEFAULT_MAX_CAPTION_BYTES,
+    jpeg_draft: JpegDraftOpt = True,
+    allow_pipe: AllowPipeOpt = False,
+) -> None:
+    """CI gate: exit 0 when the flagged rate (cosine distance >= gamma, among scored pairs) and the
+    error rate are within policy, 1 when not, 2 when the gate could not decide."""
+    report = _run_gate(
+        shards, max_flagged_rate, max_error_rate, gamma, calibration, scores, save_scores, examples,
+        ScoringOptions(model, pretrained, model_config, batch_size, precision, workers, device, max_pixels, max_caption_bytes, jpeg_draft),
+        allow_pipe,
+    )
+    # Plain echo, not rich: the report holds attacker-written captions, which must not be read
+    # as console markup, and JSON on stdout must stay exactly JSON.
+    typer.echo(_RENDERERS[report_format](report), nl=False)
+    if not report.passed:
+        raise typer.Exit(code=FAIL_EXIT)
+
+
+def _run_gate(
+    shards: list[str],
+    max_flagged_rate: float,
+    max_error_rate: float,
+    gamma: float | None,
+    calibration: Path | None,
+    scores: Path | None,
+    save_scores: Path | None,
+    examples: int,
+    options: ScoringOptions,
+    allow_pipe: bool,
+) -> GateReport:
+    try:
+        with user_errors():
+            threshold = resolve_threshold(gamma, calibration)
+            policy = GatePolicy(max_flagged_rate=max_flagged_rate, max_error_rate=max_error_rate)
+            shard_list = resolve_shards(shards, allow_pipe=allow_pipe)
+            loaded, score_config = load_scoring(options)
+            config = GateConfig(policy=policy, reuse_scores=scores, save_scores=save_scores, examples=examples, score=score_config)
+            err_console.print(
+                f"gating {len(shard_list)} shard(s) at gamma {threshold.gamma:.4f} ({threshold.source}) "
+                f"with {loaded.info.architecture}",
+                markup=False,
+            )
+            with progress_bar() as bar:
+                task = bar.add_task("score", total=len(shard_list), done=0, rate=0.0)
+                started = time.perf_counter()
+
+                def on_progress(event: ScoreProgress) -> None:
+                    rate = event.pairs_done / max(time.perf_counter() - started, 1e-9)
+                    bar.update(task, completed=event.shards_done, done=event.pairs_done, rate=rate)
+
+                report = gate_shards(shard_list, loaded, threshold, config, progress=on_progress)
+                bar.update(task, completed=len(shard_list))
+            return report
+    except typer.Exit:
+        raise
+    except Exception:
+        err_console.print("[bold red]error:[/] the gate crashed; this is a bug in clipguard, not a verdict")
+        err_console.print_exception()
+        raise typer.Exit(code=ERROR_EXIT) from None

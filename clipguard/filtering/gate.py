@@ -1,0 +1,272 @@
+"""`gate`: does a dataset pass a flagged-rate policy? For CI: pass, fail, or could not tell.
+
+Policy. The flagged rate is flagged / scored, over pairs that could be scored ("ok" rows), with
+flagged meaning cosine distance >= gamma. Pairs that could not be scored (corrupt image, missing
+caption, unsafe member, truncated shard) are not evidence of poisoning, so they do not count as
+flagged; but the gate could not vet them either, so they have their own limit, the error rate
+errors / pairs (``max_error_rate``, 1% by default). A dataset passes when both rates are within
+policy. A shard that cannot be read at all, no pairs at all, or a bad threshold or model is not
+a verdict but an error (the CLI exits 2).
+"""
+
+from __future__ import annotations
+
+import heapq
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from clipguard.data.pairs import DecodeLimits, read_caption
+from clipguard.data.shardspec import Shard
+from clipguard.data.tarstream import ShardReport
+from clipguard.errors import ClipguardError
+from clipguard.filtering.scores import ScoreSources, ShardScores, gather_scores, read_shard_scores, scored_samples
+from clipguard.filtering.threshold import FLAG_RULE, Threshold, check_threshold_model
+from clipguard.model.loading import LoadedModel
+from clipguard.scoring.run import ProgressCallback, ScoreConfig
+
+DEFAULT_MAX_ERROR_RATE = 0.01
+DEFAULT_EXAMPLES = 5
+CAPTION_SNIPPET_CHARS = 80
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    max_flagged_rate: float
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+
+    def __post_init__(self):
+        for name in ("max_flagged_rate", "max_error_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ClipguardError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    policy: GatePolicy
+    reuse_scores: Path | None = None  # a score folder to reuse (read only)
+    save_scores: Path | None = None  # where to score missing shards; a temporary folder if None
+    examples: int = DEFAULT_EXAMPLES
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+
+@dataclass(frozen=True)
+class FlaggedExample:
+    shard: str
+    key: str
+    position: int
+    distance: float
+    caption: str | None  # a one-line snippet; None where the caption could not be read
+
+
+@dataclass
+class GateShard:
+    shard: str
+    pairs: int
+    ok: int
+    errors: int
+    flagged: int
+    truncated: bool
+    scores: str  # "reused" or "scored"
+
+
+@dataclass
+class GateReport:
+    passed: bool
+    failures: list[str]  # why it failed, one line each; empty when it passed
+    pairs: int
+    ok: int
+    errors: int
+    errors_by_reason: dict[str, int]
+    flagged: int
+    policy: GatePolicy
+    threshold: Threshold
+    fingerprint: dict[str, Any]
+    shards: list[GateShard]
+    top_flagged: list[FlaggedExample]
+    wall_seconds: float
+
+    @property
+    def flagged_rate(self) -> float | None:
+        return self.flagged / self.ok if self.ok else None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.pairs if self.pairs else 0.0
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "fail"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "passed": self.passed,
+            "failures": self.failures,
+            "pairs": self.pairs,
+            "ok": self.ok,
+            "errors": self.errors,
+            "errors_by_reason": self.errors_by_reason,
+            "flagged": self.flagged,
+            "flagged_rate": self.flagged_rate,
+            "max_flagged_rate": self.policy.max_flagged_rate,
+            "error_rate": self.error_rate,
+            "max_error_rate": self.policy.max_error_rate,
+            "gamma": self.threshold.gamma,
+            "gamma_source": self.threshold.source,
+            "calibration_sha256": self.threshold.calibration_sha256,
+            "flag_rule": FLAG_RULE,
+            "model_fingerprint": self.fingerprint,
+            "shards": [vars(s) for s in self.shards],
+            "truncated_shards": [s.shard for s in self.shards if s.truncated],
+            "top_flagged": [vars(e) for e in self.top_flagged],
+            "wall_seconds": self.wall_seconds,
+        }
+
+
+def gate_shards(
+    shards: list[Shard],
+    loaded: LoadedModel,
+    threshold: Threshold,
+    config: GateConfig,
+    progress: ProgressCallback | None = None,
+) -> GateReport:
+    start = time.perf_counter()
+    fingerprint = loaded.info.fingerprint()
+    check_threshold_model(threshold, fingerprint)
+    with tempfile.TemporaryDirectory(prefix="clipguard-gate-") as scratch:
+        scores_dir = Path(config.save_scores) if config.save_scores is not None else Path(scratch)
+        sources = gather_scores(shards, loaded, config.reuse_scores, scores_dir, config.score, progress)
+        tables = [read_shard_scores(s.name, sources.files[s.name]) for s in shards]
+        _refuse_unreadable(tables)
+        examples = _top_flagged(tables, threshold, config.examples)
+        captions = _verify_and_read_captions(shards, tables, sources, examples)
+    return _report(tables, sources, threshold, fingerprint, config.policy, examples, captions, start)
+
+
+def _refuse_unreadable(tables: list[ShardScores]) -> None:
+    unreadable = [t for t in tables if t.read_error is not None and len(t) == 0]
+    if unreadable:
+        detail = "; ".join(f"{t.shard}: {t.read_error}" for t in unreadable[:5])
+        raise ClipguardError(f"{len(unreadable)} shard(s) could not be read, so the gate cannot vet them ({detail})")
+    if sum(len(t) for t in tables) == 0:
+        raise ClipguardError("the shards hold no pairs; there is nothing to gate")
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    distance: float
+    shard_index: int
+    position: int
+
+
+def _top_flagged(tables: list[ShardScores], threshold: Threshold, count: int) -> list[_Candidate]:
+    flagged = (
+        _Candidate(d, index, position)
+        for index, table in enumerate(tables)
+        for position, (d, error) in enumerate(zip(table.distances, table.errors))
+        if error is None and d is not None and threshold.flags(d)
+    )
+    # Highest distance first; ties keep shard and tar order.
+    return heapq.nsmallest(count, flagged, key=lambda c: (-c.distance, c.shard_index, c.position))
+
+
+def _verify_and_read_captions(
+    shards: list[Shard], tables: list[ShardScores], sources: ScoreSources, examples: list[_Candidate]
+) -> dict[tuple[int, int], str | None]:
+    """Read back the shards whose scores were reused (checking that every row still matches its
+    sample) and the shards that hold the examples shown (for their captions)."""
+    wanted: dict[int, set[int]] = {}
+    for candidate in examples:
+        wanted.setdefault(candidate.shard_index, set()).add(candidate.position)
+    captions: dict[tuple[int, int], str | None] = {}
+    limits = DecodeLimits()
+    for index, (shard, table) in enumerate(zip(shards, tables)):
+        if shard.name not in sources.reused and index not in wanted:
+            continue
+        positions = wanted.get(index, set())
+        for scored in scored_samples(shard, table, ShardReport(shard=shard.name, url=shard.url)):
+            if scored.position in positions:
+                caption, _, _ = read_caption(scored.sample, limits)
+                captions[(index, scored.position)] = caption_snippet(caption)
+    return captions
+
+
+def caption_snippet(caption: str | None, limit: int = CAPTION_SNIPPET_CHARS) -> str | None:
+    """One printable line: captions are attacker-written, and end up in CI logs and PR comments."""
+    if caption is None:
+        return None
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in caption).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _report(
+    tables: list[ShardScores],
+    sources: ScoreSources,
+    threshold: Threshold,
+    fingerprint: dict[str, Any],
+    policy: GatePolicy,
+    examples: list[_Candidate],
+    captions: dict[tuple[int, int], str | None],
+    start: float,
+) -> GateReport:
+    shard_rows, reasons = [], Counter()
+    for table in tables:
+        ok = sum(error is None for error in table.errors)
+        flagged = sum(
+            1 for d, error in zip(table.distances, table.errors) if error is None and d is not None and threshold.flags(d)
+        )
+        reasons.update(error.split(":", 1)[0] for error in table.errors if error is not None)
+        shard_rows.append(
+            GateShard(table.shard, len(table), ok, len(table) - ok, flagged, table.truncated, sources.origin(table.shard))
+        )
+    pairs = sum(s.pairs for s in shard_rows)
+    ok = sum(s.ok for s in shard_rows)
+    flagged = sum(s.flagged for s in shard_rows)
+    failures = policy_failures(pairs, ok, flagged, policy)
+    return GateReport(
+        passed=not failures,
+        failures=failures,
+        pairs=pairs,
+        ok=ok,
+        errors=pairs - ok,
+        errors_by_reason=dict(sorted(reasons.items())),
+        flagged=flagged,
+        policy=policy,
+        threshold=threshold,
+        fingerprint=fingerprint,
+        shards=shard_rows,
+        top_flagged=[
+            FlaggedExample(
+                shard=tables[c.shard_index].shard,
+                key=tables[c.shard_index].keys[c.position],
+                position=c.position,
+                distance=c.distance,
+                caption=captions.get((c.shard_index, c.position)),
+            )
+            for c in examples
+        ],
+        wall_seconds=time.perf_counter() - start,
+    )
+
+
+def policy_failures(pairs: int, ok: int, flagged: int, policy: GatePolicy) -> list[str]:
+    """Rates are compared exactly (as fractions), so 1 flagged in 1000 passes a 0.001 limit."""
+    failures = []
+    errors = pairs - ok
+    if ok == 0:
+        failures.append(f"no pair could be scored ({errors} errors), so the flagged rate is unknown")
+    elif Fraction(flagged, ok) > Fraction(repr(policy.max_flagged_rate)):
+        failures.append(
+            f"flagged rate {flagged / ok:.3%} ({flagged} of {ok} scored pairs) exceeds the maximum {policy.max_flagged_rate:.3%}"
+        )
+    if pairs and Fraction(errors, pairs) > Fraction(repr(policy.max_error_rate)):
+        failures.append(
+            f"error rate {errors / pairs:.3%} ({errors} of {pairs} pairs) exceeds the maximum {policy.max_error_rate:.3%}"
+        )
+    return failures

@@ -1,0 +1,124 @@
+"""A gate report as text for a CI log, JSON for machines, or Markdown for a PR comment.
+
+Keys and captions are written by whoever made the data, possibly the attacker: they are reduced
+to one printable line (no newline can start a GitHub Actions workflow command such as
+``::add-mask::``), and escaped for Markdown so that a caption cannot inject links, images, HTML
+or @mentions into a pull request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from clipguard.filtering.gate import GateReport, caption_snippet
+from clipguard.filtering.threshold import FLAG_RULE, describe_fingerprint
+
+KEY_CHARS = 60
+# Mid-line, only these can start emphasis, code, links, images, tables or strikethrough.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]!|~])")
+
+
+def render_json(report: GateReport) -> str:
+    return json.dumps(report.to_dict(), indent=2)
+
+
+def render_text(report: GateReport) -> str:
+    lines = [f"clipguard gate: {report.verdict.upper()}" + (f" - {report.failures[0]}" if report.failures else "")]
+    lines += [f"  also: {failure}" for failure in report.failures[1:]]
+    lines.append(f"pairs      {report.pairs:,} in {len(report.shards)} shard(s): {report.ok:,} scored, {report.errors:,} errors")
+    lines.append(
+        f"flagged    {report.flagged:,} of {report.ok:,} scored = {_rate(report.flagged_rate)}"
+        f"   max {report.policy.max_flagged_rate:.3%}   {_mark(_flagged_ok(report))}"
+    )
+    lines.append(
+        f"errors     {report.errors:,} of {report.pairs:,} = {report.error_rate:.3%}"
+        f"   max {report.policy.max_error_rate:.3%}   {_mark(_errors_ok(report))}"
+        + (f"   ({_reasons(report)})" if report.errors_by_reason else "")
+    )
+    lines.append(f"threshold  gamma {report.threshold.gamma:.4f} from {_line(report.threshold.source)}; flagged when {FLAG_RULE}")
+    lines.append(f"model      {describe_fingerprint(report.fingerprint)}")
+    lines.append(f"scores     {_scores_origin(report)}")
+    truncated = [s.shard for s in report.shards if s.truncated]
+    if truncated:
+        lines.append(f"truncated  {', '.join(_line(s) for s in truncated)}")
+    if report.top_flagged:
+        lines.append("top flagged pairs (highest distance first):")
+        for example in report.top_flagged:
+            caption = f'"{example.caption}"' if example.caption is not None else "(no caption)"
+            lines.append(f"  {example.distance:.4f}  {_line(example.shard)}  {_line(example.key, KEY_CHARS)}  {caption}")
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(report: GateReport) -> str:
+    icon = "✅" if report.passed else "❌"
+    lines = [f"### {icon} clipguard gate: {report.verdict.upper()}", ""]
+    lines += [f"- {failure}" for failure in report.failures]
+    if report.failures:
+        lines.append("")
+    lines += [
+        "| check | observed | policy | result |",
+        "|---|---|---|---|",
+        f"| flagged rate | {report.flagged:,} of {report.ok:,} scored pairs = {_rate(report.flagged_rate)} "
+        f"| ≤ {report.policy.max_flagged_rate:.3%} | {_md_mark(_flagged_ok(report))} |",
+        f"| error rate | {report.errors:,} of {report.pairs:,} pairs = {report.error_rate:.3%} "
+        f"| ≤ {report.policy.max_error_rate:.3%} | {_md_mark(_errors_ok(report))} |",
+        "",
+        f"- pairs: {report.pairs:,} in {len(report.shards)} shard(s)"
+        + (f"; errors by reason: {_reasons(report)}" if report.errors_by_reason else ""),
+        f"- threshold: γ = {report.threshold.gamma:.4f} from {_md(report.threshold.source)}; "
+        f"a pair is flagged when `{FLAG_RULE}`",
+        f"- model: {_md(describe_fingerprint(report.fingerprint))}",
+        f"- scores: {_scores_origin(report)}",
+    ]
+    truncated = [s.shard for s in report.shards if s.truncated]
+    if truncated:
+        lines.append(f"- truncated shards: {_md(', '.join(truncated))}")
+    if report.top_flagged:
+        lines += ["", "<details><summary>Top flagged pairs</summary>", "", "| distance | shard | key | caption |", "|---|---|---|---|"]
+        for example in report.top_flagged:
+            caption = _md(example.caption) if example.caption is not None else "*(no caption)*"
+            lines.append(f"| {example.distance:.4f} | {_md(example.shard)} | {_md(_line(example.key, KEY_CHARS))} | {caption} |")
+        lines += ["", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+def _flagged_ok(report: GateReport) -> bool:
+    return report.ok > 0 and not any(f.startswith("flagged rate") for f in report.failures)
+
+
+def _errors_ok(report: GateReport) -> bool:
+    return not any(f.startswith("error rate") for f in report.failures)
+
+
+def _rate(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{rate:.3%}"
+
+
+def _mark(ok: bool) -> str:
+    return "ok" if ok else "FAIL"
+
+
+def _md_mark(ok: bool) -> str:
+    return "✅" if ok else "❌"
+
+
+def _reasons(report: GateReport) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in report.errors_by_reason.items())
+
+
+def _scores_origin(report: GateReport) -> str:
+    reused = sum(s.scores == "reused" for s in report.shards)
+    return f"{reused} shard(s) reused from --scores, {len(report.shards) - reused} scored in this run"
+
+
+def _line(text: str, limit: int = 200) -> str:
+    return caption_snippet(text, limit) or ""
+
+
+def _md(text: str) -> str:
+    """Escape Markdown and HTML, and defuse @mentions, in text that reaches a PR comment."""
+    text = _line(text, 400)
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+    return text.replace("@", "&#64;")

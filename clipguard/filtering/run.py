@@ -1,0 +1,476 @@
+"""`filter`: scores + gamma -> clean shards and quarantine shards; every input pair ends in one.
+
+Each input shard is filtered on its own into ``<shard>-clean-NNNNNN.tar`` (in the clean folder)
+and ``<shard>-quarantine-NNNNNN.tar`` (in the quarantine folder), at most ``shard_size`` samples
+per part. Parts are written under temporary names and renamed when the whole input shard is
+done; then ``<shard>.filter.json`` records the counts and the sha256 of every part. That record
+is the completion marker: a rerun skips a shard whose record matches the settings and whose
+parts are all present, and redoes any other. Keeping outputs per input shard is what makes this
+simple: an output part never mixes samples of two input shards, so no part is ever half-owned
+by a finished shard and half by an unfinished one.
+
+``filter_manifest.json`` (in both folders) sums the records of this run's shards: counts per input
+shard (read = kept + flagged + errored), every output part with its sample count and sha256,
+gamma and where it came from, and the model fingerprint. Scores computed on the fly go to
+``<clean>/scores/``, a normal score folder that later runs can pass as ``--scores``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import clipguard
+from clipguard.data.shardspec import Shard
+from clipguard.data.tarstream import ShardReport, unsafe_name_reason
+from clipguard.data.writer import TEMPORARY_SUFFIX, ShardSequenceWriter, WrittenShard, member_name
+from clipguard.errors import ClipguardError
+from clipguard.filtering.decide import Decision, Verdict, decide
+from clipguard.filtering.scores import ScoredSample, ScoreSources, gather_scores, read_shard_scores, scored_samples
+from clipguard.filtering.threshold import FLAG_RULE, Threshold, check_threshold_model, same_fingerprint
+from clipguard.model.loading import LoadedModel
+from clipguard.scoring.run import ScoreConfig, ScoreProgress
+from clipguard.scoring.scorefiles import atomic_write_json
+
+DEFAULT_SHARD_SIZE = 10_000
+MANIFEST_NAME = "filter_manifest.json"
+RECORD_SUFFIX = ".filter.json"
+SCORES_SUBDIR = "scores"
+SIDECAR_EXT = "clipguard.json"
+CLEAN_TAG = "clean"
+QUARANTINE_TAG = "quarantine"
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    clean_dir: Path
+    quarantine_dir: Path
+    shard_size: int = DEFAULT_SHARD_SIZE
+    reuse_scores: Path | None = None  # a score folder to reuse (read only)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+
+@dataclass
+class FilterProgress:
+    """Passed to the progress callback: while scoring, then after every filtered shard."""
+
+    phase: str  # "score" or "filter"
+    shards_done: int
+    shards_total: int
+    pairs_done: int
+
+
+@dataclass
+class InputShardResult:
+    shard: str
+    url: str
+    read: int
+    kept: int
+    flagged: int
+    errored: int
+    errors_by_reason: dict[str, int]
+    truncated: bool
+    read_error: str | None
+    scores: str  # "reused" (from --scores) or "scored" (in this output's scores/ folder)
+    score_file: str
+    clean: list[dict[str, Any]]  # WrittenShard.to_dict() of each clean part
+    quarantine: list[dict[str, Any]]
+    skipped_on_resume: bool = False
+
+    @property
+    def quarantined(self) -> int:
+        return self.flagged + self.errored
+
+    @property
+    def unreadable(self) -> bool:
+        """Nothing could be read at all: no output was written, and a rerun will try again."""
+        return self.read_error is not None and self.read == 0
+
+
+@dataclass
+class FilterSummary:
+    clean_dir: Path
+    quarantine_dir: Path
+    manifest_path: Path
+    threshold: Threshold
+    shards: list[InputShardResult]
+    wall_seconds: float
+
+    @property
+    def read(self) -> int:
+        return sum(r.read for r in self.shards)
+
+    @property
+    def kept(self) -> int:
+        return sum(r.kept for r in self.shards)
+
+    @property
+    def flagged(self) -> int:
+        return sum(r.flagged for r in self.shards)
+
+    @property
+    def errored(self) -> int:
+        return sum(r.errored for r in self.shards)
+
+    @property
+    def errors_by_reason(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for r in self.shards:
+            total.update(r.errors_by_reason)
+        return dict(total)
+
+    @property
+    def unreadable(self) -> list[InputShardResult]:
+        return [r for r in self.shards if r.unreadable]
+
+
+FilterProgressCallback = Callable[[FilterProgress], None]
+
+
+def filter_shards(
+    shards: list[Shard],
+    loaded: LoadedModel,
+    threshold: Threshold,
+    config: FilterConfig,
+    progress: FilterProgressCallback | None = None,
+) -> FilterSummary:
+    start = time.perf_counter()
+    fingerprint = loaded.info.fingerprint()
+    check_threshold_model(threshold, fingerprint)
+    if config.shard_size < 1:
+        raise ClipguardError("--shard-size must be at least 1")
+    clean_dir, quarantine_dir = _prepare_dirs(shards, config)
+    settings = _settings(threshold, fingerprint, config.shard_size, quarantine_dir)
+    results: dict[str, InputShardResult] = {}
+    pending: list[Shard] = []
+    for shard in shards:
+        finished = _finished_result(shard, clean_dir, quarantine_dir, settings)
+        if finished is not None:
+            results[shard.name] = finished
+        else:
+            pending.append(shard)
+
+    manifest_path = clean_dir / MANIFEST_NAME
+    context = _ManifestContext(manifest_path, clean_dir, quarantine_dir, threshold, fingerprint, config, shards)
+    _write_manifest(context, results)
+    if pending:
+        sources = gather_scores(
+            pending,
+            loaded,
+            config.reuse_scores,
+            clean_dir / SCORES_SUBDIR,
+            config.score,
+            progress=_score_progress_adapter(progress),
+        )
+        pairs_done = 0
+        for shard in pending:
+            result = _filter_one(shard, sources, threshold, settings, clean_dir, quarantine_dir, config.shard_size)
+            results[shard.name] = result
+            _write_manifest(context, results)
+            pairs_done += result.read
+            if progress:
+                done = sum(1 for s in shards if s.name in results)
+                progress(FilterProgress("filter", done, len(shards), pairs_done))
+
+    return FilterSummary(
+        clean_dir=clean_dir,
+        quarantine_dir=quarantine_dir,
+        manifest_path=manifest_path,
+        threshold=threshold,
+        shards=[results[s.name] for s in shards],
+        wall_seconds=time.perf_counter() - start,
+    )
+
+
+def _score_progress_adapter(progress: FilterProgressCallback | None):
+    if progress is None:
+        return None
+
+    def on_score(event: ScoreProgress) -> None:
+        progress(FilterProgress("score", event.shards_done, event.shards_total, event.pairs_done))
+
+    return on_score
+
+
+def check_output_folders(shards: list[Shard], config: FilterConfig) -> tuple[Path, Path]:
+    """The resolved clean and quarantine folders, or an error if they would mix with each other
+    or with the inputs. Cheap, so callers can run it before loading a model."""
+    clean_dir = Path(config.clean_dir).expanduser().resolve()
+    quarantine_dir = Path(config.quarantine_dir).expanduser().resolve()
+    if clean_dir == quarantine_dir:
+        raise ClipguardError("--out and --quarantine must be different folders, or quarantined pairs would mix with clean ones")
+    input_dirs = {Path(s.url).resolve().parent for s in shards if not s.is_remote and not s.url.startswith("pipe:")}
+    for label, folder in (("--out", clean_dir), ("--quarantine", quarantine_dir)):
+        if folder in input_dirs:
+            raise ClipguardError(
+                f"{label} {folder} holds input shards; write outputs to another folder so that "
+                "a later run over the same folder does not read them as input"
+            )
+        if folder.exists() and not folder.is_dir():
+            raise ClipguardError(f"{label} {folder} exists and is not a folder")
+    owner = _recorded_clean_dir(quarantine_dir / MANIFEST_NAME)
+    if owner is not None and owner != str(clean_dir):
+        # A rerun redoes a shard by first deleting its old parts; those would be another run's.
+        raise ClipguardError(
+            f"--quarantine {quarantine_dir} holds the quarantine of the run writing to {owner}; "
+            "give each --out its own --quarantine folder"
+        )
+    return clean_dir, quarantine_dir
+
+
+def _recorded_clean_dir(manifest_path: Path) -> str | None:
+    try:
+        return json.loads(manifest_path.read_text()).get("clean_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _prepare_dirs(shards: list[Shard], config: FilterConfig) -> tuple[Path, Path]:
+    clean_dir, quarantine_dir = check_output_folders(shards, config)
+    clean_dir.mkdir(parents=True, exist_ok=True)
+    quarantine_dir.mkdir(parents=True, exist_ok=True)
+    return clean_dir, quarantine_dir
+
+
+def _settings(threshold: Threshold, fingerprint: dict, shard_size: int, quarantine_dir: Path) -> dict[str, Any]:
+    """What must be equal for a finished shard's outputs to be reused as they are."""
+    return {
+        "gamma": threshold.gamma,
+        "model_fingerprint": fingerprint,
+        "shard_size": shard_size,
+        "quarantine_dir": str(quarantine_dir),
+    }
+
+
+def record_path(clean_dir: Path, shard_name: str) -> Path:
+    return Path(clean_dir) / f"{shard_name}{RECORD_SUFFIX}"
+
+
+def _source(shard: Shard) -> str:
+    if shard.is_remote or shard.url.startswith("pipe:"):
+        return shard.url
+    return str(Path(shard.url).resolve())
+
+
+def _finished_result(
+    shard: Shard, clean_dir: Path, quarantine_dir: Path, settings: dict[str, Any]
+) -> InputShardResult | None:
+    path = record_path(clean_dir, shard.name)
+    try:
+        record = json.loads(path.read_text())
+        recorded_settings = record["settings"]
+        result = InputShardResult(**{**record["result"], "skipped_on_resume": True})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no record, or one cut short: the shard is redone
+    if record.get("source") != _source(shard):
+        raise ClipguardError(
+            f"{clean_dir} already holds filter output for a different shard named {shard.name} "
+            f"(from {record.get('source')}); filter into a new --out folder"
+        )
+    changed = [k for k in settings if not same_fingerprint(recorded_settings.get(k), settings[k])]
+    if changed:
+        raise ClipguardError(
+            f"{clean_dir} already holds output for shard {shard.name} made with a different "
+            f"{', '.join(changed)}; filter into a new --out folder (or delete that folder to redo it)"
+        )
+    parts = [(clean_dir, p) for p in result.clean] + [(quarantine_dir, p) for p in result.quarantine]
+    if not all(_part_present(folder / p["file"], p["bytes"]) for folder, p in parts):
+        return None
+    return result
+
+
+def _part_present(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
+
+
+def _filter_one(
+    shard: Shard,
+    sources: ScoreSources,
+    threshold: Threshold,
+    settings: dict[str, Any],
+    clean_dir: Path,
+    quarantine_dir: Path,
+    shard_size: int,
+) -> InputShardResult:
+    record_path(clean_dir, shard.name).unlink(missing_ok=True)
+    _remove_outputs(shard.name, clean_dir, CLEAN_TAG)
+    _remove_outputs(shard.name, quarantine_dir, QUARANTINE_TAG)
+    scores = read_shard_scores(shard.name, sources.files[shard.name])
+    clean = ShardSequenceWriter(clean_dir, f"{shard.name}-{CLEAN_TAG}", shard_size)
+    quarantine = ShardSequenceWriter(quarantine_dir, f"{shard.name}-{QUARANTINE_TAG}", shard_size)
+    report = ShardReport(shard=shard.name, url=shard.url)
+    verdicts: Counter = Counter()
+    reasons: Counter = Counter()
+    try:
+        for scored in scored_samples(shard, scores, report):
+            decision = decide(scored, threshold)
+            verdicts[decision.verdict] += 1
+            if decision.verdict is Verdict.kept:
+                clean.write(scored.sample.key, list(scored.sample.fields.items()))
+                continue
+            if decision.verdict is Verdict.errored:
+                reasons[_reason_class(decision.reason)] += 1
+            quarantine.write(*quarantine_sample(scored, decision, threshold, shard.name))
+        read = sum(verdicts.values())
+        if report.read_error is not None and read == 0:
+            # Nothing was read (cannot open, or not a tar): record nothing, so a rerun retries it.
+            clean.abort()
+            quarantine.abort()
+            clean_parts: list[WrittenShard] = []
+            quarantine_parts: list[WrittenShard] = []
+        else:
+            clean_parts = clean.commit()
+            quarantine_parts = quarantine.commit()
+    except BaseException:
+        clean.abort()
+        quarantine.abort()
+        raise
+    result = InputShardResult(
+        shard=shard.name,
+        url=shard.url,
+        read=read,
+        kept=verdicts[Verdict.kept],
+        flagged=verdicts[Verdict.flagged],
+        errored=verdicts[Verdict.errored],
+        errors_by_reason=dict(sorted(reasons.items())),
+        truncated=report.truncated,
+        read_error=report.read_error,
+        scores=sources.origin(shard.name),
+        score_file=str(sources.files[shard.name]),
+        clean=[p.to_dict() for p in clean_parts],
+        quarantine=[p.to_dict() for p in quarantine_parts],
+    )
+    assert result.kept + result.quarantined == result.read
+    if not result.unreadable:
+        record = {"source": _source(shard), "settings": settings, "result": asdict(result)}
+        atomic_write_json(record_path(clean_dir, shard.name), record)
+    return result
+
+
+def _remove_outputs(shard_name: str, folder: Path, tag: str) -> None:
+    """Parts of an earlier, unfinished attempt (final or temporary names) for this shard only."""
+    pattern = re.compile(rf"^{re.escape(shard_name)}-{tag}-\d{{6,}}\.tar({re.escape(TEMPORARY_SUFFIX)})?$")
+    for path in folder.iterdir():
+        if pattern.match(path.name) and path.is_file():
+            path.unlink()
+
+
+def _reason_class(reason: str | None) -> str:
+    """'error: corrupt_image: OSError: ...' -> 'corrupt_image'."""
+    text = (reason or "error: unknown").removeprefix("error: ")
+    return text.split(":", 1)[0].split(";", 1)[0].strip() or "unknown"
+
+
+def quarantine_sample(
+    scored: ScoredSample, decision: Decision, threshold: Threshold, shard_name: str
+) -> tuple[str, list[tuple[str, bytes]]]:
+    """The quarantined sample: every readable member as it was, plus a sidecar with the reason."""
+    key = scored.sample.key
+    # The reader never gives us an unsafe member's bytes, but the key itself came from that
+    # member's name; a key such as '../x' must not become an output member name.
+    out_key = key if unsafe_name_reason(member_name(key, "x")) is None else _safe_stand_in(key)
+    sidecar = {
+        "reason": decision.reason,
+        "verdict": decision.verdict.value,
+        "distance": decision.distance,
+        "gamma": threshold.gamma,
+        "flag_rule": FLAG_RULE,
+        "source_shard": shard_name,
+        "position": scored.position,
+        "key": key,
+        "problems": scored.sample.problems,
+    }
+    members = list(scored.sample.fields.items())
+    members.append((_free_sidecar_ext(scored.sample.fields), (json.dumps(sidecar, sort_keys=True) + "\n").encode()))
+    return out_key, members
+
+
+def _safe_stand_in(key: str) -> str:
+    return "unsafe-" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _free_sidecar_ext(fields: dict[str, bytes]) -> str:
+    """`clipguard.json`, unless the sample already carries a member of that name."""
+    ext, n = SIDECAR_EXT, 1
+    while ext in fields:
+        n += 1
+        ext = f"clipguard{n}.json"
+    return ext
+
+
+@dataclass(frozen=True)
+class _ManifestContext:
+    path: Path
+    clean_dir: Path
+    quarantine_dir: Path
+    threshold: Threshold
+    fingerprint: dict[str, Any]
+    config: FilterConfig
+    shards: list[Shard]
+
+
+def _write_manifest(context: _ManifestContext, results: dict[str, InputShardResult]) -> None:
+    done = [results[s.name] for s in context.shards if s.name in results]
+    complete = len(done) == len(context.shards) and not any(r.unreadable for r in done)
+    totals = {
+        "read": sum(r.read for r in done),
+        "kept": sum(r.kept for r in done),
+        "flagged": sum(r.flagged for r in done),
+        "errored": sum(r.errored for r in done),
+    }
+    totals["quarantined"] = totals["flagged"] + totals["errored"]
+    reasons: Counter = Counter()
+    for r in done:
+        reasons.update(r.errors_by_reason)
+    manifest = {
+        "clipguard_version": clipguard.__version__,
+        "complete": complete,
+        "flag_rule": FLAG_RULE,
+        "threshold": context.threshold.to_dict(),
+        "gamma": context.threshold.gamma,
+        "gamma_source": context.threshold.source,
+        "model_fingerprint": context.fingerprint,
+        "shard_size": context.config.shard_size,
+        "clean_dir": str(context.clean_dir),
+        "quarantine_dir": str(context.quarantine_dir),
+        "scores_reused_from": str(context.config.reuse_scores) if context.config.reuse_scores else None,
+        "shards_total": len(context.shards),
+        "shards_done": sum(1 for r in done if not r.unreadable),
+        "unreadable_shards": [r.shard for r in done if r.unreadable],
+        "truncated_shards": [r.shard for r in done if r.truncated],
+        "totals": totals,
+        "errors_by_reason": dict(sorted(reasons.items())),
+        "inputs": [_input_entry(r) for r in done],
+        "outputs": {
+            CLEAN_TAG: [{**p, "source_shard": r.shard} for r in done for p in r.clean],
+            QUARANTINE_TAG: [{**p, "source_shard": r.shard} for r in done for p in r.quarantine],
+        },
+    }
+    atomic_write_json(context.path, manifest)
+    # The same manifest beside the quarantine shards, so that folder explains itself too.
+    atomic_write_json(context.quarantine_dir / MANIFEST_NAME, manifest)
+
+
+def _input_entry(result: InputShardResult) -> dict[str, Any]:
+    entry = asdict(result)
+    entry["quarantined"] = result.quarantined
+    entry["clean"] = [p["file"] for p in result.clean]
+    entry["quarantine"] = [p["file"] for p in result.quarantine]
+    return entry
+
+
+def output_paths(summary: FilterSummary) -> list[Path]:
+    """Every output part of a run, clean first."""
+    clean = [summary.clean_dir / p["file"] for r in summary.shards for p in r.clean]
+    quarantine = [summary.quarantine_dir / p["file"] for r in summary.shards for p in r.quarantine]
+    return clean + quarantine
