@@ -85,11 +85,14 @@ def test_each_bad_sample_becomes_an_error_row_and_good_ones_are_scored(tmp_path:
         add_member(archive, "011.pkl", pickle.dumps(PoisonPill(str(marker))))
         add_member(archive, "012.json", b'{"caption": "caption from json"}')
         add_member(archive, "012.jpg", jpeg_bytes(12))
+        add_member(archive, "013.jpg", jpeg_bytes(13))
+        add_member(archive, "013.txt", b"first caption")
+        add_member(archive, "013.txt", b"second caption, same key")
     rows, summary = score_rows(tmp_path, tiny_loaded, [str(shard)])
     by_key = {row["key"]: row for row in rows}
-    assert len(rows) == summary.pairs == 13  # rows written == samples read
+    assert len(rows) == summary.pairs == 14  # rows written == samples read
     assert by_key["000"]["status"] == "ok" and 0 <= by_key["000"]["cosine_distance"] <= 2
-    assert by_key["001"]["error"].startswith("corrupt_image")
+    assert by_key["001"]["error"].startswith("corrupt_image") and " at 0x" not in by_key["001"]["error"]
     assert by_key["002"]["error"].startswith("corrupt_image")
     assert by_key["003"]["error"] == "missing_image"
     assert by_key["004"]["error"] == "missing_caption"
@@ -102,6 +105,7 @@ def test_each_bad_sample_becomes_an_error_row_and_good_ones_are_scored(tmp_path:
     assert "symlink" in by_key["010"]["error"]
     assert by_key["011"]["status"] == "ok"
     assert by_key["012"]["status"] == "ok"
+    assert by_key["013"]["error"].startswith("duplicate_member")
     assert not marker.exists(), "a .pkl member was unpickled"
     shard_result = summary.shards[0]
     reasons = {m["reason"] for m in shard_result.skipped_members}

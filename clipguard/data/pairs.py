@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -111,5 +112,7 @@ def open_image(data: bytes, limits: DecodeLimits) -> tuple[Image.Image | None, s
     except Image.DecompressionBombError as exc:
         return None, f"image_too_large: {exc}"
     except Exception as exc:  # PIL raises many types for corrupt data
-        return None, f"corrupt_image: {type(exc).__name__}: {str(exc)[:120]}"
+        # PIL puts object addresses in some messages; strip them so reruns record identical reasons.
+        message = re.sub(r" at 0x[0-9a-f]+", "", str(exc))[:120]
+        return None, f"corrupt_image: {type(exc).__name__}: {message}"
     return image, None

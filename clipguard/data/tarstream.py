@@ -127,6 +127,9 @@ def iter_samples(
                     report.read_error = "tar stream ended inside a member"
                     current.problems.append("truncated_shard")
                     break
+                if ext in current.fields:
+                    # Two members with one key and extension: keeping either would hide the other.
+                    current.problems.append(f"duplicate_member: two '{ext}' members for key {key}")
                 current.fields[ext] = data
     except (tarfile.ReadError, OSError) as exc:
         # The header of the very first member is unreadable: not a tar, or cut before it.
