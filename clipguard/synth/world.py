@@ -1,0 +1,382 @@
+"""The synthetic world's splits, written as WebDataset shards with a world.json manifest.
+
+Splits play the paper's roles on Flickr-PASCAL: `train` is the victim's training data, `test`
+the balanced labelled half of PASCAL (the same number of images per class), and `reference`
+an independent clean set (Visual Genome's role: sterilizing fine-tunes, reference models).
+
+Every image has its own random stream, derived from (seed, split, image index): an image does
+not change when another split's size or the number of captions per image changes. Shards are
+byte-identical for the same spec: fixed JPEG settings, fixed tar member mtime, owner and mode.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from clipguard.errors import ClipguardError
+from clipguard.synth.render import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, render_image
+from clipguard.synth.vocabulary import (
+    CAPTION_TEMPLATES,
+    CLASS_KEYWORDS,
+    CLASSES,
+    Attributes,
+    Caption,
+    keyword_table,
+    make_caption,
+    make_short_caption,
+    sample_attributes,
+)
+
+FORMAT_VERSION = 1
+SPLITS: tuple[str, ...] = ("train", "test", "reference")
+_SPLIT_STREAMS = {"train": 1, "test": 2, "reference": 3}
+# Independent random streams per image: attributes, caption wording, drawing jitter.
+_ATTRIBUTE_STREAM, _CAPTION_STREAM, _DRAWING_STREAM = 0, 1, 2
+# img2dataset keys: 5 digits of shard index then 4 digits of index in the shard.
+MAX_SHARD_SIZE = 10_000
+# Fixed tar member metadata so that bytes do not depend on the clock or the user.
+TAR_MTIME = 0
+TAR_OWNER = "clipguard"
+_SHARD_NAME = re.compile(r"^\d{6}\.tar$")
+
+
+class WorldSpecError(ClipguardError):
+    """A synthetic-world spec or output folder that cannot be used."""
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """What to generate. Defaults: 4,000 train pairs, 500 test pairs, 8,000 reference pairs."""
+
+    seed: int = 0
+    image_size: int = 64
+    train_images: int = 2000
+    reference_images: int = 4000
+    test_images_per_class: int = 25
+    captions_per_image: int = 2  # train and reference
+    test_captions_per_image: int = 1
+    # Share of train/reference captions in the short web style ("a photo of a lamb"); test
+    # captions always name every attribute, so that retrieval there needs them.
+    short_caption_rate: float = 0.2
+    shard_size: int = 1000
+    jpeg_quality: int = 90
+
+    def validate(self) -> None:
+        problems = []
+        if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            problems.append(f"image_size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]")
+        for name in ("train_images", "reference_images", "test_images_per_class"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("captions_per_image", "test_captions_per_image"):
+            if not 1 <= getattr(self, name) <= len(CAPTION_TEMPLATES):
+                problems.append(f"{name} must be in [1, {len(CAPTION_TEMPLATES)}]")
+        if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
+            problems.append(f"shard_size must be in [1, {MAX_SHARD_SIZE}] (9-digit keys)")
+        if not 1 <= self.jpeg_quality <= 95:
+            problems.append("jpeg_quality must be in [1, 95]")
+        if not 0.0 <= self.short_caption_rate <= 1.0:
+            problems.append("short_caption_rate must be in [0, 1]")
+        if self.seed < 0:
+            problems.append("seed must be non-negative")
+        if problems:
+            raise WorldSpecError("invalid world spec: " + "; ".join(problems))
+
+    def images_in(self, split: str) -> int:
+        if split == "test":
+            return self.test_images_per_class * len(CLASSES)
+        return {"train": self.train_images, "reference": self.reference_images}[_known(split)]
+
+    def captions_in(self, split: str) -> int:
+        return self.test_captions_per_image if split == "test" else self.captions_per_image
+
+    def short_caption_rate_in(self, split: str) -> float:
+        return 0.0 if split == "test" else self.short_caption_rate
+
+    def pairs_in(self, split: str) -> int:
+        return self.images_in(split) * self.captions_in(split)
+
+
+def _known(split: str) -> str:
+    if split not in SPLITS:
+        raise WorldSpecError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    return split
+
+
+@dataclass(frozen=True)
+class SynthSample:
+    """One image-caption pair, ready to be written as a WebDataset sample."""
+
+    key: str
+    image_id: str
+    split: str
+    class_name: str
+    attributes: Attributes
+    caption: Caption
+    jpeg: bytes
+
+    def metadata(self) -> dict:
+        return {
+            "key": self.key,
+            "caption": self.caption.text,
+            "class": self.class_name,
+            "keyword": self.caption.keyword,
+            "caption_style": self.caption.style,
+            "mentions": list(self.caption.mentions),
+            "image_id": self.image_id,
+            "split": self.split,
+            "attributes": self.attributes.to_dict(),
+        }
+
+    def to_wds(self) -> dict[str, str | bytes]:
+        return {
+            "__key__": self.key,
+            "jpg": self.jpeg,
+            "txt": self.caption.text.encode("utf-8"),
+            "json": json.dumps(self.metadata(), sort_keys=True).encode("utf-8"),
+        }
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    name: str
+    pattern: str  # brace pattern relative to the world folder, e.g. "train/{000000..000003}.tar"
+    shard_count: int
+    pair_count: int
+    image_count: int
+    captions_per_image: int
+    pairs_per_class: dict[str, int]
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    root: Path
+    spec: WorldSpec
+    splits: dict[str, SplitInfo]
+    keywords: dict[str, list[str]] = field(default_factory=keyword_table)
+
+    @property
+    def world_json(self) -> Path:
+        return self.root / "world.json"
+
+    @property
+    def keywords_json(self) -> Path:
+        return self.root / "keywords.json"
+
+    def shards(self, split: str) -> str:
+        """The split's shards as one brace pattern with the world folder in front."""
+        return str(self.root / self.splits[_known(split)].pattern)
+
+
+def image_key(index: int, shard_size: int) -> str:
+    shard, position = divmod(index, shard_size)
+    return f"{shard * MAX_SHARD_SIZE + position:09d}"
+
+
+def _split_rng(spec: WorldSpec, split: str) -> np.random.Generator:
+    return np.random.default_rng([spec.seed, _SPLIT_STREAMS[split]])
+
+
+def _image_rng(spec: WorldSpec, split: str, index: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([spec.seed, _SPLIT_STREAMS[split], index, stream])
+
+
+def split_classes(spec: WorldSpec, split: str) -> list[str]:
+    """Class of each image, as balanced as the size allows (exactly balanced for `test`)."""
+    count = spec.images_in(_known(split))
+    ordered = [CLASSES[i % len(CLASSES)] for i in range(count)]
+    order = _split_rng(spec, split).permutation(count)
+    return [ordered[i] for i in order]
+
+
+def _encode_jpeg(image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    # 4:4:4 keeps the named colour of a 13 px icon from bleeding into the background.
+    image.save(buffer, format="JPEG", quality=quality, subsampling=0, optimize=False)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class _PlannedImage:
+    class_name: str
+    attributes: Attributes
+    captions: tuple[Caption, ...]
+
+
+def _plan_image(spec: WorldSpec, split: str, index: int, class_name: str) -> _PlannedImage:
+    attributes = sample_attributes(_image_rng(spec, split, index, _ATTRIBUTE_STREAM))
+    caption_rng = _image_rng(spec, split, index, _CAPTION_STREAM)
+    count, short_rate = spec.captions_in(split), spec.short_caption_rate_in(split)
+    captions = _distinct_captions(class_name, attributes, caption_rng, count, short_rate)
+    return _PlannedImage(class_name, attributes, captions)
+
+
+def _distinct_captions(
+    class_name: str, attributes: Attributes, rng: np.random.Generator, count: int, short_rate: float
+) -> tuple[Caption, ...]:
+    """Captions of one image, all different texts (full ones each use their own template)."""
+    unused_templates = [int(t) for t in rng.permutation(len(CAPTION_TEMPLATES))]
+    captions: list[Caption] = []
+    short_tries = 0
+    while len(captions) < count:
+        if short_tries < 20 and rng.random() < short_rate:
+            short_tries += 1
+            caption = make_short_caption(class_name, attributes, rng)
+            if caption.text in {c.text for c in captions}:
+                continue
+        else:
+            caption = make_caption(class_name, attributes, rng, unused_templates.pop())
+        captions.append(caption)
+    return tuple(captions)
+
+
+def _render_jpeg(spec: WorldSpec, split: str, index: int, plan: _PlannedImage) -> bytes:
+    rng = _image_rng(spec, split, index, _DRAWING_STREAM)
+    image = render_image(plan.class_name, plan.attributes, rng, spec.image_size)
+    return _encode_jpeg(image, spec.jpeg_quality)
+
+
+def iter_split_samples(spec: WorldSpec, split: str) -> Iterator[SynthSample]:
+    """The split's pairs in their shard order; captions of one image are spread apart."""
+    spec.validate()
+    _known(split)
+    plans = [_plan_image(spec, split, i, c) for i, c in enumerate(split_classes(spec, split))]
+    pairs = [(i, j) for i in range(len(plans)) for j in range(spec.captions_in(split))]
+    order = _split_rng(spec, split).permutation(len(pairs))
+    pending = Counter(i for i, _ in pairs)
+    jpegs: dict[int, bytes] = {}
+    for position, pair_index in enumerate(order):
+        image_index, caption_index = pairs[pair_index]
+        plan = plans[image_index]
+        if image_index not in jpegs:
+            jpegs[image_index] = _render_jpeg(spec, split, image_index, plan)
+        jpeg = jpegs[image_index]
+        pending[image_index] -= 1
+        if pending[image_index] == 0:
+            del jpegs[image_index]  # keeps memory to the images still waiting for a caption
+        yield SynthSample(
+            key=image_key(position, spec.shard_size),
+            image_id=f"{split}-{image_index:06d}",
+            split=split,
+            class_name=plan.class_name,
+            attributes=plan.attributes,
+            caption=plan.captions[caption_index],
+            jpeg=jpeg,
+        )
+
+
+def shard_pattern(split: str, shard_count: int) -> str:
+    if shard_count == 1:
+        return f"{split}/000000.tar"
+    return f"{split}/{{000000..{shard_count - 1:06d}}}.tar"
+
+
+def write_split(out_dir: Path, spec: WorldSpec, split: str) -> SplitInfo:
+    """Writes OUT/<split>/000000.tar, ... (each through a temporary name, then renamed)."""
+    split_dir = out_dir / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    per_class: Counter[str] = Counter()
+    samples = iter_split_samples(spec, split)
+    shard_count = 0
+    while shard := list(islice(samples, spec.shard_size)):
+        _write_shard(split_dir / f"{shard_count:06d}.tar", shard)
+        per_class.update(sample.class_name for sample in shard)
+        shard_count += 1
+    return SplitInfo(
+        name=split,
+        pattern=shard_pattern(split, shard_count),
+        shard_count=shard_count,
+        pair_count=spec.pairs_in(split),
+        image_count=spec.images_in(split),
+        captions_per_image=spec.captions_in(split),
+        pairs_per_class={name: per_class[name] for name in CLASSES},
+    )
+
+
+def _write_shard(path: Path, samples: list[SynthSample]) -> None:
+    tmp_path = path.with_name(path.name + ".tmp")
+    with open(tmp_path, "wb") as stream:
+        writer = wds.TarWriter(
+            stream, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, encoder=False, mtime=TAR_MTIME
+        )
+        for sample in samples:
+            writer.write(sample.to_wds())
+        writer.close()
+    os.replace(tmp_path, path)
+
+
+def _clear_previous_output(out_dir: Path, overwrite: bool) -> None:
+    """Stale shards from a larger earlier world would be picked up by a glob: remove or refuse."""
+    ours = [out_dir / "world.json", out_dir / "keywords.json"]
+    for split in SPLITS:
+        if (out_dir / split).is_dir():
+            ours += [p for p in (out_dir / split).iterdir() if _SHARD_NAME.match(p.name)]
+            ours += list((out_dir / split).glob("*.tar.tmp"))
+    existing = [p for p in ours if p.exists()]
+    if existing and not overwrite:
+        raise WorldSpecError(
+            f"{out_dir} already holds a synthetic world ({existing[0].name} and others); "
+            "pass overwrite=True to replace it"
+        )
+    for path in existing:
+        path.unlink()
+
+
+def generate_world(out_dir: str | Path, spec: WorldSpec | None = None, overwrite: bool = False):
+    """Writes the three splits, world.json and keywords.json under out_dir; returns WorldInfo."""
+    spec = spec or WorldSpec()
+    spec.validate()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise WorldSpecError(f"{out_dir} exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_previous_output(out_dir, overwrite)
+    splits = {split: write_split(out_dir, spec, split) for split in SPLITS}
+    info = WorldInfo(root=out_dir, spec=spec, splits=splits)
+    _write_json(info.keywords_json, info.keywords)
+    _write_json(info.world_json, world_manifest(info))
+    return info
+
+
+def world_manifest(info: WorldInfo) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "spec": asdict(info.spec),
+        "classes": {name: list(CLASS_KEYWORDS[name]) for name in CLASSES},
+        "keywords_file": info.keywords_json.name,
+        "splits": {name: asdict(split) for name, split in info.splits.items()},
+    }
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def read_world_info(out_dir: str | Path) -> WorldInfo:
+    """Loads a world written by generate_world (its world.json and keywords.json)."""
+    root = Path(out_dir)
+    try:
+        manifest = json.loads((root / "world.json").read_text(encoding="utf-8"))
+        keywords = json.loads((root / manifest["keywords_file"]).read_text(encoding="utf-8"))
+        if manifest["format_version"] != FORMAT_VERSION:
+            raise WorldSpecError(
+                f"{root / 'world.json'} has format_version {manifest['format_version']}, "
+                f"this clipguard reads {FORMAT_VERSION}; regenerate the world"
+            )
+        known = {f.name for f in fields(WorldSpec)}
+        spec = WorldSpec(**{k: v for k, v in manifest["spec"].items() if k in known})
+        splits = {name: SplitInfo(**value) for name, value in manifest["splits"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise WorldSpecError(f"{root} does not hold a readable synthetic world: {error}") from error
+    return WorldInfo(root=root, spec=spec, splits=splits, keywords=keywords)
