@@ -157,7 +157,14 @@ def choose_threshold(
                                   max_flagged_fraction)
     else:
         gamma = _gamma_for_f1(curve, allowed)
-    estimates = estimate_at(sample, population, gamma, confidence, interval_method, draws, seed)
+
+    def estimate(candidate: float) -> ThresholdEstimates:
+        return estimate_at(sample, population, candidate, confidence, interval_method, draws, seed)
+
+    if criterion == "bound" and (method == "target_fpr" or (method == "target_recall" and source == "labels")):
+        gamma, estimates = _confirm_bound(curve, allowed, gamma, method, target_fpr or target_recall, estimate)
+    else:
+        estimates = estimate(gamma)
     canary = None if canaries is None else canary_recall(canaries, gamma, confidence)
     notes = (CANARY_NOTE,) if canary is not None else ()
     return Calibration(
@@ -283,6 +290,36 @@ def _gamma_for_recall(
             f"{reach}; {advice}"
         )
     return float(curve.gammas[last_ok])
+
+
+def _confirm_bound(
+    curve: EstimateCurve, allowed: np.ndarray, gamma: float, method: str, target: float, estimate
+) -> tuple[float, ThresholdEstimates]:
+    """The reported estimates at gamma, stepping to safer candidates while their bound breaks the target.
+
+    The scan's simulated bounds use fewer draws (and other random numbers) than the reported ones,
+    so the two can disagree by Monte Carlo noise; the bound that is reported must keep the promise.
+    Safer means a higher gamma for an FPR target and a lower (still allowed) one for a recall target.
+    """
+    def keeps(e: ThresholdEstimates) -> bool:
+        return e.false_positive_rate.upper <= target if method == "target_fpr" else e.recall.lower >= target
+
+    if method == "target_fpr":
+        safer = curve.gammas[curve.gammas > gamma]
+    else:
+        safer = curve.gammas[(curve.gammas < gamma) & allowed][::-1]
+    current = estimate(gamma)
+    for candidate in safer:
+        if keeps(current):
+            break
+        gamma, current = float(candidate), estimate(float(candidate))
+    if not keeps(current):
+        raise UnreachableTargetError(
+            f"no gamma keeps the {'FPR upper' if method == 'target_fpr' else 'recall lower'} bound "
+            f"{'<=' if method == 'target_fpr' else '>='} {target:g} once estimated with the full simulation; "
+            "label more pairs, or relax the target"
+        )
+    return gamma, current
 
 
 def _gamma_for_f1(curve: EstimateCurve, allowed: np.ndarray) -> float:
