@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import typer
 
+from clipguard.cli.attack import attack
+from clipguard.cli.evaluate import evaluate
+from clipguard.cli.filter import filter_command
+from clipguard.cli.finetune import finetune
+from clipguard.cli.gate import gate
+from clipguard.cli.calibrate import calibrate
+from clipguard.cli.sample import sample
 from clipguard.cli.score import score
+from clipguard.cli.sterilize import sterilize
+from clipguard.cli.synth import synth
 
 app = typer.Typer(
     name="clipguard",
@@ -21,6 +30,15 @@ def _root() -> None:
 
 
 app.command()(score)
+app.command()(sample)
+app.command()(calibrate)
+app.command()(attack)
+app.command()(evaluate)
+app.command(name="filter")(filter_command)
+app.command()(gate)
+app.command()(finetune)
+app.command()(sterilize)
+app.command()(synth)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

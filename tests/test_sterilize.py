@@ -1,0 +1,88 @@
+"""Post-training defence: fine-tune on clean data with a watch, early stop and a utility budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from clipguard.attacks import parse_goal
+from clipguard.cli.main import app
+from clipguard.datasets import DatasetNameError, resolve_dataset
+from clipguard.evaluation import evaluate, load_test_set
+from clipguard.labels import make_labeler
+from clipguard.model.loading import ModelSpec, load_model
+from clipguard.sterilize import SterilizeConfig, Watch, plot_curve, sterilize
+from clipguard.synth import WorldSpec, generate_world
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, WorldSpec(seed=3, train_images=40, reference_images=400, test_images_per_class=10, shard_size=200))
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_set(world):
+    return load_test_set([str(world / "test")], make_labeler())
+
+
+def test_dataset_names_resolve_through_the_config_file(tmp_path, world):
+    config = tmp_path / "datasets.toml"
+    config.write_text(f'[datasets]\nvg = "{world}/reference/{{000000..000001}}.tar"\nboth = ["{world}/test", "{world}/train"]\n')
+    assert resolve_dataset(["vg"], config) == [f"{world}/reference/{{000000..000001}}.tar"]
+    assert resolve_dataset(["both", str(world / "train")], config) == [f"{world}/test", f"{world}/train", str(world / "train")]
+    with pytest.raises(DatasetNameError, match="Known names: both, vg"):
+        resolve_dataset(["coco"], config)
+    with pytest.raises(DatasetNameError, match="no datasets defined"):
+        resolve_dataset(["coco"], tmp_path / "missing.toml")
+
+
+def test_sterilizing_a_clean_model_keeps_utility(tmp_path, world, test_set):
+    model = load_model(ModelSpec("clipguard-victim"))
+    goal = parse_goal("sheep:aeroplane")
+    config = SterilizeConfig(max_steps=12, batch_size=32, eval_every=6, warmup_steps=2, stop_at_baseline=False)
+    result = sterilize(model, [str(world / "reference")], tmp_path / "s.safetensors", config, Watch([goal], test_set))
+    assert result.saved and result.steps == 12
+    assert [p.step for p in result.curve] == [0, 6, 12]
+    assert abs(result.utility_drop) <= 0.02, result.utility_drop
+    sidecar = json.loads((tmp_path / "s.json").read_text())
+    assert sidecar["made_by"] == "clipguard sterilize" and len(sidecar["curve"]) == 3
+    reloaded = load_model(ModelSpec(str(result.checkpoint)))
+    after = evaluate(reloaded, test_set, [goal])
+    assert after.goal("sheep:aeroplane").model.hits[10] == result.curve[-1].hits_at_10["sheep:aeroplane"]
+    png = plot_curve(result, tmp_path / "curve.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_stops_once_the_goal_is_at_baseline(tmp_path, world, test_set):
+    model = load_model(ModelSpec("clipguard-victim"))
+    candidates = [parse_goal(g) for g in ("sheep:tvmonitor", "bottle:horse", "car:bird", "chair:cat", "boat:dog")]
+    report = evaluate(model, test_set, candidates)
+    at_zero = [g for g, r in zip(candidates, report.goals) if r.model.hits[10] <= r.random_text.hits[10]]
+    assert at_zero, "the bundled victim should have some goal already at its random-text baseline"
+    config = SterilizeConfig(max_steps=30, batch_size=16, eval_every=2, warmup_steps=1)
+    result = sterilize(model, [str(world / "reference")], tmp_path / "s.safetensors", config, Watch(at_zero[:1], test_set))
+    assert result.stopped_early and result.steps == 2 and result.saved
+
+
+def test_refuses_to_save_past_the_utility_budget(tmp_path, world):
+    out = tmp_path / "wrecked.safetensors"
+    result = runner.invoke(app, [
+        "sterilize", "clipguard-victim", "--clean", str(world / "reference"), "--out", str(out),
+        "--lr", "0.05", "--max-steps", "6", "--batch-size", "32", "--goal", "sheep:aeroplane",
+        "--test", str(world / "test"), "--eval-every", "3", "--max-utility-drop", "0.0", "--no-early-stop",
+    ])
+    assert result.exit_code == 1, result.output
+    assert "not saved" in result.output and not out.exists()
+
+
+def test_unknown_dataset_name_is_a_clear_cli_error(tmp_path):
+    result = runner.invoke(app, ["sterilize", "clipguard-victim", "--clean", "vg", "--out", str(tmp_path / "x"),
+                                 "--datasets-config", str(tmp_path / "none.toml")])
+    assert result.exit_code == 2 and "neither shards nor a known dataset name" in result.output
