@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("CLIPGUARD_CONSOLE_WIDTH", "200")
 
 TINY_MODEL = "clipguard-tiny-victim"

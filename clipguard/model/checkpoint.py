@@ -43,6 +43,8 @@ def save_checkpoint(model: torch.nn.Module, path: Path, architecture: str, prove
     }
     side_tmp = sidecar_path(path).with_name(sidecar_path(path).name + ".tmp")
     side_tmp.write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+    for written in (tmp, side_tmp):
+        written.chmod(0o644)  # safetensors writes 0600; checkpoints are meant to be shared
     tmp.replace(path)
     side_tmp.replace(sidecar_path(path))
     return path

@@ -50,7 +50,7 @@ def encode_texts(loaded: LoadedModel, tokens: torch.Tensor, trim: bool = True) -
     tokens = tokens.to(loaded.info.device)
     with torch.inference_mode():
         if trim and supports_trimmed_text(loaded.model):
-            features = _encode_text_trimmed(loaded.model, tokens)
+            features = encode_text_trimmed(loaded.model, tokens)
         else:
             features = loaded.model.encode_text(tokens)
     return F.normalize(features.float(), dim=-1).cpu()
@@ -66,7 +66,7 @@ def supports_trimmed_text(model: torch.nn.Module) -> bool:
     )
 
 
-def _encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     # The end-of-text token has the highest id, so argmax finds it; +1 keeps it inside the cut.
     length = int(tokens.argmax(dim=-1).max()) + 1
     tokens = tokens[:, :length]

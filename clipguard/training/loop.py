@@ -25,7 +25,7 @@ from open_clip.loss import ClipLoss, SigLipLoss
 import clipguard
 from clipguard.data.shardspec import Shard, resolve_shards
 from clipguard.model.checkpoint import read_sidecar, save_checkpoint
-from clipguard.model.encoding import _encode_text_trimmed, supports_trimmed_text
+from clipguard.model.encoding import encode_text_trimmed, supports_trimmed_text
 from clipguard.model.loading import LoadedModel, ModelSpec, load_model, read_state_dict, sha256_file
 from clipguard.training.config import (
     RESUMABLE_DIFFERENCES,
@@ -259,7 +259,7 @@ class _Trainer:
 def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Unnormalised text features, cut to the batch's longest caption where that is exact."""
     if supports_trimmed_text(model):
-        return _encode_text_trimmed(model, tokens)
+        return encode_text_trimmed(model, tokens)
     return model.encode_text(tokens)
 
 
