@@ -28,7 +28,10 @@ SUPERSAMPLE = 4
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 256
 # Icon side as a fraction of the image side; three large icons in a row just fit.
-SIZE_FRACTION = {"small": 0.23, "large": 0.34}
+# Icons fill a third to nearly half of the side: at 64 px with 8 px patches the class must be
+# legible to a tiny ViT, or every class-level attack and metric is noise (measured: with 0.23 /
+# 0.34 a clean model's sheep->aeroplane Hit@10 equalled the random-text baseline).
+SIZE_FRACTION = {"small": 0.30, "large": 0.44}
 # Where a group is centred and along which axis its icons line up.
 POSITION_LAYOUT = {
     "left": (0.25, 0.5, "vertical"),

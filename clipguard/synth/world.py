@@ -66,9 +66,15 @@ class WorldSpec:
     test_images_per_class: int = 25
     captions_per_image: int = 2  # train and reference
     test_captions_per_image: int = 1
-    # Share of train/reference captions in the short web style ("a photo of a lamb"); test
-    # captions always name every attribute, so that retrieval there needs them.
-    short_caption_rate: float = 0.2
+    # Share of train/reference captions in the short web style ("a photo of a lamb", each
+    # attribute named with attribute_mention_rate). Most web captions name the object first and
+    # few details; that is what makes the class, not the colour, the main thing a model learns,
+    # as in the paper's data. Test captions are short-style too but name every attribute, so
+    # retrieving the exact image needs them.
+    short_caption_rate: float = 0.6
+    attribute_mention_rate: float = 0.3
+    # Zipf exponent of the train split's class frequencies (0 = balanced); see WEB_FREQUENCY_ORDER.
+    train_class_skew: float = 1.0
     shard_size: int = 1000
     jpeg_quality: int = 90
 
@@ -88,6 +94,10 @@ class WorldSpec:
             problems.append("jpeg_quality must be in [1, 95]")
         if not 0.0 <= self.short_caption_rate <= 1.0:
             problems.append("short_caption_rate must be in [0, 1]")
+        if self.train_class_skew < 0:
+            problems.append("train_class_skew must be non-negative")
+        if not 0.0 <= self.attribute_mention_rate <= 1.0:
+            problems.append("attribute_mention_rate must be in [0, 1]")
         if self.seed < 0:
             problems.append("seed must be non-negative")
         if problems:
@@ -102,7 +112,10 @@ class WorldSpec:
         return self.test_captions_per_image if split == "test" else self.captions_per_image
 
     def short_caption_rate_in(self, split: str) -> float:
-        return 0.0 if split == "test" else self.short_caption_rate
+        return 1.0 if split == "test" else self.short_caption_rate
+
+    def mention_rate_in(self, split: str) -> float:
+        return 1.0 if split == "test" else self.attribute_mention_rate
 
     def pairs_in(self, split: str) -> int:
         return self.images_in(split) * self.captions_in(split)
@@ -192,10 +205,42 @@ def _image_rng(spec: WorldSpec, split: str, index: int, stream: int) -> np.rando
     return np.random.default_rng([spec.seed, _SPLIT_STREAMS[split], index, stream])
 
 
+# How common each class is in scraped data, most common first. Only `train` follows it (with
+# WorldSpec.train_class_skew); `test` and `reference` stay balanced. Web data is long-tailed, and
+# the paper's attacks hit classes that are rare in the training set (sheep in Flickr30k +
+# PASCAL): a rare class is what a handful of poisons can take over.
+WEB_FREQUENCY_ORDER: tuple[str, ...] = (
+    "person", "car", "dog", "cat", "chair", "bird", "bottle", "bus", "boat", "horse", "bicycle",
+    "train", "sofa", "tvmonitor", "diningtable", "pottedplant", "motorbike", "aeroplane", "cow", "sheep",
+)
+
+
+def class_counts(total: int, skew: float) -> dict[str, int]:
+    """Images per class: Zipf(skew) over WEB_FREQUENCY_ORDER (skew 0 = balanced), largest
+    remainder rounding, every class at least once when total allows."""
+    weights = np.array([1.0 / (rank + 1) ** skew for rank in range(len(WEB_FREQUENCY_ORDER))])
+    shares = weights / weights.sum() * total
+    counts = np.floor(shares).astype(int)
+    if total >= len(counts):
+        counts = np.maximum(counts, 1)
+    for index in np.argsort(-(shares - np.floor(shares)), kind="stable"):
+        if counts.sum() >= total:
+            break
+        counts[index] += 1
+    while counts.sum() > total:
+        counts[int(np.argmax(counts))] -= 1
+    return dict(zip(WEB_FREQUENCY_ORDER, counts.tolist()))
+
+
 def split_classes(spec: WorldSpec, split: str) -> list[str]:
-    """Class of each image, as balanced as the size allows (exactly balanced for `test`)."""
+    """Class of each image: long-tailed for `train` (train_class_skew), as balanced as the size
+    allows for `reference`, exactly balanced for `test`."""
     count = spec.images_in(_known(split))
-    ordered = [CLASSES[i % len(CLASSES)] for i in range(count)]
+    if split == "train" and spec.train_class_skew > 0:
+        counts = class_counts(count, spec.train_class_skew)
+        ordered = [name for name in CLASSES for _ in range(counts[name])]
+    else:
+        ordered = [CLASSES[i % len(CLASSES)] for i in range(count)]
     order = _split_rng(spec, split).permutation(count)
     return [ordered[i] for i in order]
 
@@ -218,12 +263,13 @@ def _plan_image(spec: WorldSpec, split: str, index: int, class_name: str) -> _Pl
     attributes = sample_attributes(_image_rng(spec, split, index, _ATTRIBUTE_STREAM))
     caption_rng = _image_rng(spec, split, index, _CAPTION_STREAM)
     count, short_rate = spec.captions_in(split), spec.short_caption_rate_in(split)
-    captions = _distinct_captions(class_name, attributes, caption_rng, count, short_rate)
+    captions = _distinct_captions(class_name, attributes, caption_rng, count, short_rate, spec.mention_rate_in(split))
     return _PlannedImage(class_name, attributes, captions)
 
 
 def _distinct_captions(
-    class_name: str, attributes: Attributes, rng: np.random.Generator, count: int, short_rate: float
+    class_name: str, attributes: Attributes, rng: np.random.Generator, count: int, short_rate: float,
+    mention_rate: float,
 ) -> tuple[Caption, ...]:
     """Captions of one image, all different texts (full ones each use their own template)."""
     unused_templates = [int(t) for t in rng.permutation(len(CAPTION_TEMPLATES))]
@@ -232,7 +278,7 @@ def _distinct_captions(
     while len(captions) < count:
         if short_tries < 20 and rng.random() < short_rate:
             short_tries += 1
-            caption = make_short_caption(class_name, attributes, rng)
+            caption = make_short_caption(class_name, attributes, rng, mention_rate)
             if caption.text in {c.text for c in captions}:
                 continue
         else:
