@@ -10,6 +10,7 @@ from clipguard.cli.filter import filter_command
 from clipguard.cli.finetune import finetune
 from clipguard.cli.gate import gate
 from clipguard.cli.calibrate import calibrate
+from clipguard.cli.demo import demo
 from clipguard.cli.sample import sample
 from clipguard.cli.score import score
 from clipguard.cli.sterilize import sterilize
@@ -39,6 +40,7 @@ app.command()(gate)
 app.command()(finetune)
 app.command()(sterilize)
 app.command()(synth)
+app.command()(demo)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -1,0 +1,68 @@
+"""`clipguard demo`: the attack -> filter -> repair loop on the built-in world, one table out."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from clipguard.cli.common import console, err_console, user_errors
+from clipguard.demo import DemoConfig, DemoResult, run_demo
+
+# The paper's numbers for the same rows (Flickr-PASCAL, Attack II sheep2aeroplane, ViT-B/32):
+# Table 3 (clean / poisoned), Table 16 (pre-training defence), Table 8 (post-training, lr 1e-4).
+PAPER_HIT10 = {"clean fine-tune": 0.200, "poisoned": 0.936, "filtered": 0.016, "sterilized": 0.008}
+
+
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Report folder (world, shards, models, plots, report.json).")] = Path("demo-out"),
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer training steps: about 3 minutes on 2 CPU cores.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the attack, sampling and training.")] = 0,
+) -> None:
+    """Synthesize, poison, train, score, calibrate, filter, retrain, sterilize, evaluate."""
+    config = DemoConfig.quick() if quick else DemoConfig()
+    config = DemoConfig(**{**config.__dict__, "seed": seed})
+    started = time.perf_counter()
+    last = {"t": started}
+
+    def on_stage(name: str) -> None:
+        now = time.perf_counter()
+        err_console.print(f"[dim]{now - started:6.1f} s[/]  {name} ...")
+        last["t"] = now
+
+    with user_errors():
+        result = run_demo(out, config, on_stage=on_stage)
+    print_table(result, config)
+    console.print(f"total {time.perf_counter() - started:.0f} s; report: {result.report_path}; "
+                  f"figures: {', '.join(str(p) for p in result.figures)}")
+
+
+def print_table(result: DemoResult, config: DemoConfig) -> None:
+    table = Table(title=f"Attack II {config.goal} at phi = {result.phi:.2%} ({result.poisons} poisoned pairs): test split")
+    table.add_column("model", style="bold")
+    for k in (1, 5, 10):
+        table.add_column(f"Hit@{k}", justify="right")
+    table.add_column("MinRank", justify="right")
+    table.add_column("random-text Hit@10", justify="right")
+    table.add_column("TR Hit@10", justify="right")
+    table.add_column("IR Hit@10", justify="right")
+    table.add_column("paper Hit@10", justify="right")
+    for row in result.rows:
+        paper = PAPER_HIT10.get(row.name)
+        table.add_row(row.name, *(f"{row.hits[k]:.3f}" for k in (1, 5, 10)), f"{row.min_rank:.2f}",
+                      f"{row.random_hits_10:.3f}", f"{row.utility_tr_10:.3f}", f"{row.utility_ir_10:.3f}",
+                      f"{paper:.3f}" if paper is not None else "")
+    console.print(table)
+    c = result.calibration
+    console.print(
+        f"gamma {result.gamma:.4f} from {c['labelled']} labelled pairs ({c['poison_labels']} poisons): "
+        f"recall {c['recall']['point']:.3f} [{c['recall']['lower']:.3f}, {c['recall']['upper']:.3f}], "
+        f"FPR {c['false_positive_rate']['point']:.4f} [{c['false_positive_rate']['lower']:.4f}, "
+        f"{c['false_positive_rate']['upper']:.4f}]"
+    )
+    f = result.filter_counts
+    console.print(f"filter: {f['read']:,} read, {f['kept']:,} kept, {f['flagged']:,} flagged, {f['errored']:,} errors; "
+                  f"{result.poisons_quarantined}/{result.poisons} poisons quarantined")

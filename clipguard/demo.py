@@ -1,0 +1,236 @@
+"""The whole story on the built-in synthetic world: the attack works, the filter stops it, the
+sterilizing fine-tune repairs it (Yang et al. 2023, Tables 3, 16 and 8).
+
+world -> Attack II on train -> fine-tune victims (clean, poisoned) -> score the poisoned data with
+the reference model -> label a stratified sample (labels read from the poison manifest, as a
+person would give them) -> calibrate gamma -> filter -> fine-tune on the kept shards ->
+sterilize the poisoned victim on the reference split -> evaluate every model on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipguard.attacks import AttackConfig, AttackKind, parse_goal, run_attack
+from clipguard.calibration.run import CalibrateRequest, calibrate_scores
+from clipguard.data.shardspec import resolve_shards
+from clipguard.evaluation import EvaluationReport, evaluate, load_test_set
+from clipguard.filtering.run import FilterConfig, filter_shards
+from clipguard.filtering.threshold import load_calibration
+from clipguard.labels import make_labeler
+from clipguard.model.loading import ModelSpec, load_model
+from clipguard.scoring.run import ScoreConfig, score_shards
+from clipguard.sterilize import SterilizeConfig, Watch, plot_curve, sterilize
+from clipguard.synth import WorldSpec, generate_world
+from clipguard.training import FinetuneConfig, finetune
+
+VICTIM = "clipguard-victim"
+REFERENCE = "clipguard-reference"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes and training settings. The victim's fine-tune uses a higher learning rate than the
+    paper's 1e-5 (which is for a pretrained ViT-B/32 over 10 epochs of real data): a tiny model
+    on a few thousand pairs shows the same effects in a few epochs at 1e-4."""
+
+    goal: str = "sheep:aeroplane"
+    rate: float = 0.005
+    seed: int = 0
+    world: WorldSpec = field(default_factory=WorldSpec)
+    victim_lr: float = 1e-4
+    victim_epochs: int = 5
+    batch_size: int = 64
+    labels: int = 500  # pairs a person labels, drawn stratified by distance
+    target_fpr: float = 0.01
+    sterilize_lr: float = 1e-4
+    sterilize_steps: int = 60
+    sterilize_eval_every: int = 10
+    precision: str = "bf16"
+
+    @classmethod
+    def quick(cls) -> "DemoConfig":
+        return cls(victim_epochs=1, sterilize_steps=20)
+
+
+@dataclass
+class ModelRow:
+    name: str
+    hits: dict[int, float]
+    min_rank: float
+    random_hits_10: float
+    utility_tr_10: float
+    utility_ir_10: float
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    rows: list[ModelRow]
+    phi: float
+    poisons: int
+    gamma: float
+    calibration: dict[str, Any]
+    filter_counts: dict[str, int]
+    poisons_quarantined: int
+    stage_seconds: dict[str, float]
+    report_path: Path
+    figures: list[Path]
+
+    def row(self, name: str) -> ModelRow:
+        return next(r for r in self.rows if r.name == name)
+
+
+StageCallback = Callable[[str], None]
+
+
+def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCallback | None = None) -> DemoResult:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    goal = parse_goal(config.goal)
+
+    def stage(name: str):
+        if on_stage:
+            on_stage(name)
+        return _Timer(timings, name)
+
+    with stage("synthesize the world"):
+        world = generate_world(out_dir / "world", config.world, overwrite=True)
+    with stage("Attack II: poison the train split"):
+        attack = run_attack(
+            world.shards("train"), out_dir / "poisoned",
+            AttackConfig(kind=AttackKind.single_label, goals=(goal,), rate=config.rate, seed=config.seed, overwrite=True),
+        )
+    train_config = FinetuneConfig(
+        lr=config.victim_lr, epochs=config.victim_epochs, batch_size=config.batch_size, seed=config.seed,
+        precision=config.precision, warmup_steps=10,
+    )
+    with stage("fine-tune the victim on clean data"):
+        clean = finetune(ModelSpec(VICTIM), world.shards("train"), train_config, out_dir / "models" / "clean.safetensors")
+    with stage("fine-tune the victim on poisoned data"):
+        poisoned = finetune(ModelSpec(VICTIM), str(out_dir / "poisoned"), train_config, out_dir / "models" / "poisoned.safetensors")
+
+    reference = load_model(ModelSpec(REFERENCE))
+    with stage("score the poisoned data with the reference model"):
+        score_shards(resolve_shards(str(out_dir / "poisoned")), reference, out_dir / "scores", ScoreConfig(batch_size=128))
+    with stage("label a stratified sample and calibrate gamma"):
+        calibration = calibrate_scores(out_dir / "scores", CalibrateRequest(
+            labels=attack.manifest_path, out_dir=out_dir / "calibration", target_fpr=config.target_fpr,
+            labels_sample=config.labels, stratify=True, seed=config.seed,
+        ))
+    with stage("filter the poisoned data"):
+        threshold = load_calibration(calibration.calibration_path)
+        filtered = filter_shards(
+            resolve_shards(str(out_dir / "poisoned")), reference, threshold,
+            FilterConfig(clean_dir=out_dir / "filtered", quarantine_dir=out_dir / "quarantine", reuse_scores=out_dir / "scores"),
+        )
+    with stage("fine-tune the victim on the filtered data"):
+        kept = finetune(ModelSpec(VICTIM), str(out_dir / "filtered"), train_config, out_dir / "models" / "filtered.safetensors")
+
+    test = load_test_set(world.shards("test"), make_labeler())
+    with stage("sterilize the poisoned victim on the reference split"):
+        repaired = sterilize(
+            load_model(ModelSpec(str(poisoned.checkpoint))), world.shards("reference"),
+            out_dir / "models" / "sterilized.safetensors",
+            SterilizeConfig(lr=config.sterilize_lr, max_steps=config.sterilize_steps, batch_size=config.batch_size,
+                            eval_every=config.sterilize_eval_every, stop_at_baseline=False, seed=config.seed,
+                            precision=config.precision),
+            Watch(goals=[goal], test=test),
+        )
+    with stage("evaluate every model on the test split"):
+        reports = {
+            "pretrained victim": evaluate(load_model(ModelSpec(VICTIM)), test, [goal]),
+            "clean fine-tune": evaluate(load_model(ModelSpec(str(clean.checkpoint))), test, [goal]),
+            "poisoned": evaluate(load_model(ModelSpec(str(poisoned.checkpoint))), test, [goal]),
+            "filtered": evaluate(load_model(ModelSpec(str(kept.checkpoint))), test, [goal]),
+            "sterilized": evaluate(load_model(ModelSpec(str(repaired.checkpoint))), test, [goal]),
+        }
+    poison_keys = {p.key for p in attack.manifest.poisons}
+    quarantined = _quarantined_keys(out_dir / "quarantine")
+    rows = [_row(name, report) for name, report in reports.items()]
+    figures = [calibration.densities_path, plot_curve(repaired, out_dir / "sterilization_curve.png")]
+    result = DemoResult(
+        out_dir=out_dir,
+        rows=rows,
+        phi=attack.manifest.rate,
+        poisons=len(poison_keys),
+        gamma=calibration.calibration.gamma,
+        calibration=_calibration_summary(calibration),
+        filter_counts={"read": filtered.read, "kept": filtered.kept, "flagged": filtered.flagged, "errored": filtered.errored},
+        poisons_quarantined=len(poison_keys & quarantined),
+        stage_seconds=timings,
+        report_path=out_dir / "report.json",
+        figures=figures,
+    )
+    result.report_path.write_text(json.dumps(_report(result, config, reports, repaired), indent=2, default=str) + "\n")
+    return result
+
+
+class _Timer:
+    def __init__(self, timings: dict[str, float], name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.name] = round(time.perf_counter() - self.started, 1)
+
+
+def _row(name: str, report: EvaluationReport) -> ModelRow:
+    goal = report.goals[0]
+    return ModelRow(
+        name=name, hits={k: goal.model.hits[k] for k in (1, 5, 10)}, min_rank=goal.model.min_rank,
+        random_hits_10=goal.random_text.hits[10],
+        utility_tr_10=report.utility.text_retrieval[10], utility_ir_10=report.utility.image_retrieval[10],
+    )
+
+
+def _quarantined_keys(quarantine_dir: Path) -> set[str]:
+    keys = set()
+    for shard in resolve_shards(str(quarantine_dir)) if any(quarantine_dir.glob("*.tar")) else []:
+        from clipguard.data.tarstream import ShardReport, iter_samples
+
+        for sample in iter_samples(shard, ShardReport(shard=shard.name, url=shard.url)):
+            keys.add(sample.key)
+    return keys
+
+
+def _calibration_summary(run) -> dict[str, Any]:
+    estimates = run.calibration.estimates
+    def interval(e):  # noqa: E306
+        return {"point": e.point, "lower": e.lower, "upper": e.upper}
+    return {
+        "gamma": run.calibration.gamma,
+        "labelled": run.source.n_labelled,
+        "poison_labels": run.source.n_poison_labels,
+        "recall": interval(estimates.recall),
+        "false_positive_rate": interval(estimates.false_positive_rate),
+        "precision": interval(estimates.precision),
+        "flagged_fraction": estimates.flagged_fraction.point,
+        "roc_auc": run.calibration.roc_auc,
+    }
+
+
+def _report(result: DemoResult, config: DemoConfig, reports: dict[str, EvaluationReport], repaired) -> dict[str, Any]:
+    return {
+        "config": {**asdict(config), "world": asdict(config.world)},
+        "goal": config.goal,
+        "phi": result.phi,
+        "poisons": result.poisons,
+        "gamma": result.gamma,
+        "calibration": result.calibration,
+        "filter": result.filter_counts,
+        "poisons_quarantined": result.poisons_quarantined,
+        "table": [asdict(r) for r in result.rows],
+        "evaluations": {name: r.to_dict() for name, r in reports.items()},
+        "sterilization": repaired.to_dict(),
+        "stage_seconds": result.stage_seconds,
+        "figures": [str(p) for p in result.figures],
+    }
