@@ -130,12 +130,5 @@ def test_calibrated_gamma_keeps_its_fpr_promise_and_its_intervals_cover_the_full
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the bundled reference model ranks about 10% of Attack II pairs (sheep caption, aeroplane "
-    "image) below the clean 99th percentile, so no gamma reaches recall 0.95 at FPR 0.01 on this "
-    "world; the calibration itself is right (the test above). Remove this mark once the reference "
-    "model separates them (strict: an unexpected pass fails, so the mark cannot outlive the cause).",
-)
 def test_calibrated_gamma_catches_95_percent_of_attack_ii_at_1_percent_fpr(outcome):
     assert outcome.truth["recall"] >= 0.95, outcome.summary
