@@ -1,0 +1,65 @@
+"""The README's main command, `clipguard demo --quick`, end to end on the synthetic world."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from clipguard.cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    return result.output, report, {row["name"]: row for row in report["table"]}
+
+
+@pytest.mark.slow
+def test_demo_prints_the_paper_shaped_table_and_writes_its_report(demo):
+    output, report, rows = demo
+    assert list(rows) == ["pretrained victim", "clean fine-tune", "poisoned", "filtered", "sterilized"]
+    for name in rows:
+        assert name in output
+    assert "paper Hit@10" in output and "poisons quarantined" in output
+    assert 0.001 <= report["phi"] <= 0.005
+    for figure in report["figures"]:
+        assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert len(report["sterilization"]["curve"]) >= 2
+
+
+@pytest.mark.slow
+def test_filter_quarantines_the_poisons_and_loses_nothing(demo):
+    _, report, _ = demo
+    counts = report["filter"]
+    assert counts["kept"] + counts["flagged"] + counts["errored"] == counts["read"]
+    assert report["poisons_quarantined"] == report["poisons"]
+    assert report["calibration"]["labelled"] <= 500
+
+
+@pytest.mark.slow
+def test_filtered_and_sterilized_models_match_the_clean_one(demo):
+    _, _, rows = demo
+    clean = rows["clean fine-tune"]
+    for name in ("filtered", "sterilized"):
+        assert abs(rows[name]["hits"]["10"] - clean["hits"]["10"]) <= 0.05, (name, rows[name])
+        assert abs(rows[name]["utility_ir_10"] - clean["utility_ir_10"]) <= 0.03, (name, rows[name])
+        assert abs(rows[name]["utility_tr_10"] - clean["utility_tr_10"]) <= 0.03, (name, rows[name])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 6): on the synthetic world, 20 Attack II poisons do not move the tiny victim "
+    "(poisoned Hit@10 stays at the clean 0.00 after 1-5 epochs at lr 1e-4..5e-4); strict, so the "
+    "mark must go once the attack works",
+)
+def test_the_attack_works_in_the_demo(demo):
+    _, _, rows = demo
+    assert rows["poisoned"]["hits"]["10"] >= 0.5
