@@ -10,7 +10,6 @@ import zlib
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from clipguard.data.pairs import DecodeLimits, decode_pair
 from clipguard.data.shardspec import resolve_shards

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 
 import typer
@@ -49,3 +50,18 @@ def progress_bar(unit: str = "pairs") -> Progress:
         console=err_console,
         transient=False,
     )
+
+
+@contextlib.contextmanager
+def score_progress(total_shards: int) -> Iterator:
+    """A progress bar for score_shards; yields the callback that score_shards takes."""
+    with progress_bar() as bar:
+        task = bar.add_task("score", total=total_shards, done=0, rate=0.0)
+        started = time.perf_counter()
+
+        def on_progress(event) -> None:
+            rate = event.pairs_done / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, completed=event.shards_done, done=event.pairs_done, rate=rate)
+
+        yield on_progress
+        bar.update(task, completed=total_shards)

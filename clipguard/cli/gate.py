@@ -7,14 +7,13 @@ not read as 1, so unexpected exceptions also exit 2, with their traceback on std
 
 from __future__ import annotations
 
-import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from clipguard.cli.common import ERROR_EXIT, err_console, progress_bar, user_errors
+from clipguard.cli.common import score_progress, ERROR_EXIT, err_console, user_errors
 from clipguard.cli.filter import (
     AllowPipeOpt,
     BatchSizeOpt,
@@ -41,7 +40,6 @@ from clipguard.filtering.gate import DEFAULT_EXAMPLES, DEFAULT_MAX_ERROR_RATE, G
 from clipguard.filtering.gate_report import render_json, render_markdown, render_text
 from clipguard.filtering.threshold import resolve_threshold
 from clipguard.model.loading import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from clipguard.scoring.run import ScoreProgress
 
 FAIL_EXIT = 1
 
@@ -118,16 +116,8 @@ def _run_gate(
                 f"with {loaded.info.architecture}",
                 markup=False,
             )
-            with progress_bar() as bar:
-                task = bar.add_task("score", total=len(shard_list), done=0, rate=0.0)
-                started = time.perf_counter()
-
-                def on_progress(event: ScoreProgress) -> None:
-                    rate = event.pairs_done / max(time.perf_counter() - started, 1e-9)
-                    bar.update(task, completed=event.shards_done, done=event.pairs_done, rate=rate)
-
+            with score_progress(len(shard_list)) as on_progress:
                 report = gate_shards(shard_list, loaded, threshold, config, progress=on_progress)
-                bar.update(task, completed=len(shard_list))
             return report
     except typer.Exit:
         raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from clipguard.calibration.labelsample import SampleOutput, SampleRequest, ScoringJob, sample_for_labelling
-from clipguard.cli.common import console, err_console, progress_bar, user_errors
+from clipguard.cli.common import score_progress, console, err_console, user_errors
 from clipguard.cli.filter import (
     AllowPipeOpt,
     BatchSizeOpt,
@@ -32,7 +31,7 @@ from clipguard.data.pairs import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS
 from clipguard.data.shardspec import resolve_shards
 from clipguard.errors import ClipguardError
 from clipguard.model.loading import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from clipguard.scoring.run import MANIFEST_NAME, ScoreProgress
+from clipguard.scoring.run import MANIFEST_NAME
 
 
 def sample(
@@ -75,14 +74,7 @@ def sample(
             scores = scores or out / "scores"
             err_console.print(f"scoring {len(job.shards)} shard(s) with {loaded.info.architecture} into {scores}",
                               markup=False)
-            with progress_bar() as bar:
-                task = bar.add_task("score", total=len(job.shards), done=0, rate=0.0)
-                started = time.perf_counter()
-
-                def on_progress(event: ScoreProgress) -> None:
-                    rate = event.pairs_done / max(time.perf_counter() - started, 1e-9)
-                    bar.update(task, completed=event.shards_done, done=event.pairs_done, rate=rate)
-
+            with score_progress(len(job.shards)) as on_progress:
                 result = sample_for_labelling(scores, out, request, job, on_progress)
         print_summary(result)
 

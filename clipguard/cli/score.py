@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,11 +9,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from clipguard.cli.common import console, err_console, progress_bar, user_errors
+from clipguard.cli.common import score_progress, console, err_console, user_errors
 from clipguard.data.pairs import DecodeLimits, DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS
 from clipguard.data.shardspec import resolve_shards
 from clipguard.model.loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec, load_model
-from clipguard.scoring.run import ScoreConfig, ScoreProgress, ScoreSummary, score_shards
+from clipguard.scoring.run import ScoreConfig, ScoreSummary, score_shards
 
 
 class Precision(str, Enum):
@@ -54,16 +53,8 @@ def score(
             f"scoring {len(shard_list)} shard(s) with {loaded.info.architecture} "
             f"({loaded.info.weights_source} weights, {precision.value}) into {out}"
         )
-        with progress_bar() as bar:
-            task = bar.add_task("score", total=len(shard_list), done=0, rate=0.0)
-            started = time.perf_counter()
-
-            def on_progress(event: ScoreProgress) -> None:
-                rate = event.pairs_done / max(time.perf_counter() - started, 1e-9)
-                bar.update(task, completed=event.shards_done, done=event.pairs_done, rate=rate)
-
+        with score_progress(len(shard_list)) as on_progress:
             summary = score_shards(shard_list, loaded, out, config, progress=on_progress)
-            bar.update(task, completed=len(shard_list))
         print_summary(summary)
 
 
