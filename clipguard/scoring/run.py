@@ -191,11 +191,13 @@ def _finish_shard(last: Chunk, buffer: _ShardBuffer, out_dir: Path, run_meta: di
     )
     if config.save_embeddings:
         _save_shard_embeddings(out_dir, last.shard.name, buffer, len(rows))
+    # Error rows have NaN similarity in memory and null in the file.
+    cosine = [None if np.isnan(v) else float(v) for v in similarity]
     columns = {
         "key": [r.key for r in rows],
         "shard": [last.shard.name] * len(rows),
-        "cosine_similarity": similarity.tolist(),
-        "cosine_distance": (1.0 - similarity).tolist(),
+        "cosine_similarity": cosine,
+        "cosine_distance": [None if v is None else 1.0 - v for v in cosine],
         "status": ["error" if r.error else "ok" for r in rows],
         "error": [r.error for r in rows],
         "caption_tokens": [r.caption_tokens for r in rows],
@@ -204,8 +206,6 @@ def _finish_shard(last: Chunk, buffer: _ShardBuffer, out_dir: Path, run_meta: di
         "caption_clipped": [r.caption_clipped for r in rows],
         "image_sha256": [r.image_sha256 for r in rows],
     }
-    columns["cosine_similarity"] = [None if np.isnan(v) else v for v in columns["cosine_similarity"]]
-    columns["cosine_distance"] = [None if np.isnan(v) else v for v in columns["cosine_distance"]]
     write_score_table(score_path(out_dir, last.shard.name), columns, {**run_meta, "shard": asdict(result)})
     return result
 
