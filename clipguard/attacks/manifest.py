@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ class PoisonManifest:
     target_image: dict[str, Any] | None = None
     trigger: dict[str, Any] | None = None
     format: str = MANIFEST_FORMAT
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_pairs(self) -> int:
@@ -113,7 +112,6 @@ class PoisonManifest:
             "poison_keys": self.poison_keys,
             "poisons": [asdict(p) for p in self.poisons],
         }
-        data.update(self.extra)
         return data
 
     def write(self, out_dir: Path) -> Path:
