@@ -35,27 +35,40 @@ REFERENCE = "clipguard-reference"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and training settings. The victim's fine-tune uses a higher learning rate than the
-    paper's 1e-5 (which is for a pretrained ViT-B/32 over 10 epochs of real data): a tiny model
-    on a few thousand pairs shows the same effects in a few epochs at 1e-4."""
+    """Sizes and training settings.
+
+    The victim's fine-tune is the paper's recipe (AdamW, weight decay 0.2, cosine decay to a
+    tenth) at a 100x higher learning rate (1e-3 instead of 1e-5), batch 32 instead of 128 and 5
+    epochs instead of 10: the paper's lr is for a pretrained ViT-B/32 over ~12k steps; this tiny
+    model gets 625 steps, and at lr 1e-4 or batch 64 the 20 poisons did not move it (measured,
+    docs/results.md). Sterilizing is the paper's one epoch over the clean set (the reference
+    split, 250 steps) at the victim's lr, 1e-3, not the paper's 1e-4: on this model 120 steps at
+    3e-4 left the poisoned goal's Hit@10 at 0.48 (from 0.64); one epoch at 1e-3 brought it to
+    0.12, the clean fine-tune's 0.16 (measured on the full demo's poisoned victim).
+
+    ``quick`` is the pipeline on a budget (about 2 minutes): one epoch at lr 1e-4, too few steps
+    for the attack to take hold, so its table shows the plumbing, not the attack.
+    """
 
     goal: str = "sheep:aeroplane"
     rate: float = 0.005
     seed: int = 0
     world: WorldSpec = field(default_factory=WorldSpec)
-    victim_lr: float = 1e-4
+    victim_lr: float = 1e-3
+    victim_min_lr: float = 1e-4
     victim_epochs: int = 5
-    batch_size: int = 64
+    batch_size: int = 32
     labels: int = 500  # pairs a person labels, drawn stratified by distance
     target_fpr: float = 0.01
-    sterilize_lr: float = 1e-4
-    sterilize_steps: int = 60
-    sterilize_eval_every: int = 10
+    sterilize_lr: float = 1e-3
+    sterilize_steps: int | None = None  # None: one epoch of the reference split
+    sterilize_eval_every: int = 25
     precision: str = "bf16"
 
     @classmethod
     def quick(cls) -> "DemoConfig":
-        return cls(victim_epochs=1, sterilize_steps=20)
+        return cls(victim_lr=1e-4, victim_min_lr=1e-6, victim_epochs=1, batch_size=64,
+                   sterilize_lr=1e-4, sterilize_steps=20, sterilize_eval_every=10)
 
 
 @dataclass
@@ -108,7 +121,8 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
             AttackConfig(kind=AttackKind.single_label, goals=(goal,), rate=config.rate, seed=config.seed, overwrite=True),
         )
     train_config = FinetuneConfig(
-        lr=config.victim_lr, epochs=config.victim_epochs, batch_size=config.batch_size, seed=config.seed,
+        lr=config.victim_lr, min_lr=config.victim_min_lr, epochs=config.victim_epochs,
+        batch_size=config.batch_size, seed=config.seed,
         precision=config.precision, warmup_steps=10,
     )
     with stage("fine-tune the victim on clean data"):

@@ -27,7 +27,7 @@ def test_demo_prints_the_paper_shaped_table_and_writes_its_report(demo):
     assert list(rows) == ["pretrained victim", "clean fine-tune", "poisoned", "filtered", "sterilized"]
     for name in rows:
         assert name in output
-    assert "paper Hit@10" in output and "poisons quarantined" in output
+    assert "paper" in output and "Hit@10" in output and "poisons quarantined" in output
     assert 0.001 <= report["phi"] <= 0.005
     for figure in report["figures"]:
         assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from clipguard.cli.common import console, err_console, user_errors
@@ -41,18 +42,15 @@ def demo(
 
 
 def print_table(result: DemoResult, config: DemoConfig) -> None:
-    table = Table(title=f"Attack II {config.goal} at phi = {result.phi:.2%} ({result.poisons} poisoned pairs): test split")
-    table.add_column("model", style="bold")
-    for k in (1, 5, 10):
-        table.add_column(f"Hit@{k}", justify="right")
-    table.add_column("MinRank", justify="right")
-    table.add_column("random-text Hit@10", justify="right")
-    table.add_column("TR Hit@10", justify="right")
-    table.add_column("IR Hit@10", justify="right")
-    table.add_column("paper Hit@10", justify="right")
+    # A compact box and unwrapped columns: the table must stay readable at 80 columns.
+    table = Table(title=f"Attack II {config.goal} at phi = {result.phi:.2%} ({result.poisons} poisoned pairs): test split",
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    table.add_column("model", style="bold", no_wrap=True)
+    for header in ("Hit@1", "Hit@5", "Hit@10", "MinRank", "random\nHit@10", "TR@10", "IR@10", "paper\nHit@10"):
+        table.add_column(header, justify="right", no_wrap=True)
     for row in result.rows:
         paper = PAPER_HIT10.get(row.name)
-        table.add_row(row.name, *(f"{row.hits[k]:.3f}" for k in (1, 5, 10)), f"{row.min_rank:.2f}",
+        table.add_row(row.name, *(f"{row.hits[k]:.3f}" for k in (1, 5, 10)), f"{row.min_rank:.1f}",
                       f"{row.random_hits_10:.3f}", f"{row.utility_tr_10:.3f}", f"{row.utility_ir_10:.3f}",
                       f"{paper:.3f}" if paper is not None else "")
     console.print(table)
