@@ -11,7 +11,15 @@ from typer.testing import CliRunner
 
 from clipguard.model.checkpoint import read_sidecar
 from clipguard.model.loading import ModelSpec, load_model, sha256_file
-from clipguard.training import FinetuneConfig, FinetuneError, finetune, learning_rate, resume_state_path
+from clipguard.training import (
+    FinetuneConfig,
+    FinetuneError,
+    FinetuneJob,
+    finetune,
+    finetune_side_by_side,
+    learning_rate,
+    resume_state_path,
+)
 from conftest import TINY_MODEL, simple_samples, write_shard
 
 # Small and fast: 32 px noise images, batches of 4, no warm-up unless a test wants one.
@@ -225,3 +233,26 @@ def test_clean_finetune_keeps_bundled_victim_utility(tmp_path, small_world):
     assert result.steps == 1000 // 128 and result.bad_sample_total == 0
     after = model_quality(embed_split(victim, small_world.shards("test"))).hit_at_10
     assert after >= before - 0.02, (before, after)
+
+
+def test_side_by_side_gives_what_one_after_the_other_gives(tmp_path, two_shards, start):
+    """Each job in its own one-thread process: the same weights as the same jobs run here on one
+    thread, in the order the jobs were given, whatever order they finish in."""
+    jobs = [
+        FinetuneJob(start, str(two_shards), small_config(epochs=epochs, seed=seed), tmp_path / f"side_{seed}")
+        for seed, epochs in ((3, 2), (4, 1))
+    ]
+    side = finetune_side_by_side(jobs, workers=2)
+    here = [finetune(start, str(two_shards), job.config, tmp_path / f"here_{job.config.seed}") for job in jobs]
+    assert [r.checkpoint.name for r in side] == ["side_3.safetensors", "side_4.safetensors"]
+    for a, b in zip(side, here):
+        assert a.losses == b.losses and a.complete
+        assert_same_weights(weights(a.checkpoint), weights(b.checkpoint))
+
+
+def test_side_by_side_raises_a_failed_jobs_error(tmp_path, two_shards, start):
+    write_shard(tmp_path / "junk" / "00000.tar", [{"__key__": f"{i:04d}", "jpg": b"junk", "txt": "x"} for i in range(8)])
+    jobs = [FinetuneJob(start, str(two_shards), small_config(), tmp_path / "ok"),
+            FinetuneJob(start, str(tmp_path / "junk"), small_config(), tmp_path / "bad")]
+    with pytest.raises(FinetuneError, match="no full batch"):
+        finetune_side_by_side(jobs, workers=2)

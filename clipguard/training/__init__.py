@@ -14,9 +14,10 @@ from clipguard.training.config import (
 )
 from clipguard.training.loop import finetune, plan_total_steps, text_features
 from clipguard.training.optim import learning_rate
+from clipguard.training.side_by_side import FinetuneJob, finetune_side_by_side
 from clipguard.training.state import resume_state_path
 
 __all__ = [
-    "BadSampleTally", "FinetuneConfig", "FinetuneError", "FinetuneResult", "TrainProgress",
-    "finetune", "learning_rate", "plan_total_steps", "resume_state_path", "text_features",
+    "BadSampleTally", "FinetuneConfig", "FinetuneError", "FinetuneJob", "FinetuneResult", "TrainProgress",
+    "finetune", "finetune_side_by_side", "learning_rate", "plan_total_steps", "resume_state_path", "text_features",
 ]  # fmt: skip

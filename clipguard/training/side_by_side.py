@@ -1,0 +1,60 @@
+"""Independent fine-tunes side by side, one process each.
+
+A small model cannot keep several CPU cores busy: its matrix products are too small to split well
+across threads (the tiny victim, batch 32, bf16: 136 pairs/s on one thread, 210 on two). Two
+fine-tunes on one thread each therefore finish sooner than the same two one after the other on
+two threads. Each job runs `finetune` in a fresh ("spawn") process, so a job cannot inherit the
+parent's thread pools or CUDA state, and returns its `FinetuneResult`; a job that fails raises
+in the caller after the others have finished or been cancelled.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clipguard.model.loading import ModelSpec
+from clipguard.training.config import FinetuneConfig, FinetuneResult
+from clipguard.training.loop import finetune
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """One fine-tune: what ``finetune(model, shards, config, out_path)`` is called with."""
+
+    model: ModelSpec
+    shards: str | list[str]
+    config: FinetuneConfig
+    out_path: Path
+
+
+def finetune_side_by_side(jobs: Sequence[FinetuneJob], workers: int | None = None) -> list[FinetuneResult]:
+    """Run ``jobs`` in up to ``workers`` processes (default: one per job, at most one per core),
+    splitting the cores evenly between them, at least one thread each. Results come back in the
+    order of ``jobs``. One worker runs the jobs in this process, one after the other, with all
+    the cores. More workers than cores is allowed: three one-thread jobs on two cores finish in
+    1.5x one job's time, where two-then-one take 2x."""
+    cores = os.cpu_count() or 1
+    workers = max(1, min(workers or min(len(jobs), cores), len(jobs)))
+    if workers == 1:
+        return [_run(job) for job in jobs]
+    threads = max(1, cores // workers)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_use_threads,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(_run, job) for job in jobs]
+        return [future.result() for future in futures]
+
+
+def _use_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run(job: FinetuneJob) -> FinetuneResult:
+    return finetune(job.model, job.shards, job.config, job.out_path)
