@@ -1,10 +1,10 @@
 """The whole story on the built-in synthetic world: the attack works, the filter stops it, the
 sterilizing fine-tune repairs it (Yang et al. 2023, Tables 3, 16 and 8).
 
-world -> Attack II on train -> fine-tune victims (clean, poisoned) -> score the poisoned data with
-the reference model -> label a stratified sample (labels read from the poison manifest, as a
-person would give them) -> calibrate gamma -> filter -> fine-tune on the kept shards ->
-sterilize the poisoned victim on the reference split -> evaluate every model on the test split.
+world -> Attack II on train -> score the poisoned data with the reference model -> label a
+stratified sample (labels read from the poison manifest, as a person would give them) ->
+calibrate gamma -> filter -> fine-tune the victim on clean, poisoned and kept data (side by side)
+-> sterilize the poisoned victim on the reference split -> evaluate every model on the test split.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from clipguard.model.loading import ModelSpec, load_model
 from clipguard.scoring.run import ScoreConfig, score_shards
 from clipguard.sterilize import SterilizeConfig, Watch, plot_curve, sterilize
 from clipguard.synth import WorldSpec, generate_world
-from clipguard.training import FinetuneConfig, finetune
+from clipguard.training import FinetuneConfig, FinetuneJob, finetune_side_by_side
 
 VICTIM = "clipguard-victim"
 REFERENCE = "clipguard-reference"
@@ -38,16 +38,19 @@ class DemoConfig:
     """Sizes and training settings.
 
     The victim's fine-tune is the paper's recipe (AdamW, weight decay 0.2, cosine decay to a
-    tenth) at a 100x higher learning rate (1e-3 instead of 1e-5), batch 32 instead of 128 and 5
+    tenth) at a 100x higher learning rate (1e-3 instead of 1e-5), batch 32 instead of 128 and 8
     epochs instead of 10: the paper's lr is for a pretrained ViT-B/32 over ~12k steps; this tiny
-    model gets 625 steps, and at lr 1e-4 or batch 64 the 20 poisons did not move it (measured,
-    docs/results.md). Sterilizing is the paper's one epoch over the clean set (the reference
-    split, 250 steps) at the victim's lr, 1e-3, not the paper's 1e-4: on this model 120 steps at
-    3e-4 left the poisoned goal's Hit@10 at 0.48 (from 0.64); one epoch at 1e-3 brought it to
-    0.12, the clean fine-tune's 0.16 (measured on the full demo's poisoned victim).
+    model gets 1,000, and at lr 1e-4 or batch 64 the 20 poisons did not move it (measured,
+    docs/results.md). Sterilizing is the paper's one epoch over a clean set (the reference split)
+    at the victim's lr, 1e-3, not the paper's 1e-4: on this model 120 steps at 3e-4 left the
+    poisoned goal's Hit@10 at 0.48 (from 0.64); one epoch at 1e-3 brought it to 0.12, next to the
+    clean fine-tune's 0.16 (measured on a poisoned demo victim).
 
-    ``quick`` is the pipeline on a budget (about 2 minutes): one epoch at lr 1e-4, too few steps
-    for the attack to take hold, so its table shows the plumbing, not the attack.
+    ``quick`` (about 2 minutes) is the pipeline on a budget, not the attack: one epoch at lr 1e-4
+    and 20 sterilizing steps, too few for the poisons to take hold. Budgets that fit in 3 minutes
+    did not show the attack either (measured: the same recipe for 5 epochs on a half-size world,
+    where the 20 poisons are 1% of the pairs, gave poisoned Hit@10 0.44 against 0.08 clean, and
+    cost 0.06 of utility; 3 epochs on the full world gave 0.44).
     """
 
     goal: str = "sheep:aeroplane"
@@ -56,7 +59,7 @@ class DemoConfig:
     world: WorldSpec = field(default_factory=WorldSpec)
     victim_lr: float = 1e-3
     victim_min_lr: float = 1e-4
-    victim_epochs: int = 5
+    victim_epochs: int = 8
     batch_size: int = 32
     labels: int = 500  # pairs a person labels, drawn stratified by distance
     target_fpr: float = 0.01
@@ -64,11 +67,19 @@ class DemoConfig:
     sterilize_steps: int | None = None  # None: one epoch of the reference split
     sterilize_eval_every: int = 25
     precision: str = "bf16"
+    finetune_workers: int = 3  # processes for the three victim fine-tunes (1: one after the other)
 
     @classmethod
     def quick(cls) -> "DemoConfig":
         return cls(victim_lr=1e-4, victim_min_lr=1e-6, victim_epochs=1, batch_size=64,
                    sterilize_lr=1e-4, sterilize_steps=20, sterilize_eval_every=10)
+
+    def victim_config(self) -> FinetuneConfig:
+        """The victim's fine-tune: the same for the clean, poisoned and filtered runs."""
+        return FinetuneConfig(
+            lr=self.victim_lr, min_lr=self.victim_min_lr, epochs=self.victim_epochs,
+            batch_size=self.batch_size, seed=self.seed, precision=self.precision, warmup_steps=10,
+        )
 
 
 @dataclass
@@ -120,16 +131,7 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
             world.shards("train"), out_dir / "poisoned",
             AttackConfig(kind=AttackKind.single_label, goals=(goal,), rate=config.rate, seed=config.seed, overwrite=True),
         )
-    train_config = FinetuneConfig(
-        lr=config.victim_lr, min_lr=config.victim_min_lr, epochs=config.victim_epochs,
-        batch_size=config.batch_size, seed=config.seed,
-        precision=config.precision, warmup_steps=10,
-    )
-    with stage("fine-tune the victim on clean data"):
-        clean = finetune(ModelSpec(VICTIM), world.shards("train"), train_config, out_dir / "models" / "clean.safetensors")
-    with stage("fine-tune the victim on poisoned data"):
-        poisoned = finetune(ModelSpec(VICTIM), str(out_dir / "poisoned"), train_config, out_dir / "models" / "poisoned.safetensors")
-
+    train_config = config.victim_config()
     reference = load_model(ModelSpec(REFERENCE))
     with stage("score the poisoned data with the reference model"):
         score_shards(resolve_shards(str(out_dir / "poisoned")), reference, out_dir / "scores", ScoreConfig(batch_size=128))
@@ -144,8 +146,15 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
             resolve_shards(str(out_dir / "poisoned")), reference, threshold,
             FilterConfig(clean_dir=out_dir / "filtered", quarantine_dir=out_dir / "quarantine", reuse_scores=out_dir / "scores"),
         )
-    with stage("fine-tune the victim on the filtered data"):
-        kept = finetune(ModelSpec(VICTIM), str(out_dir / "filtered"), train_config, out_dir / "models" / "filtered.safetensors")
+    # The three fine-tunes are independent once the data is filtered; one process each (three
+    # one-thread processes keep two cores busier than one two-thread run; see side_by_side.py).
+    models = out_dir / "models"
+    with stage("fine-tune the victim on clean, poisoned and filtered data, side by side"):
+        clean, poisoned, kept = finetune_side_by_side([
+            FinetuneJob(ModelSpec(VICTIM), world.shards("train"), train_config, models / "clean.safetensors"),
+            FinetuneJob(ModelSpec(VICTIM), str(out_dir / "poisoned"), train_config, models / "poisoned.safetensors"),
+            FinetuneJob(ModelSpec(VICTIM), str(out_dir / "filtered"), train_config, models / "filtered.safetensors"),
+        ], workers=config.finetune_workers)
 
     test = load_test_set(world.shards("test"), make_labeler())
     with stage("sterilize the poisoned victim on the reference split"):

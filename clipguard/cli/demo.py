@@ -20,7 +20,7 @@ PAPER_HIT10 = {"clean fine-tune": 0.200, "poisoned": 0.936, "filtered": 0.016, "
 
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Report folder (world, shards, models, plots, report.json).")] = Path("demo-out"),
-    quick: Annotated[bool, typer.Option("--quick", help="Fewer training steps: about 3 minutes on 2 CPU cores.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="The pipeline on a budget (one short fine-tune each, about 2 minutes on 2 CPU cores): too short for the attack to take hold.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the attack, sampling and training.")] = 0,
 ) -> None:
     """Synthesize, poison, train, score, calibrate, filter, retrain, sterilize, evaluate."""
