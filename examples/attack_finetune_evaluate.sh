@@ -10,24 +10,27 @@
 # 4. evaluates all three on `test`: goal Hit@K / MinRank against the clean fine-tune, utility,
 #    encoder drift. Reports land in WORKDIR/*.json.
 #
-# Fine-tune settings: the paper's recipe (AdamW, wd 0.2, cosine to lr/10, 10 epochs) with the
-# a higher learning rate and smaller batch for the tiny victim (docs/results.md says how weak the
-# attack still is on it); override with LR / BATCH / EPOCHS in the environment.
+# Fine-tune settings: the demo's victim recipe, i.e. the paper's (AdamW, wd 0.2, cosine decay to
+# lr/10) at lr 1e-3, batch 32, 8 epochs for the tiny victim (docs/results.md has the figures and
+# the settings under which the poisons did not take hold); override with LR / BATCH / EPOCHS.
+# About 12 minutes on 2 CPU cores (three fine-tunes, one after the other).
 set -euo pipefail
 
 WORK=${1:-clipguard-attack-demo}
-LR=${LR:-3e-4}
+LR=${LR:-1e-3}
 BATCH=${BATCH:-32}
-EPOCHS=${EPOCHS:-5}
+EPOCHS=${EPOCHS:-8}
 RATE=${RATE:-0.005}
+TRAIN_IMAGES=${TRAIN_IMAGES:-2000}
 GOAL=sheep:aeroplane
 export HF_HUB_OFFLINE=1
 
 mkdir -p "$WORK"
-python - "$WORK/world" <<'EOF'
+python - "$WORK/world" "$TRAIN_IMAGES" <<'EOF'
 import sys
 from clipguard.synth import WorldSpec, generate_world
-info = generate_world(sys.argv[1], WorldSpec(train_images=500, reference_images=1, shard_size=250), overwrite=True)
+spec = WorldSpec(seed=0, train_images=int(sys.argv[2]), reference_images=1)
+info = generate_world(sys.argv[1], spec, overwrite=True)
 print("world:", info.shards("train"), info.shards("test"))
 EOF
 
@@ -42,8 +45,6 @@ for run in clean attack2 attack1; do
     --weight-decay 0.2 --precision bf16 --seed 0
 done
 
-clipguard evaluate "$WORK/clean.safetensors" --test "$WORK/world/test" --goal "$GOAL" \
-  --json "$WORK/eval_clean.json"
 clipguard evaluate "$WORK/attack2.safetensors" --test "$WORK/world/test" \
   --manifest "$WORK/attack2/poison_manifest.json" --baseline "$WORK/clean.safetensors" \
   --json "$WORK/eval_attack2.json"
