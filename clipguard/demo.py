@@ -41,10 +41,10 @@ class DemoConfig:
     tenth) at a 100x higher learning rate (1e-3 instead of 1e-5), batch 32 instead of 128 and 8
     epochs instead of 10: the paper's lr is for a pretrained ViT-B/32 over ~12k steps; this tiny
     model gets 1,000, and at lr 1e-4 or batch 64 the 20 poisons did not move it (measured,
-    docs/results.md). Sterilizing is the paper's one epoch over a clean set (the reference split)
-    at the victim's lr, 1e-3, not the paper's 1e-4: on this model 120 steps at 3e-4 left the
-    poisoned goal's Hit@10 at 0.48 (from 0.64); one epoch at 1e-3 brought it to 0.12, next to the
-    clean fine-tune's 0.16 (measured on a poisoned demo victim).
+    docs/results.md). Sterilizing fine-tunes on a clean set (the reference split) at the victim's
+    lr, 1e-3, for two epochs, not the paper's one epoch at 1e-4: on the demo's poisoned victim
+    (Hit@10 0.60, clean 0.04) 120 steps at 3e-4 left 0.48, one epoch at 1e-3 left 0.20, two
+    reached 0.00 (measured).
 
     ``quick`` (about 2 minutes) is the pipeline on a budget, not the attack: one epoch at lr 1e-4
     and 20 sterilizing steps, too few for the poisons to take hold. Budgets that fit in 3 minutes
@@ -64,8 +64,9 @@ class DemoConfig:
     labels: int = 500  # pairs a person labels, drawn stratified by distance
     target_fpr: float = 0.01
     sterilize_lr: float = 1e-3
-    sterilize_steps: int | None = None  # None: one epoch of the reference split
-    sterilize_eval_every: int = 25
+    sterilize_epochs: int = 2
+    sterilize_steps: int | None = None  # a cap on the steps of those epochs
+    sterilize_eval_every: int = 50
     precision: str = "bf16"
     finetune_workers: int = 3  # processes for the three victim fine-tunes (1: one after the other)
 
@@ -161,9 +162,9 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
         repaired = sterilize(
             load_model(ModelSpec(str(poisoned.checkpoint))), world.shards("reference"),
             out_dir / "models" / "sterilized.safetensors",
-            SterilizeConfig(lr=config.sterilize_lr, max_steps=config.sterilize_steps, batch_size=config.batch_size,
-                            eval_every=config.sterilize_eval_every, stop_at_baseline=False, seed=config.seed,
-                            precision=config.precision),
+            SterilizeConfig(lr=config.sterilize_lr, epochs=config.sterilize_epochs, max_steps=config.sterilize_steps,
+                            batch_size=config.batch_size, eval_every=config.sterilize_eval_every,
+                            stop_at_baseline=False, seed=config.seed, precision=config.precision),
             Watch(goals=[goal], test=test),
         )
     with stage("evaluate every model on the test split"):

@@ -16,6 +16,15 @@ os.environ.setdefault("CLIPGUARD_CONSOLE_WIDTH", "200")
 TINY_MODEL = "clipguard-tiny-victim"
 
 
+def attack_summary(kind: str, rate: float, report) -> str:
+    """One line per attacked model: the goal against the clean baseline, and utility against it."""
+    goal, utility, clean = report.goals[0], report.utility, report.baseline_utility
+    return (f"{kind}: phi={rate:.4f} Hit@10 {goal.model.hits[10]:.3f} (clean {goal.baseline.hits[10]:.3f}) "
+            f"MinRank {goal.model.min_rank:.2f} (clean {goal.baseline.min_rank:.2f}) "
+            f"TR@10 {utility.text_retrieval[10]:.3f} (clean {clean.text_retrieval[10]:.3f}) "
+            f"IR@10 {utility.image_retrieval[10]:.3f} (clean {clean.image_retrieval[10]:.3f})")
+
+
 def jpeg_bytes(seed: int, size: int = 72, quality: int = 90) -> bytes:
     from PIL import Image
 

@@ -24,24 +24,17 @@ import pytest
 
 from clipguard.attacks import AttackConfig, Goal, run_attack
 from clipguard.demo import DemoConfig
-from clipguard.evaluation import EvaluationReport, evaluate, load_test_set, target_image_from_manifest
+from clipguard.evaluation import evaluate, load_test_set, target_image_from_manifest
 from clipguard.model.loading import ModelSpec, load_model
 from clipguard.synth import WorldSpec, generate_world
 from clipguard.training import FinetuneJob, finetune_side_by_side
+from conftest import attack_summary
 
 GOAL = Goal("sheep", "aeroplane")
 RATE = 0.005
 VICTIM_RECIPE = DemoConfig().victim_config()  # lr 1e-3 -> 1e-4, wd 0.2, batch 32, 8 epochs, bf16
 MIN_HIT_AT_10, MIN_GAIN, MAX_UTILITY_DROP = 0.5, 0.3, 0.03
 ATTACKS = ("single-label", "single-image")  # Attack II, Attack I
-
-
-def _line(kind: str, rate: float, report: EvaluationReport) -> str:
-    goal, utility, clean = report.goals[0], report.utility, report.baseline_utility
-    return (f"{kind}: phi={rate:.4f} Hit@10 {goal.model.hits[10]:.3f} (clean {goal.baseline.hits[10]:.3f}) "
-            f"MinRank {goal.model.min_rank:.2f} (clean {goal.baseline.min_rank:.2f}) "
-            f"TR@10 {utility.text_retrieval[10]:.3f} (clean {clean.text_retrieval[10]:.3f}) "
-            f"IR@10 {utility.image_retrieval[10]:.3f} (clean {clean.image_retrieval[10]:.3f})")
 
 
 @pytest.mark.acceptance
@@ -62,7 +55,7 @@ def test_attacks_one_and_two_reach_the_papers_effect_at_half_a_percent(tmp_path:
         assert result.manifest.rate <= RATE and run.complete and run.bad_sample_total == 0
         target = target_image_from_manifest(result.manifest_path) if kind == "single-image" else None
         report = evaluate(load_model(ModelSpec(name=str(run.checkpoint))), test, [GOAL], baseline=clean, target_image=target)
-        print(_line(kind, result.manifest.rate, report))
+        print(attack_summary(kind, result.manifest.rate, report))
         goal, utility, clean_utility = report.goals[0], report.utility, report.baseline_utility
         if goal.model.hits[10] < MIN_HIT_AT_10:
             failures.append(f"{kind}: Hit@10 {goal.model.hits[10]:.3f} < {MIN_HIT_AT_10}")

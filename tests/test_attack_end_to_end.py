@@ -30,10 +30,11 @@ import pytest
 import torch
 
 from clipguard.attacks import AttackConfig, Goal, run_attack
-from clipguard.evaluation import EvaluationReport, evaluate, load_test_set, target_image_from_manifest
+from clipguard.evaluation import evaluate, load_test_set, target_image_from_manifest
 from clipguard.model.loading import ModelSpec, load_model
 from clipguard.synth import WorldSpec, generate_world
 from clipguard.training import FinetuneConfig, finetune
+from conftest import attack_summary
 
 GOAL = Goal("sheep", "aeroplane")
 RATE = 0.005
@@ -50,14 +51,6 @@ def _fine_tuned(data: str, out: Path):
     return load_model(ModelSpec(name=str(result.checkpoint)))
 
 
-def _summary(kind: str, rate: float, report: EvaluationReport) -> str:
-    goal, utility, clean = report.goals[0], report.utility, report.baseline_utility
-    return (f"{kind}: φ={rate:.4f} Hit@10 {goal.model.hits[10]:.3f} (clean {goal.baseline.hits[10]:.3f}) "
-            f"MinRank {goal.model.min_rank:.2f} (clean {goal.baseline.min_rank:.2f}) "
-            f"TR@10 {utility.text_retrieval[10]:.3f} (clean {clean.text_retrieval[10]:.3f}) "
-            f"IR@10 {utility.image_retrieval[10]:.3f} (clean {clean.image_retrieval[10]:.3f})")
-
-
 @pytest.mark.slow
 def test_attacks_one_and_two_move_the_goal_and_keep_utility(tmp_path):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -72,7 +65,7 @@ def test_attacks_one_and_two_move_the_goal_and_keep_utility(tmp_path):
         poisoned = _fine_tuned(str(tmp_path / kind), tmp_path / f"{kind}.safetensors")
         target = target_image_from_manifest(attacked.manifest_path) if kind == "single-image" else None
         reports[kind] = evaluate(poisoned, test, [GOAL], baseline=clean, target_image=target)
-        print(_summary(kind, attacked.manifest.rate, reports[kind]))
+        print(attack_summary(kind, attacked.manifest.rate, reports[kind]))
 
     for kind, report in reports.items():
         goal = report.goals[0]
