@@ -147,8 +147,8 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
             resolve_shards(str(out_dir / "poisoned")), reference, threshold,
             FilterConfig(clean_dir=out_dir / "filtered", quarantine_dir=out_dir / "quarantine", reuse_scores=out_dir / "scores"),
         )
-    # The three fine-tunes are independent once the data is filtered; one process each (three
-    # one-thread processes keep two cores busier than one two-thread run; see side_by_side.py).
+    # The three fine-tunes are independent once the data is filtered; one process each is 1.24x
+    # faster on 2 cores than one after the other (benchmarks/README.md).
     models = out_dir / "models"
     with stage("fine-tune the victim on clean, poisoned and filtered data, side by side"):
         clean, poisoned, kept = finetune_side_by_side([
@@ -165,7 +165,7 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
             SterilizeConfig(lr=config.sterilize_lr, epochs=config.sterilize_epochs, max_steps=config.sterilize_steps,
                             batch_size=config.batch_size, eval_every=config.sterilize_eval_every,
                             stop_at_baseline=False, seed=config.seed, precision=config.precision),
-            Watch(goals=[goal], test=test),
+            Watch(goals=[goal], test=test, baseline=load_model(ModelSpec(str(clean.checkpoint)))),
         )
     with stage("evaluate every model on the test split"):
         reports = {

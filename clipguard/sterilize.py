@@ -249,10 +249,12 @@ def plot_curve(result: SterilizeResult, path: Path, title: str = "Sterilization 
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     steps = [p.step for p in result.curve]
+    clean_model = bool(result.before and result.before.goals and result.before.goals[0].baseline is not None)
+    baseline = "clean model" if clean_model else "random-text baseline"
     for goal in (result.curve[0].hits_at_10 if result.curve else {}):
         line = axes.plot(steps, [p.hits_at_10[goal] for p in result.curve], marker="o", label=f"{goal} Hit@10")[0]
         axes.plot(steps, [p.baseline_hits_at_10[goal] for p in result.curve], linestyle="--",
-                  color=line.get_color(), alpha=0.6, label=f"{goal} baseline")
+                  color=line.get_color(), alpha=0.6, label=f"{goal} Hit@10, {baseline}")
     axes.plot(steps, [p.utility for p in result.curve], marker="s", color="black", label="utility (TR/IR Hit@10)")
     axes.set_xlabel("fine-tuning steps on clean data")
     axes.set_ylabel("Hit@10")

@@ -1,9 +1,9 @@
 """Independent fine-tunes side by side, one process each.
 
 A small model cannot keep several CPU cores busy: its matrix products are too small to split well
-across threads (the tiny victim, batch 32, bf16: 136 pairs/s on one thread, 210 on two). Two
-fine-tunes on one thread each therefore finish sooner than the same two one after the other on
-two threads. Each job runs `finetune` in a fresh ("spawn") process, so a job cannot inherit the
+across threads. Several fine-tunes on a share of the cores each therefore finish sooner than the
+same ones one after the other on all of them (benchmarks/bench_side_by_side.py: three 400-step
+tiny-victim fine-tunes on 2 cores, 196 s one after the other, 159 s side by side, 1.24x). Each job runs `finetune` in a fresh ("spawn") process, so a job cannot inherit the
 parent's thread pools or CUDA state, and returns its `FinetuneResult`; a job that fails raises
 in the caller after the others have finished or been cancelled.
 """
@@ -38,8 +38,8 @@ def finetune_side_by_side(jobs: Sequence[FinetuneJob], workers: int | None = Non
     """Run ``jobs`` in up to ``workers`` processes (default: one per job, at most one per core),
     splitting the cores evenly between them, at least one thread each. Results come back in the
     order of ``jobs``. One worker runs the jobs in this process, one after the other, with all
-    the cores. More workers than cores is allowed: three one-thread jobs on two cores finish in
-    1.5x one job's time, where two-then-one take 2x."""
+    the cores. More workers than cores is allowed: three one-thread jobs on two cores share them,
+    where two-then-one would leave a core idle for the third."""
     cores = os.cpu_count() or 1
     workers = max(1, min(workers or min(len(jobs), cores), len(jobs)))
     if workers == 1:
