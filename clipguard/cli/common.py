@@ -8,7 +8,9 @@ import time
 from collections.abc import Iterator
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.table import Table
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -65,3 +67,16 @@ def score_progress(total_shards: int) -> Iterator:
 
         yield on_progress
         bar.update(task, completed=total_shards)
+
+
+def compact_table(title: str, first_column: str = "model") -> Table:
+    """A table that stays readable at 80 columns (logs, CI, pipes): no vertical rules, no wrapped
+    cells; the first column holds names, the rest right-aligned numbers added by the caller."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column(first_column, style="bold", no_wrap=True)
+    return table
+
+
+def add_number_columns(table: Table, headers) -> None:
+    for header in headers:
+        table.add_column(header, justify="right", no_wrap=True)
