@@ -19,6 +19,7 @@ from typing import Any
 from clipguard.attacks import AttackConfig, AttackKind, parse_goal, run_attack
 from clipguard.calibration.run import CalibrateRequest, calibrate_scores
 from clipguard.data.shardspec import resolve_shards
+from clipguard.data.tarstream import ShardReport, iter_samples
 from clipguard.evaluation import EvaluationReport, evaluate, load_test_set
 from clipguard.filtering.run import FilterConfig, filter_shards
 from clipguard.filtering.threshold import load_calibration
@@ -158,6 +159,7 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
         ], workers=config.finetune_workers)
 
     test = load_test_set(world.shards("test"), make_labeler())
+    clean_model = load_model(ModelSpec(str(clean.checkpoint)))  # the level sterilizing aims at, and a table row
     with stage("sterilize the poisoned victim on the reference split"):
         repaired = sterilize(
             load_model(ModelSpec(str(poisoned.checkpoint))), world.shards("reference"),
@@ -165,12 +167,12 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
             SterilizeConfig(lr=config.sterilize_lr, epochs=config.sterilize_epochs, max_steps=config.sterilize_steps,
                             batch_size=config.batch_size, eval_every=config.sterilize_eval_every,
                             stop_at_baseline=False, seed=config.seed, precision=config.precision),
-            Watch(goals=[goal], test=test, baseline=load_model(ModelSpec(str(clean.checkpoint)))),
+            Watch(goals=[goal], test=test, baseline=clean_model),
         )
     with stage("evaluate every model on the test split"):
         reports = {
             "pretrained victim": evaluate(load_model(ModelSpec(VICTIM)), test, [goal]),
-            "clean fine-tune": evaluate(load_model(ModelSpec(str(clean.checkpoint))), test, [goal]),
+            "clean fine-tune": evaluate(clean_model, test, [goal]),
             "poisoned": evaluate(load_model(ModelSpec(str(poisoned.checkpoint))), test, [goal]),
             "filtered": evaluate(load_model(ModelSpec(str(kept.checkpoint))), test, [goal]),
             "sterilized": evaluate(load_model(ModelSpec(str(repaired.checkpoint))), test, [goal]),
@@ -219,8 +221,6 @@ def _row(name: str, report: EvaluationReport) -> ModelRow:
 def _quarantined_keys(quarantine_dir: Path) -> set[str]:
     keys = set()
     for shard in resolve_shards(str(quarantine_dir)) if any(quarantine_dir.glob("*.tar")) else []:
-        from clipguard.data.tarstream import ShardReport, iter_samples
-
         for sample in iter_samples(shard, ShardReport(shard=shard.name, url=shard.url)):
             keys.add(sample.key)
     return keys

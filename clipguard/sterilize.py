@@ -90,6 +90,13 @@ class SterilizeResult:
     utility_drop: float | None = None
     bad_samples: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def baseline_name(self) -> str:
+        """What the curve's baseline level is: a clean model's Hit@10 when Watch had one."""
+        if self.before and self.before.goals and self.before.goals[0].baseline is not None:
+            return "clean model"
+        return "random-text baseline"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "saved": self.saved,
@@ -202,7 +209,7 @@ def _point(step: int, samples: int, report: EvaluationReport) -> CurvePoint:
         samples_seen=samples,
         hits_at_10={g.goal: g.model.hits[10] for g in report.goals},
         min_rank={g.goal: g.model.min_rank for g in report.goals},
-        baseline_hits_at_10={g.goal: (g.baseline or g.random_text).hits[10] for g in report.goals},
+        baseline_hits_at_10=_baseline_levels(report),
         utility_tr_10=report.utility.text_retrieval[10],
         utility_ir_10=report.utility.image_retrieval[10],
     )
@@ -249,12 +256,10 @@ def plot_curve(result: SterilizeResult, path: Path, title: str = "Sterilization 
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     steps = [p.step for p in result.curve]
-    clean_model = bool(result.before and result.before.goals and result.before.goals[0].baseline is not None)
-    baseline = "clean model" if clean_model else "random-text baseline"
     for goal in (result.curve[0].hits_at_10 if result.curve else {}):
         line = axes.plot(steps, [p.hits_at_10[goal] for p in result.curve], marker="o", label=f"{goal} Hit@10")[0]
         axes.plot(steps, [p.baseline_hits_at_10[goal] for p in result.curve], linestyle="--",
-                  color=line.get_color(), alpha=0.6, label=f"{goal} Hit@10, {baseline}")
+                  color=line.get_color(), alpha=0.6, label=f"{goal} Hit@10, {result.baseline_name}")
     axes.plot(steps, [p.utility for p in result.curve], marker="s", color="black", label="utility (TR/IR Hit@10)")
     axes.set_xlabel("fine-tuning steps on clean data")
     axes.set_ylabel("Hit@10")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import typer
 from rich import box
 from rich.console import Console
-from rich.table import Table
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,6 +18,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 
 from clipguard.errors import ClipguardError
 
@@ -69,14 +69,11 @@ def score_progress(total_shards: int) -> Iterator:
         bar.update(task, completed=total_shards)
 
 
-def compact_table(title: str, first_column: str = "model") -> Table:
+def compact_table(title: str, number_columns: Iterable[str], first_column: str = "model") -> Table:
     """A table that stays readable at 80 columns (logs, CI, pipes): no vertical rules, no wrapped
-    cells; the first column holds names, the rest right-aligned numbers added by the caller."""
+    cells; a column of names, then right-aligned number columns."""
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column(first_column, style="bold", no_wrap=True)
-    return table
-
-
-def add_number_columns(table: Table, headers) -> None:
-    for header in headers:
+    for header in number_columns:
         table.add_column(header, justify="right", no_wrap=True)
+    return table

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from clipguard.cli.common import add_number_columns, compact_table, console, err_console, user_errors
+from clipguard.cli.common import compact_table, console, err_console, user_errors
 from clipguard.demo import DemoConfig, DemoResult, run_demo
 
 # The paper's numbers for the same rows (Flickr-PASCAL, Attack II sheep2aeroplane, ViT-B/32):
@@ -40,8 +40,10 @@ def demo(
 
 
 def print_table(result: DemoResult, config: DemoConfig) -> None:
-    table = compact_table(f"Attack II {config.goal} at phi = {result.phi:.2%} ({result.poisons} poisoned pairs): test split")
-    add_number_columns(table, ("Hit@1", "Hit@5", "Hit@10", "MinRank", "random\nHit@10", "TR@10", "IR@10", "paper\nHit@10"))
+    table = compact_table(
+        f"Attack II {config.goal} at phi = {result.phi:.2%} ({result.poisons} poisoned pairs): test split",
+        ("Hit@1", "Hit@5", "Hit@10", "MinRank", "random\nHit@10", "TR@10", "IR@10", "paper\nHit@10"),
+    )
     for row in result.rows:
         paper = PAPER_HIT10.get(row.name)
         table.add_row(row.name, *(f"{row.hits[k]:.3f}" for k in (1, 5, 10)), f"{row.min_rank:.1f}",

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from clipguard.attacks import TriggerPattern, TriggerPosition, TriggerSpec, parse_goal
-from clipguard.cli.common import add_number_columns, compact_table, console, err_console, user_errors
+from clipguard.cli.common import compact_table, console, err_console, user_errors
 from clipguard.errors import ClipguardError
 from clipguard.evaluation import (
     BackdoorTrigger,
@@ -86,15 +86,15 @@ def print_report(report: EvaluationReport) -> None:
                   + (f", skipped {test['skipped']}" if test["skipped"] else ""))
     for goal in report.goals:
         what = f"target image {goal.target_image}" if goal.target_kind == "image" else "target class images"
-        table = compact_table(f"goal {goal.goal} ({goal.model.n_queries} queries, {goal.model.gallery_size} gallery images, {what})")
-        add_number_columns(table, [f"Hit@{k}" for k in GOAL_HIT_KS] + ["MinRank"])
+        table = compact_table(f"goal {goal.goal} ({goal.model.n_queries} queries, {goal.model.gallery_size} gallery images, {what})",
+                              [f"Hit@{k}" for k in GOAL_HIT_KS] + ["MinRank"])
         _goal_row(table, "model", goal.model)
         if goal.baseline is not None:
             _goal_row(table, "baseline model", goal.baseline)
         _goal_row(table, "random texts", goal.random_text)
         console.print(table)
-    table = compact_table("utility: retrieval over the test pairs (TR: image -> text, IR: text -> image)")
-    add_number_columns(table, [f"TR@{k}" for k in UTILITY_HIT_KS] + [f"IR@{k}" for k in UTILITY_HIT_KS])
+    table = compact_table("utility: retrieval over the test pairs (TR: image -> text, IR: text -> image)",
+                          [f"TR@{k}" for k in UTILITY_HIT_KS] + [f"IR@{k}" for k in UTILITY_HIT_KS])
     rows = [("model", report.utility)] + ([("baseline model", report.baseline_utility)] if report.baseline_utility else [])
     for name, utility in rows:
         table.add_row(name, *(f"{utility.text_retrieval[k]:.3f}" for k in UTILITY_HIT_KS),

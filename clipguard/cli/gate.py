@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from clipguard.cli.common import score_progress, ERROR_EXIT, err_console, user_errors
+from clipguard.cli.common import ERROR_EXIT, err_console, score_progress, user_errors
 from clipguard.cli.filter import (
     AllowPipeOpt,
     BatchSizeOpt,

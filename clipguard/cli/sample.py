@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from clipguard.calibration.labelsample import SampleOutput, SampleRequest, ScoringJob, sample_for_labelling
-from clipguard.cli.common import score_progress, console, err_console, user_errors
+from clipguard.cli.common import console, err_console, score_progress, user_errors
 from clipguard.cli.filter import (
     AllowPipeOpt,
     BatchSizeOpt,

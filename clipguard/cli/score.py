@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from clipguard.cli.common import score_progress, console, err_console, user_errors
+from clipguard.cli.common import console, err_console, score_progress, user_errors
 from clipguard.data.pairs import DecodeLimits, DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS
 from clipguard.data.shardspec import resolve_shards
 from clipguard.model.loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec, load_model

@@ -3,9 +3,11 @@
 A small model cannot keep several CPU cores busy: its matrix products are too small to split well
 across threads. Several fine-tunes on a share of the cores each therefore finish sooner than the
 same ones one after the other on all of them (benchmarks/bench_side_by_side.py: three 400-step
-tiny-victim fine-tunes on 2 cores, 196 s one after the other, 159 s side by side, 1.24x). Each job runs `finetune` in a fresh ("spawn") process, so a job cannot inherit the
-parent's thread pools or CUDA state, and returns its `FinetuneResult`; a job that fails raises
-in the caller after the others have finished or been cancelled.
+tiny-victim fine-tunes on 2 cores, 196 s one after the other, 159 s side by side, 1.24x).
+
+Each job runs `finetune` in a fresh ("spawn") process, so a job cannot inherit the parent's
+thread pools or CUDA state, and returns its `FinetuneResult`. When a job fails, the jobs not yet
+started are cancelled, the running ones finish, and the first failure is raised in the caller.
 """
 
 from __future__ import annotations
@@ -41,15 +43,18 @@ def finetune_side_by_side(jobs: Sequence[FinetuneJob], workers: int | None = Non
     the cores. More workers than cores is allowed: three one-thread jobs on two cores share them,
     where two-then-one would leave a core idle for the third."""
     cores = os.cpu_count() or 1
-    workers = max(1, min(workers or min(len(jobs), cores), len(jobs)))
-    if workers == 1:
+    workers = min(workers or cores, len(jobs))
+    if workers <= 1:
         return [_run(job) for job in jobs]
-    threads = max(1, cores // workers)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_use_threads,
-                             initargs=(threads,)) as pool:
+                             initargs=(max(1, cores // workers),)) as pool:
         futures = [pool.submit(_run, job) for job in jobs]
-        return [future.result() for future in futures]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def _use_threads(threads: int) -> None:
