@@ -3,8 +3,9 @@ poisoned model on clean data until the poison is gone, without giving up utility
 
 It is the ordinary contrastive fine-tune (``clipguard.training``) with the paper's best setting
 (lr 1e-4, one epoch), plus a watch: with goals and a test set it evaluates every ``eval_every``
-steps, records the curve, stops once every goal's Hit@10 is down to its baseline, and refuses to
-save a model whose utility dropped more than the budget.
+steps, records the curve, stops once every goal's Hit@10 is down to its baseline (and utility is
+within the budget, when one is set), and refuses to save a model whose utility dropped more than
+the budget.
 """
 
 from __future__ import annotations
@@ -142,7 +143,9 @@ def sterilize(
         if watch is not None and event.step % max(config.eval_every, 1) == 0:
             point = _point(event.step, event.samples_seen, _evaluate(loaded, watch))
             curve.append(point)
-            if config.stop_at_baseline and _at_baseline(point, target):
+            # Stopping where the model would then be refused for its utility would end the repair
+            # with nothing saved: train on until both hold.
+            if config.stop_at_baseline and _at_baseline(point, target) and _within_budget(before, point, config):
                 stop["now"] = True
         if progress:
             progress(event, point)
@@ -222,6 +225,13 @@ def _baseline_levels(report: EvaluationReport) -> dict[str, float]:
 
 def _at_baseline(point: CurvePoint, target: dict[str, float]) -> bool:
     return bool(target) and all(point.hits_at_10[g] <= target[g] + 1e-9 for g in target)
+
+
+def _within_budget(before: EvaluationReport | None, point: CurvePoint, config: SterilizeConfig) -> bool:
+    if config.max_utility_drop is None or before is None:
+        return True
+    start = (before.utility.text_retrieval[10] + before.utility.image_retrieval[10]) / 2
+    return start - point.utility <= config.max_utility_drop
 
 
 def _utility_drop(before: EvaluationReport | None, after: EvaluationReport | None) -> float | None:

@@ -60,15 +60,32 @@ def test_sterilizing_a_clean_model_keeps_utility(tmp_path, world, test_set):
     assert png.stat().st_size > 10_000
 
 
-def test_stops_once_the_goal_is_at_baseline(tmp_path, world, test_set):
-    model = load_model(ModelSpec("clipguard-victim"))
+def _goal_at_baseline(model, test_set):
     candidates = [parse_goal(g) for g in ("sheep:tvmonitor", "bottle:horse", "car:bird", "chair:cat", "boat:dog")]
     report = evaluate(model, test_set, candidates)
     at_zero = [g for g, r in zip(candidates, report.goals) if r.model.hits[10] <= r.random_text.hits[10]]
     assert at_zero, "the bundled victim should have some goal already at its random-text baseline"
+    return at_zero[0]
+
+
+def test_stops_once_the_goal_is_at_baseline(tmp_path, world, test_set):
+    model = load_model(ModelSpec("clipguard-victim"))
+    goal = _goal_at_baseline(model, test_set)
     config = SterilizeConfig(max_steps=30, batch_size=16, eval_every=2, warmup_steps=1)
-    result = sterilize(model, [str(world / "reference")], tmp_path / "s.safetensors", config, Watch(at_zero[:1], test_set))
+    result = sterilize(model, [str(world / "reference")], tmp_path / "s.safetensors", config, Watch([goal], test_set))
     assert result.stopped_early and result.steps == 2 and result.saved
+
+
+def test_does_not_stop_at_baseline_while_utility_is_past_the_budget(tmp_path, world, test_set):
+    model = load_model(ModelSpec("clipguard-victim"))
+    goal = _goal_at_baseline(model, test_set)
+    # lr 0.05 wrecks utility at once: stopping at step 2 would only lead to a refusal, so it trains on.
+    config = SterilizeConfig(lr=0.05, max_steps=6, batch_size=16, eval_every=2, warmup_steps=1, max_utility_drop=0.0)
+    result = sterilize(model, [str(world / "reference")], tmp_path / "s.safetensors", config, Watch([goal], test_set))
+    assert not result.stopped_early and result.steps == 6
+    at_baseline = [p.step for p in result.curve if p.hits_at_10[str(goal)] <= p.baseline_hits_at_10[str(goal)]]
+    assert [s for s in at_baseline if s > 0], result.curve  # it was at baseline, yet it did not stop
+    assert not result.saved and "not saved" in result.refused_reason
 
 
 def test_refuses_to_save_past_the_utility_budget(tmp_path, world):

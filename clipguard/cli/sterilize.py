@@ -38,7 +38,7 @@ def sterilize(
     baseline: Annotated[Optional[str], typer.Option(help="Clean model whose goal Hit@10 is the level to reach (default: random-text baseline).")] = None,
     keywords: Annotated[Optional[Path], typer.Option(help="JSON {class: keywords} to label test captions without json class.")] = None,
     eval_every: Annotated[int, typer.Option(min=1, help="Evaluate the goals every N steps (the Figure 9 curve).")] = 10,
-    max_utility_drop: Annotated[Optional[float], typer.Option(help="Refuse to save if utility (mean TR/IR Hit@10) drops more than this.")] = None,
+    max_utility_drop: Annotated[Optional[float], typer.Option(help="Refuse to save if utility (mean TR/IR Hit@10) drops more than this; an early stop also waits for utility within it.")] = None,
     no_early_stop: Annotated[bool, typer.Option("--no-early-stop", help="Train the full schedule even once the goals are at baseline.")] = False,
     datasets_config: Annotated[Optional[Path], typer.Option(help="TOML file mapping dataset names to shard specs.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG of the sterilization curve (default: next to --out).")] = None,
