@@ -43,15 +43,20 @@ class DemoConfig:
     epochs instead of 10: the paper's lr is for a pretrained ViT-B/32 over ~12k steps; this tiny
     model gets 1,000, and at lr 1e-4 or batch 64 the 20 poisons did not move it (measured,
     docs/results.md). Sterilizing fine-tunes on a clean set (the reference split) at the victim's
-    lr, 1e-3, for two epochs, not the paper's one epoch at 1e-4: on the demo's poisoned victim
-    (Hit@10 0.60, clean 0.04) 120 steps at 3e-4 left 0.48, one epoch at 1e-3 left 0.20, two
-    reached 0.00 (measured).
+    lr, 1e-3, for up to two epochs, not the paper's one epoch at 1e-4, and stops once the goal's
+    Hit@10 is at the clean model's: on the demo's poisoned victim (Hit@10 0.60, clean 0.04) two
+    epochs at 3e-4 left 0.28 and one at 1e-3 left 0.20; at 1e-3 the curve reaches the clean level
+    near step 250 and wanders from 0.00 to 0.20 after it (25 queries: steps of 0.04), so stopping
+    there is what keeps the repair (measured, docs/results.md).
 
-    ``quick`` (about 2 minutes) is the pipeline on a budget, not the attack: one epoch at lr 1e-4
-    and 20 sterilizing steps, too few for the poisons to take hold. Budgets that fit in 3 minutes
-    did not show the attack either (measured: the same recipe for 5 epochs on a half-size world,
-    where the 20 poisons are 1% of the pairs, gave poisoned Hit@10 0.44 against 0.08 clean, and
-    cost 0.06 of utility; 3 epochs on the full world gave 0.44).
+    ``quick`` (about 2.5 minutes) shows the same story on a budget: two epochs of the train split
+    per fine-tune instead of eight, so it poisons 5% of the pairs (211) instead of 0.5% (20),
+    fine-tunes at lr 5e-4 (1e-3 for two epochs cost the clean model 0.05 of utility and lifted its
+    Hit@10 to 0.20) and sterilizes for 150 steps at 3e-4 with the schedule ending there. Measured
+    with the demo's seeds 0 and 1: poisoned Hit@10 0.68 and 0.88 against 0.04 clean; 2% (82
+    poisons) at lr 1e-3 reached only 0.44, as did 5% at lr 3e-4 (docs/results.md). It trains the
+    150 steps out: its curve first touches the clean level at step 50, where utility is still
+    0.04 below the clean model's.
     """
 
     goal: str = "sheep:aeroplane"
@@ -68,13 +73,15 @@ class DemoConfig:
     sterilize_epochs: int = 2
     sterilize_steps: int | None = None  # a cap on the steps of those epochs
     sterilize_eval_every: int = 50
+    # Stop once the goal's Hit@10 is back at the clean model's (`clipguard sterilize`'s default).
+    sterilize_early_stop: bool = True
     precision: str = "bf16"
     finetune_workers: int = 3  # processes for the three victim fine-tunes (1: one after the other)
 
     @classmethod
     def quick(cls) -> "DemoConfig":
-        return cls(victim_lr=1e-4, victim_min_lr=1e-6, victim_epochs=1, batch_size=64,
-                   sterilize_lr=1e-4, sterilize_steps=20, sterilize_eval_every=10)
+        return cls(rate=0.05, victim_lr=5e-4, victim_min_lr=5e-5, victim_epochs=2,
+                   sterilize_lr=3e-4, sterilize_steps=150, sterilize_eval_every=25, sterilize_early_stop=False)
 
     def victim_config(self) -> FinetuneConfig:
         """The victim's fine-tune: the same for the clean, poisoned and filtered runs."""
@@ -166,7 +173,7 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
             out_dir / "models" / "sterilized.safetensors",
             SterilizeConfig(lr=config.sterilize_lr, epochs=config.sterilize_epochs, max_steps=config.sterilize_steps,
                             batch_size=config.batch_size, eval_every=config.sterilize_eval_every,
-                            stop_at_baseline=False, seed=config.seed, precision=config.precision),
+                            stop_at_baseline=config.sterilize_early_stop, seed=config.seed, precision=config.precision),
             Watch(goals=[goal], test=test, baseline=clean_model),
         )
     with stage("evaluate every model on the test split"):

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from clipguard.cli.main import app
+from clipguard.demo import DemoConfig
 
 runner = CliRunner()
 
@@ -28,7 +29,7 @@ def test_demo_prints_the_paper_shaped_table_and_writes_its_report(demo):
     for name in rows:
         assert name in output
     assert "paper" in output and "Hit@10" in output and "poisons quarantined" in output
-    assert 0.001 <= report["phi"] <= 0.005
+    assert report["phi"] == pytest.approx(DemoConfig.quick().rate, abs=0.001)
     for figure in report["figures"]:
         assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert len(report["sterilization"]["curve"]) >= 2
@@ -39,7 +40,12 @@ def test_filter_quarantines_the_poisons_and_loses_nothing(demo):
     _, report, _ = demo
     counts = report["filter"]
     assert counts["kept"] + counts["flagged"] + counts["errored"] == counts["read"]
-    assert report["poisons_quarantined"] == report["poisons"]
+    # The filter's recall on the poisons (known from the manifest) lies inside the error bars that
+    # calibration stated from the 500 labels alone.
+    recall = report["poisons_quarantined"] / report["poisons"]
+    stated = report["calibration"]["recall"]
+    assert stated["lower"] <= recall <= stated["upper"], (recall, stated)
+    assert recall >= 0.9, recall
     assert report["calibration"]["labelled"] <= 500
 
 
@@ -54,12 +60,8 @@ def test_filtered_and_sterilized_models_match_the_clean_one(demo):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 6): --quick's one epoch at lr 1e-4 is too short for the 20 Attack II poisons to "
-    "take hold; the full demo (8 epochs at lr 1e-3, 7 minutes) and tests/test_attack_acceptance.py "
-    "show them (Hit@10 0.60 vs 0.04 clean). Strict, so the mark must go once --quick shows the attack",
-)
 def test_the_attack_works_in_the_demo(demo):
     _, _, rows = demo
-    assert rows["poisoned"]["hits"]["10"] >= 0.5
+    poisoned, clean = rows["poisoned"], rows["clean fine-tune"]
+    assert poisoned["hits"]["10"] >= 0.5, poisoned
+    assert poisoned["min_rank"] < clean["min_rank"] / 3, (poisoned, clean)
