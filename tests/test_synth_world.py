@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import re
 from collections import Counter, defaultdict
@@ -49,11 +50,12 @@ SMALL = WorldSpec(
     train_images=60,
     reference_images=40,
     test_images_per_class=2,
+    validation_images_per_class=3,
     captions_per_image=2,
     test_captions_per_image=1,
     shard_size=50,
 )
-SPLIT_NAMES = ("train", "test", "reference")
+SPLIT_NAMES = ("train", "test", "reference", "validation")
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +157,7 @@ def test_splits_share_no_image(world):
         hashes_by_split[split] = {hashlib.sha256(s["jpg"]).hexdigest() for s in samples}
         assert len(ids_by_split[split]) == SMALL.images_in(split)
         assert len(hashes_by_split[split]) == SMALL.images_in(split)
-    for a, b in (("train", "test"), ("train", "reference"), ("test", "reference")):
+    for a, b in itertools.combinations(SPLIT_NAMES, 2):
         assert not ids_by_split[a] & ids_by_split[b]
         assert not hashes_by_split[a] & hashes_by_split[b]
 
@@ -171,11 +173,13 @@ def test_captions_of_one_image_share_its_id_and_bytes_but_differ_in_text(world):
         assert len({json.loads(s["json"])["class"] for s in group}) == 1
 
 
-def test_test_split_is_balanced_per_class(world):
-    counts = Counter(json.loads(s["json"])["class"] for s in read_split(world, "test"))
-    per_class = SMALL.test_images_per_class * SMALL.test_captions_per_image
+@pytest.mark.parametrize("split, images_per_class", [("test", SMALL.test_images_per_class),
+                                                     ("validation", SMALL.validation_images_per_class)])
+def test_test_and_validation_splits_are_balanced_per_class(world, split, images_per_class):
+    counts = Counter(json.loads(s["json"])["class"] for s in read_split(world, split))
+    per_class = images_per_class * SMALL.test_captions_per_image
     assert counts == {name: per_class for name in CLASSES}
-    assert world.splits["test"].pairs_per_class == {name: per_class for name in CLASSES}
+    assert world.splits[split].pairs_per_class == {name: per_class for name in CLASSES}
 
 
 def test_every_caption_names_its_class_by_exactly_one_keyword(world):
@@ -213,10 +217,10 @@ def test_captions_name_the_attributes_they_claim(world):
             singular_forms = {n.singular for n in CLASS_NOUNS[meta["class"]]}
             plural = meta["attributes"]["count"] > 1
             assert meta["keyword"] in (plural_forms if plural else singular_forms)
-            if split == "test":
+            if split in ("test", "validation"):
                 # Test queries are short-style but name every attribute: exact retrieval needs them.
                 assert meta["mentions"] == list(ATTRIBUTE_NAMES)
-    assert styles["test", "full"] == 0
+    assert styles["test", "full"] == styles["validation", "full"] == 0
     # Most train captions are web-style and class-first, as in the paper's data.
     assert styles["train", "full"] < styles["train", "short"]
 
@@ -343,6 +347,7 @@ def test_existing_world_is_kept_unless_overwrite_and_stale_shards_go(tmp_path):
         ({"image_size": 16}, "image_size"),
         ({"captions_per_image": 0}, "captions_per_image"),
         ({"test_images_per_class": 0}, "test_images_per_class"),
+        ({"validation_images_per_class": 0}, "validation_images_per_class"),
         ({"short_caption_rate": 1.5}, "short_caption_rate"),
     ],
 )
@@ -357,8 +362,10 @@ def test_unreadable_world_is_a_clear_error(tmp_path):
         read_world_info(tmp_path)
 
 
-def test_split_stream_does_not_depend_on_other_splits_sizes():
-    bigger_train = WorldSpec(**{**SMALL.__dict__, "train_images": 90})
+@pytest.mark.parametrize("change", [{"train_images": 90}, {"validation_images_per_class": 5}])
+def test_split_stream_does_not_depend_on_other_splits_sizes(change):
+    # The validation split came after the others: it must not have moved a byte of test.
+    other = WorldSpec(**{**SMALL.__dict__, **change})
     first = [(s.key, s.caption.text, s.jpeg) for s in iter_split_samples(SMALL, "test")]
-    second = [(s.key, s.caption.text, s.jpeg) for s in iter_split_samples(bigger_train, "test")]
+    second = [(s.key, s.caption.text, s.jpeg) for s in iter_split_samples(other, "test")]
     assert first == second

@@ -3,6 +3,9 @@
 Splits play the paper's roles on Flickr-PASCAL: `train` is the victim's training data, `test`
 the balanced labelled half of PASCAL (the same number of images per class), and `reference`
 an independent clean set (Visual Genome's role: sterilizing fine-tunes, reference models).
+`validation` is drawn like `test` but held apart from it: whatever is chosen by watching a
+metric (when sterilizing stops) is chosen there, so the figures reported on `test` are not the
+ones the choice was made on.
 
 Every image has its own random stream, derived from (seed, split, image index): an image does
 not change when another split's size or the number of captions per image changes. Shards are
@@ -39,8 +42,10 @@ from clipguard.synth.vocabulary import (
 )
 
 FORMAT_VERSION = 1
-SPLITS: tuple[str, ...] = ("train", "test", "reference")
-_SPLIT_STREAMS = {"train": 1, "test": 2, "reference": 3}
+SPLITS: tuple[str, ...] = ("train", "test", "reference", "validation")
+_SPLIT_STREAMS = {"train": 1, "test": 2, "reference": 3, "validation": 4}
+# Splits drawn like `test`: balanced per class, fully detailed captions.
+_TEST_LIKE = ("test", "validation")
 # Independent random streams per image: attributes, caption wording, drawing jitter.
 _ATTRIBUTE_STREAM, _CAPTION_STREAM, _DRAWING_STREAM = 0, 1, 2
 # img2dataset keys: 5 digits of shard index then 4 digits of index in the shard.
@@ -57,13 +62,16 @@ class WorldSpecError(ClipguardError):
 
 @dataclass(frozen=True)
 class WorldSpec:
-    """What to generate. Defaults: 4,000 train pairs, 500 test pairs, 8,000 reference pairs."""
+    """What to generate. Defaults: 4,000 train pairs, 500 test pairs, 8,000 reference pairs and
+    1,000 validation pairs (twice the test split, so that a stop chosen on it rests on 50 queries
+    of a class rather than 25)."""
 
     seed: int = 0
     image_size: int = 64
     train_images: int = 2000
     reference_images: int = 4000
     test_images_per_class: int = 25
+    validation_images_per_class: int = 50
     captions_per_image: int = 2  # train and reference
     test_captions_per_image: int = 1
     # Share of train/reference captions in the short web style ("a photo of a lamb", each
@@ -82,7 +90,7 @@ class WorldSpec:
         problems = []
         if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
             problems.append(f"image_size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]")
-        for name in ("train_images", "reference_images", "test_images_per_class"):
+        for name in ("train_images", "reference_images", "test_images_per_class", "validation_images_per_class"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         for name in ("captions_per_image", "test_captions_per_image"):
@@ -104,18 +112,21 @@ class WorldSpec:
             raise WorldSpecError("invalid world spec: " + "; ".join(problems))
 
     def images_in(self, split: str) -> int:
-        if split == "test":
-            return self.test_images_per_class * len(CLASSES)
-        return {"train": self.train_images, "reference": self.reference_images}[_known(split)]
+        return {
+            "train": self.train_images,
+            "test": self.test_images_per_class * len(CLASSES),
+            "reference": self.reference_images,
+            "validation": self.validation_images_per_class * len(CLASSES),
+        }[_known(split)]
 
     def captions_in(self, split: str) -> int:
-        return self.test_captions_per_image if split == "test" else self.captions_per_image
+        return self.test_captions_per_image if split in _TEST_LIKE else self.captions_per_image
 
     def short_caption_rate_in(self, split: str) -> float:
-        return 1.0 if split == "test" else self.short_caption_rate
+        return 1.0 if split in _TEST_LIKE else self.short_caption_rate
 
     def mention_rate_in(self, split: str) -> float:
-        return 1.0 if split == "test" else self.attribute_mention_rate
+        return 1.0 if split in _TEST_LIKE else self.attribute_mention_rate
 
     def pairs_in(self, split: str) -> int:
         return self.images_in(split) * self.captions_in(split)
@@ -234,7 +245,7 @@ def class_counts(total: int, skew: float) -> dict[str, int]:
 
 def split_classes(spec: WorldSpec, split: str) -> list[str]:
     """Class of each image: long-tailed for `train` (train_class_skew), as balanced as the size
-    allows for `reference`, exactly balanced for `test`."""
+    allows for `reference`, exactly balanced for `test` and `validation`."""
     count = spec.images_in(_known(split))
     if split == "train" and spec.train_class_skew > 0:
         counts = class_counts(count, spec.train_class_skew)
@@ -380,7 +391,7 @@ def _clear_previous_output(out_dir: Path, overwrite: bool) -> None:
 
 
 def generate_world(out_dir: str | Path, spec: WorldSpec | None = None, overwrite: bool = False):
-    """Writes the three splits, world.json and keywords.json under out_dir; returns WorldInfo."""
+    """Writes the four splits, world.json and keywords.json under out_dir; returns WorldInfo."""
     spec = spec or WorldSpec()
     spec.validate()
     out_dir = Path(out_dir)
