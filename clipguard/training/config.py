@@ -9,6 +9,9 @@ from typing import Any
 from clipguard.errors import ClipguardError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# "auto": the plain matmul-softmax attention kernel under bf16/fp16 autocast on CPU, where it is
+# faster on CLIP's short sequences (see _Trainer); "default": whatever PyTorch picks.
+ATTENTION_KERNELS = ("auto", "default")
 
 
 class FinetuneError(ClipguardError):
@@ -43,6 +46,7 @@ class FinetuneConfig:
     shuffle_buffer: int = 1000
     workers: int = 0
     precision: str = "fp32"
+    attention: str = "auto"
     # Write a resumable checkpoint every this many steps (0: only when the run ends or stops).
     save_every: int = 0
 
@@ -66,6 +70,8 @@ class FinetuneConfig:
             problems.append("shuffle_buffer, workers and save_every must be non-negative")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}")
+        if self.attention not in ATTENTION_KERNELS:
+            problems.append(f"attention must be one of {', '.join(ATTENTION_KERNELS)}")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             problems.append("grad_clip_norm must be positive")
         if self.freeze_image and self.freeze_text:

@@ -128,4 +128,8 @@ def restore_optimizer(
         )
     for name, parameter in named_parameters.items():
         if name in moments:
-            optimizer.state[parameter] = {k: v.to(parameter.device) if k != "step" else v for k, v in moments[name].items()}
+            # A fused optimizer keeps its step count beside the parameter; the loop one on the CPU.
+            step_device = parameter.device if optimizer.defaults.get("fused") else None
+            optimizer.state[parameter] = {
+                k: v.to(parameter.device) if k != "step" else v.to(step_device or v.device) for k, v in moments[name].items()
+            }
