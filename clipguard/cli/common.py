@@ -6,6 +6,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable, Iterator
+from enum import Enum
 
 import typer
 from rich import box
@@ -21,6 +22,13 @@ from rich.progress import (
 from rich.table import Table
 
 from clipguard.errors import ClipguardError
+
+
+class TrainPrecision(str, Enum):
+    """Autocast precision of a training forward pass (finetune, sterilize); weights stay fp32."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 # Diagnostics and progress go to stderr so that stdout stays clean for --format json.
 err_console = Console(stderr=True, width=int(os.environ.get("CLIPGUARD_CONSOLE_WIDTH", "0")) or None)

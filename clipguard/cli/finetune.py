@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,17 +10,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from clipguard.cli.common import console, err_console, user_errors
+from clipguard.cli.common import TrainPrecision, console, err_console, user_errors
 from clipguard.model.loading import DEFAULT_PRETRAINED, ModelSpec, load_model
 from clipguard.training import FinetuneConfig, FinetuneResult, TrainProgress, finetune as run_finetune
 
 _DEFAULTS = FinetuneConfig()
 INTERRUPTED_EXIT = 130  # the shell's code for a run ended by Ctrl-C
-
-
-class TrainPrecision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
 
 
 def finetune(

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from clipguard.attacks import parse_goal
-from clipguard.cli.common import console, err_console, progress_bar, user_errors
+from clipguard.cli.common import TrainPrecision, console, err_console, progress_bar, user_errors
 from clipguard.datasets import resolve_dataset
 from clipguard.errors import ClipguardError
 from clipguard.evaluation import load_test_set, read_target_image, targets_from_manifest
@@ -31,7 +31,7 @@ def sterilize(
     batch_size: Annotated[int, typer.Option(min=2, help="Contrastive batch size.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed for data order.")] = 0,
     goal: Annotated[Optional[list[str]], typer.Option("--goal", help="A:B goal to watch (repeatable); needs --test.")] = None,
-    test: Annotated[Optional[list[str]], typer.Option("--test", help="Labelled test shards for the watch.")] = None,
+    test: Annotated[Optional[list[str]], typer.Option("--test", help="Labelled shards for the watch; the early stop is chosen on them, so report final figures on other shards (the synthetic world's validation split, not its test split).")] = None,
     manifest: Annotated[Optional[Path], typer.Option(help="poison_manifest.json: supplies goals and Attack I's target image.")] = None,
     target_image: Annotated[Optional[str], typer.Option(help="Attack I: key of the target image in --target-shards.")] = None,
     target_shards: Annotated[Optional[list[str]], typer.Option("--target-shards", help="Shards that hold --target-image.")] = None,
@@ -40,6 +40,7 @@ def sterilize(
     eval_every: Annotated[int, typer.Option(min=1, help="Evaluate the goals every N steps (the Figure 9 curve).")] = 10,
     max_utility_drop: Annotated[Optional[float], typer.Option(help="Refuse to save if utility (mean TR/IR Hit@10) drops more than this; an early stop also waits for utility within it.")] = None,
     no_early_stop: Annotated[bool, typer.Option("--no-early-stop", help="Train the full schedule even once the goals are at baseline.")] = False,
+    precision: Annotated[TrainPrecision, typer.Option(help="Autocast precision of the forward pass; weights stay fp32 (bf16: about 1.7x faster on CPUs with AMX).")] = TrainPrecision.fp32,
     datasets_config: Annotated[Optional[Path], typer.Option(help="TOML file mapping dataset names to shard specs.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG of the sterilization curve (default: next to --out).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result (curve, before/after) as JSON.")] = None,
@@ -51,7 +52,7 @@ def sterilize(
         loaded = load_model(ModelSpec(name=model, pretrained=None))
         config = SterilizeConfig(
             lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
-            stop_at_baseline=not no_early_stop, max_utility_drop=max_utility_drop,
+            stop_at_baseline=not no_early_stop, max_utility_drop=max_utility_drop, precision=precision.value,
         )
         with progress_bar("samples") as bar:
             task = bar.add_task("sterilize", total=None, done=0, rate=0.0)
