@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from clipguard.attacks.goals import Goal
-from clipguard.evaluation import EvaluationReport, TargetImage, TestSet, evaluate
+from clipguard.evaluation import EvaluationReport, TargetImage, TestSet, evaluate, load_test_set
+from clipguard.labels import make_labeler
 from clipguard.model.checkpoint import save_checkpoint
 from clipguard.model.loading import LoadedModel, ModelSpec, load_model
 from clipguard.training import FinetuneConfig, FinetuneResult, TrainProgress, finetune
@@ -189,6 +190,28 @@ def sterilize(
         utility_drop=drop,
         bad_samples=trained.bad_samples,
     )
+
+
+@dataclass(frozen=True)
+class SterilizeJob:
+    """A watched sterilize that another process can run (``side_by_side_pool``): specs and shard
+    paths instead of loaded models and test sets, which the process loads itself."""
+
+    model: ModelSpec
+    clean_shards: list[str]
+    out_path: Path
+    config: SterilizeConfig
+    goals: tuple[Goal, ...]
+    watch_shards: list[str]
+    baseline: ModelSpec | None = None
+
+
+def run_sterilize_job(job: SterilizeJob) -> SterilizeResult:
+    watch = Watch(
+        goals=job.goals, test=load_test_set(job.watch_shards, make_labeler()),
+        baseline=load_model(job.baseline) if job.baseline is not None else None,
+    )
+    return sterilize(job.model, job.clean_shards, job.out_path, job.config, watch)
 
 
 def _as_loaded(model: LoadedModel | ModelSpec | str) -> LoadedModel:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from clipguard.attacks import parse_goal
@@ -14,8 +17,9 @@ from clipguard.datasets import DatasetNameError, resolve_dataset
 from clipguard.evaluation import evaluate, load_test_set
 from clipguard.labels import make_labeler
 from clipguard.model.loading import ModelSpec, load_model
-from clipguard.sterilize import SterilizeConfig, Watch, plot_curve, sterilize
+from clipguard.sterilize import SterilizeConfig, SterilizeJob, Watch, plot_curve, run_sterilize_job, sterilize
 from clipguard.synth import WorldSpec, generate_world
+from clipguard.training import side_by_side_pool
 
 runner = CliRunner()
 
@@ -58,6 +62,36 @@ def test_sterilizing_a_clean_model_keeps_utility(tmp_path, world, test_set):
     assert after.goal("sheep:aeroplane").model.hits[10] == result.curve[-1].hits_at_10["sheep:aeroplane"]
     png = plot_curve(result, tmp_path / "curve.png")
     assert png.stat().st_size > 10_000
+
+
+def test_a_sterilize_job_in_a_worker_process_gives_what_it_gives_here(tmp_path, world, test_set):
+    """The demo sterilizes in a side_by_side_pool process beside a fine-tune: same curve, same
+    weights, the baseline model loaded there from its spec."""
+    goal = parse_goal("sheep:aeroplane")
+    config = SterilizeConfig(max_steps=4, batch_size=16, eval_every=2, warmup_steps=1, stop_at_baseline=False)
+    job = SterilizeJob(
+        model=ModelSpec("clipguard-victim"), clean_shards=[str(world / "reference")],
+        out_path=tmp_path / "there.safetensors", config=config, goals=(goal,),
+        watch_shards=[str(world / "test")], baseline=ModelSpec("clipguard-victim"),
+    )
+    with side_by_side_pool(workers=2) as pool:
+        there = pool.submit(run_sterilize_job, job).result()
+    baseline = load_model(ModelSpec("clipguard-victim"))
+    watch = Watch([goal], test_set, baseline=baseline)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker has: sums split over threads round differently
+    try:
+        here = sterilize(ModelSpec("clipguard-victim"), [str(world / "reference")], tmp_path / "here.safetensors", config, watch)
+    finally:
+        torch.set_num_threads(threads)
+    assert there.saved and there.checkpoint == tmp_path / "there.safetensors"
+    assert [p.step for p in there.curve] == [0, 2, 4]
+    assert [asdict(p) for p in there.curve] == [asdict(p) for p in here.curve]
+    clean_level = evaluate(baseline, test_set, [goal]).goal(str(goal)).model.hits[10]
+    assert there.curve[0].baseline_hits_at_10 == {str(goal): clean_level}
+    there_weights, here_weights = load_file(there.checkpoint), load_file(here.checkpoint)
+    assert there_weights.keys() == here_weights.keys()
+    assert all(torch.equal(there_weights[k], here_weights[k]) for k in there_weights)
 
 
 def _goal_at_baseline(model, test_set):

@@ -14,10 +14,11 @@ from clipguard.training.config import (
 )
 from clipguard.training.loop import finetune, plan_total_steps, text_features
 from clipguard.training.optim import learning_rate
-from clipguard.training.side_by_side import FinetuneJob, finetune_side_by_side
+from clipguard.training.side_by_side import FinetuneJob, finetune_side_by_side, run_finetune_job, side_by_side_pool
 from clipguard.training.state import resume_state_path
 
 __all__ = [
     "BadSampleTally", "FinetuneConfig", "FinetuneError", "FinetuneJob", "FinetuneResult", "TrainProgress",
-    "finetune", "finetune_side_by_side", "learning_rate", "plan_total_steps", "resume_state_path", "text_features",
+    "finetune", "finetune_side_by_side", "learning_rate", "plan_total_steps", "resume_state_path", "run_finetune_job",
+    "side_by_side_pool", "text_features",
 ]  # fmt: skip

@@ -1,20 +1,22 @@
-"""Independent fine-tunes side by side, one process each.
+"""Independent fine-tunes (and other CPU-bound jobs) side by side, one process each.
 
 A small model cannot keep several CPU cores busy: its matrix products are too small to split well
 across threads. Several fine-tunes on a share of the cores each therefore finish sooner than the
 same ones one after the other on all of them (benchmarks/bench_side_by_side.py: three 400-step
 tiny-victim fine-tunes on 2 cores, 196 s one after the other, 159 s side by side, 1.24x).
 
-Each job runs `finetune` in a fresh ("spawn") process, so a job cannot inherit the parent's
-thread pools or CUDA state, and returns its `FinetuneResult`. When a job fails, the jobs not yet
-started are cancelled, the running ones finish, and the first failure is raised in the caller.
+Each job runs in a fresh ("spawn") process, so a job cannot inherit the parent's thread pools or
+CUDA state. When a job fails, the jobs not yet started are cancelled, the running ones finish,
+and the first failure is raised in the caller. `side_by_side_pool` is the pool itself, for callers
+whose jobs depend on each other (the demo sterilizes the poisoned victim once it exists).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,16 +44,25 @@ def finetune_side_by_side(jobs: Sequence[FinetuneJob], workers: int | None = Non
     order of ``jobs``. One worker runs the jobs in this process, one after the other, with all
     the cores. More workers than cores is allowed: three one-thread jobs on two cores share them,
     where two-then-one would leave a core idle for the third."""
-    cores = os.cpu_count() or 1
-    workers = min(workers or cores, len(jobs))
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers <= 1:
-        return [_run(job) for job in jobs]
+        return [run_finetune_job(job) for job in jobs]
+    with side_by_side_pool(workers) as pool:
+        futures = [pool.submit(run_finetune_job, job) for job in jobs]
+        return [future.result() for future in futures]
+
+
+@contextlib.contextmanager
+def side_by_side_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """``workers`` fresh processes with an equal share of the cores each (at least one thread).
+    Jobs must be module-level functions of picklable arguments. On an error in the ``with``
+    block (a job's, raised by ``result()``), the jobs not yet started are cancelled."""
+    cores = os.cpu_count() or 1
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_use_threads,
                              initargs=(max(1, cores // workers),)) as pool:
-        futures = [pool.submit(_run, job) for job in jobs]
         try:
-            return [future.result() for future in futures]
+            yield pool
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
@@ -61,5 +72,5 @@ def _use_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run(job: FinetuneJob) -> FinetuneResult:
+def run_finetune_job(job: FinetuneJob) -> FinetuneResult:
     return finetune(job.model, job.shards, job.config, job.out_path)
