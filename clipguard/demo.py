@@ -4,12 +4,14 @@ sterilizing fine-tune repairs it (Yang et al. 2023, Tables 3, 16 and 8).
 world -> Attack II on train -> score the poisoned data with the reference model -> label a
 stratified sample (labels read from the poison manifest, as a person would give them) ->
 calibrate gamma -> filter -> fine-tune the victim on clean, poisoned and kept data (side by side)
--> sterilize the poisoned victim on the reference split -> evaluate every model on the test split.
+-> sterilize the poisoned victim on the reference split, watching the validation split to decide
+when to stop -> evaluate every model on the test split, which no choice was made on.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,12 +28,15 @@ from clipguard.filtering.threshold import load_calibration
 from clipguard.labels import make_labeler
 from clipguard.model.loading import ModelSpec, load_model
 from clipguard.scoring.run import ScoreConfig, score_shards
-from clipguard.sterilize import SterilizeConfig, Watch, plot_curve, sterilize
+from clipguard.sterilize import SterilizeConfig, SterilizeJob, SterilizeResult, plot_curve, run_sterilize_job
 from clipguard.synth import WorldSpec, generate_world
-from clipguard.training import FinetuneConfig, FinetuneJob, finetune_side_by_side
+from clipguard.training import FinetuneConfig, FinetuneJob, FinetuneResult, run_finetune_job, side_by_side_pool
 
 VICTIM = "clipguard-victim"
 REFERENCE = "clipguard-reference"
+# Sterilizing stops by watching this split; the table is read off `test`. Stopping on the split
+# one reports would report the first time a noisy metric touched the target, not the model.
+WATCH_SPLIT = "validation"
 
 
 @dataclass(frozen=True)
@@ -76,12 +81,21 @@ class DemoConfig:
     # Stop once the goal's Hit@10 is back at the clean model's (`clipguard sterilize`'s default).
     sterilize_early_stop: bool = True
     precision: str = "bf16"
-    finetune_workers: int = 3  # processes for the three victim fine-tunes (1: one after the other)
+    # Processes for the fine-tunes and sterilizing (None: one per core, at most three; 1: all of
+    # them in this process, one after the other).
+    workers: int | None = None
 
     @classmethod
     def quick(cls) -> "DemoConfig":
         return cls(rate=0.05, victim_lr=5e-4, victim_min_lr=5e-5, victim_epochs=2,
-                   sterilize_lr=3e-4, sterilize_steps=150, sterilize_eval_every=25, sterilize_early_stop=False)
+                   sterilize_lr=3e-4, sterilize_steps=150, sterilize_eval_every=50, sterilize_early_stop=False)
+
+    def sterilize_config(self) -> SterilizeConfig:
+        return SterilizeConfig(
+            lr=self.sterilize_lr, epochs=self.sterilize_epochs, max_steps=self.sterilize_steps,
+            batch_size=self.batch_size, eval_every=self.sterilize_eval_every,
+            stop_at_baseline=self.sterilize_early_stop, seed=self.seed, precision=self.precision,
+        )
 
     def victim_config(self) -> FinetuneConfig:
         """The victim's fine-tune: the same for the clean, poisoned and filtered runs."""
@@ -140,7 +154,6 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
             world.shards("train"), out_dir / "poisoned",
             AttackConfig(kind=AttackKind.single_label, goals=(goal,), rate=config.rate, seed=config.seed, overwrite=True),
         )
-    train_config = config.victim_config()
     reference = load_model(ModelSpec(REFERENCE))
     with stage("score the poisoned data with the reference model"):
         score_shards(resolve_shards(str(out_dir / "poisoned")), reference, out_dir / "scores", ScoreConfig(batch_size=128))
@@ -155,39 +168,23 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
             resolve_shards(str(out_dir / "poisoned")), reference, threshold,
             FilterConfig(clean_dir=out_dir / "filtered", quarantine_dir=out_dir / "quarantine", reuse_scores=out_dir / "scores"),
         )
-    # The three fine-tunes are independent once the data is filtered; one process each is 1.24x
-    # faster on 2 cores than one after the other (benchmarks/README.md).
-    models = out_dir / "models"
-    with stage("fine-tune the victim on clean, poisoned and filtered data, side by side"):
-        clean, poisoned, kept = finetune_side_by_side([
-            FinetuneJob(ModelSpec(VICTIM), world.shards("train"), train_config, models / "clean.safetensors"),
-            FinetuneJob(ModelSpec(VICTIM), str(out_dir / "poisoned"), train_config, models / "poisoned.safetensors"),
-            FinetuneJob(ModelSpec(VICTIM), str(out_dir / "filtered"), train_config, models / "filtered.safetensors"),
-        ], workers=config.finetune_workers)
-
     test = load_test_set(world.shards("test"), make_labeler())
-    clean_model = load_model(ModelSpec(str(clean.checkpoint)))  # the level sterilizing aims at, and a table row
-    with stage("sterilize the poisoned victim on the reference split"):
-        repaired = sterilize(
-            load_model(ModelSpec(str(poisoned.checkpoint))), world.shards("reference"),
-            out_dir / "models" / "sterilized.safetensors",
-            SterilizeConfig(lr=config.sterilize_lr, epochs=config.sterilize_epochs, max_steps=config.sterilize_steps,
-                            batch_size=config.batch_size, eval_every=config.sterilize_eval_every,
-                            stop_at_baseline=config.sterilize_early_stop, seed=config.seed, precision=config.precision),
-            Watch(goals=[goal], test=test, baseline=clean_model),
-        )
+    with stage("fine-tune the victim on clean, poisoned and filtered data; sterilize the poisoned one"):
+        victims = _train_and_sterilize(config, world, out_dir, goal)
+    repaired = victims.sterilized
     with stage("evaluate every model on the test split"):
         reports = {
             "pretrained victim": evaluate(load_model(ModelSpec(VICTIM)), test, [goal]),
-            "clean fine-tune": evaluate(clean_model, test, [goal]),
-            "poisoned": evaluate(load_model(ModelSpec(str(poisoned.checkpoint))), test, [goal]),
-            "filtered": evaluate(load_model(ModelSpec(str(kept.checkpoint))), test, [goal]),
+            "clean fine-tune": evaluate(load_model(ModelSpec(str(victims.clean.checkpoint))), test, [goal]),
+            "poisoned": evaluate(load_model(ModelSpec(str(victims.poisoned.checkpoint))), test, [goal]),
+            "filtered": evaluate(load_model(ModelSpec(str(victims.filtered.checkpoint))), test, [goal]),
             "sterilized": evaluate(load_model(ModelSpec(str(repaired.checkpoint))), test, [goal]),
         }
     poison_keys = {p.key for p in attack.manifest.poisons}
     quarantined = _quarantined_keys(out_dir / "quarantine")
     rows = [_row(name, report) for name, report in reports.items()]
-    figures = [calibration.densities_path, plot_curve(repaired, out_dir / "sterilization_curve.png")]
+    curve_title = f"Sterilization (Yang et al. Fig. 9) on the {WATCH_SPLIT} split"
+    figures = [calibration.densities_path, plot_curve(repaired, out_dir / "sterilization_curve.png", curve_title)]
     result = DemoResult(
         out_dir=out_dir,
         rows=rows,
@@ -214,6 +211,49 @@ class _Timer:
 
     def __exit__(self, *exc):
         self.timings[self.name] = round(time.perf_counter() - self.started, 1)
+
+
+@dataclass
+class _Victims:
+    clean: FinetuneResult
+    poisoned: FinetuneResult
+    filtered: FinetuneResult
+    sterilized: SterilizeResult
+
+
+def _train_and_sterilize(config: DemoConfig, world, out_dir: Path, goal) -> _Victims:
+    """The three victim fine-tunes, and sterilizing the poisoned victim on the reference split
+    (watching the validation split, aiming at the clean victim's level).
+
+    Two at a time on 2 cores, one thread each: poisoned and clean first, then filtered beside
+    sterilizing, which needs both of the first two. A tiny model keeps one core busy far better
+    than two, so this beats each job on both cores one after the other (benchmarks/README.md).
+    """
+    models = out_dir / "models"
+    victim = config.victim_config()
+    finetunes = {
+        "poisoned": FinetuneJob(ModelSpec(VICTIM), str(out_dir / "poisoned"), victim, models / "poisoned.safetensors"),
+        "clean": FinetuneJob(ModelSpec(VICTIM), world.shards("train"), victim, models / "clean.safetensors"),
+        "filtered": FinetuneJob(ModelSpec(VICTIM), str(out_dir / "filtered"), victim, models / "filtered.safetensors"),
+    }
+
+    def sterilize_job(poisoned: FinetuneResult, clean: FinetuneResult) -> SterilizeJob:
+        return SterilizeJob(
+            model=ModelSpec(str(poisoned.checkpoint)), clean_shards=[world.shards("reference")],
+            out_path=models / "sterilized.safetensors", config=config.sterilize_config(), goals=(goal,),
+            watch_shards=[world.shards(WATCH_SPLIT)], baseline=ModelSpec(str(clean.checkpoint)),
+        )
+
+    workers = config.workers or min(os.cpu_count() or 1, len(finetunes))
+    if workers <= 1:
+        done = {name: run_finetune_job(job) for name, job in finetunes.items()}
+        repaired = run_sterilize_job(sterilize_job(done["poisoned"], done["clean"]))
+        return _Victims(**done, sterilized=repaired)
+    with side_by_side_pool(workers) as pool:
+        futures = {name: pool.submit(run_finetune_job, job) for name, job in finetunes.items()}
+        poisoned, clean = futures["poisoned"].result(), futures["clean"].result()
+        repaired = pool.submit(run_sterilize_job, sterilize_job(poisoned, clean)).result()
+        return _Victims(clean=clean, poisoned=poisoned, filtered=futures["filtered"].result(), sterilized=repaired)
 
 
 def _row(name: str, report: EvaluationReport) -> ModelRow:
@@ -261,7 +301,7 @@ def _report(result: DemoResult, config: DemoConfig, reports: dict[str, Evaluatio
         "poisons_quarantined": result.poisons_quarantined,
         "table": [asdict(r) for r in result.rows],
         "evaluations": {name: r.to_dict() for name, r in reports.items()},
-        "sterilization": repaired.to_dict(),
+        "sterilization": {**repaired.to_dict(), "watched_split": WATCH_SPLIT},
         "stage_seconds": result.stage_seconds,
         "figures": [str(p) for p in result.figures],
     }

@@ -7,8 +7,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from clipguard.attacks import parse_goal
 from clipguard.cli.main import app
 from clipguard.demo import DemoConfig
+from clipguard.evaluation import evaluate, load_test_set
+from clipguard.labels import make_labeler
+from clipguard.model.loading import ModelSpec, load_model
 
 runner = CliRunner()
 
@@ -19,12 +23,12 @@ def demo(tmp_path_factory):
     result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    return result.output, report, {row["name"]: row for row in report["table"]}
+    return result.output, report, {row["name"]: row for row in report["table"]}, out
 
 
 @pytest.mark.slow
 def test_demo_prints_the_paper_shaped_table_and_writes_its_report(demo):
-    output, report, rows = demo
+    output, report, rows, _ = demo
     assert list(rows) == ["pretrained victim", "clean fine-tune", "poisoned", "filtered", "sterilized"]
     for name in rows:
         assert name in output
@@ -37,7 +41,7 @@ def test_demo_prints_the_paper_shaped_table_and_writes_its_report(demo):
 
 @pytest.mark.slow
 def test_filter_quarantines_the_poisons_and_loses_nothing(demo):
-    _, report, _ = demo
+    _, report, _, _ = demo
     counts = report["filter"]
     assert counts["kept"] + counts["flagged"] + counts["errored"] == counts["read"]
     # The filter's recall on the poisons (known from the manifest) lies inside the error bars that
@@ -51,7 +55,7 @@ def test_filter_quarantines_the_poisons_and_loses_nothing(demo):
 
 @pytest.mark.slow
 def test_filtered_and_sterilized_models_match_the_clean_one(demo):
-    _, _, rows = demo
+    _, _, rows, _ = demo
     clean = rows["clean fine-tune"]
     for name in ("filtered", "sterilized"):
         assert abs(rows[name]["hits"]["10"] - clean["hits"]["10"]) <= 0.05, (name, rows[name])
@@ -61,7 +65,25 @@ def test_filtered_and_sterilized_models_match_the_clean_one(demo):
 
 @pytest.mark.slow
 def test_the_attack_works_in_the_demo(demo):
-    _, _, rows = demo
+    _, _, rows, _ = demo
     poisoned, clean = rows["poisoned"], rows["clean fine-tune"]
     assert poisoned["hits"]["10"] >= 0.5, poisoned
     assert poisoned["min_rank"] < clean["min_rank"] / 3, (poisoned, clean)
+
+
+@pytest.mark.slow
+def test_sterilizing_is_watched_on_validation_and_reported_on_test(demo):
+    _, report, rows, out = demo
+    sterilization = report["sterilization"]
+    assert sterilization["watched_split"] == "validation"
+    # The curve starts at the poisoned model as the validation split sees it, a split of its own:
+    # the table's test figures played no part in when sterilizing stopped.
+    goal = DemoConfig.quick().goal
+    poisoned = load_model(ModelSpec(str(out / "models" / "poisoned.safetensors")))
+    on_validation = evaluate(poisoned, load_test_set([str(out / "world" / "validation")], make_labeler()),
+                             [parse_goal(goal)]).goal(goal).model
+    start = sterilization["curve"][0]
+    assert start["step"] == 0
+    assert start["min_rank"][goal] == pytest.approx(on_validation.min_rank)
+    assert start["hits_at_10"][goal] == pytest.approx(on_validation.hits[10])
+    assert start["min_rank"][goal] != pytest.approx(rows["poisoned"]["min_rank"])
