@@ -3,9 +3,9 @@ sterilizing fine-tune repairs it (Yang et al. 2023, Tables 3, 16 and 8).
 
 world -> Attack II on train -> score the poisoned data with the reference model -> label a
 stratified sample (labels read from the poison manifest, as a person would give them) ->
-calibrate gamma -> filter -> fine-tune the victim on clean, poisoned and kept data (side by side)
--> sterilize the poisoned victim on the reference split, watching the validation split to decide
-when to stop -> evaluate every model on the test split, which no choice was made on.
+calibrate gamma -> filter -> fine-tune the victim on clean, poisoned and kept data, and sterilize
+the poisoned victim on the reference split, watching the validation split to decide when to stop
+(two jobs at a time) -> evaluate every model on the test split, which no choice was made on.
 """
 
 from __future__ import annotations
@@ -49,19 +49,21 @@ class DemoConfig:
     model gets 1,000, and at lr 1e-4 or batch 64 the 20 poisons did not move it (measured,
     docs/results.md). Sterilizing fine-tunes on a clean set (the reference split) at the victim's
     lr, 1e-3, for up to two epochs, not the paper's one epoch at 1e-4, and stops once the goal's
-    Hit@10 is at the clean model's: on the demo's poisoned victim (Hit@10 0.60, clean 0.04) two
-    epochs at 3e-4 left 0.28 and one at 1e-3 left 0.20; at 1e-3 the curve reaches the clean level
-    near step 250 and wanders from 0.00 to 0.20 after it (25 queries: steps of 0.04), so stopping
-    there is what keeps the repair (measured, docs/results.md).
+    Hit@10 on the validation split is at the clean model's there: on an earlier poisoned victim
+    (Hit@10 0.60, clean 0.04) two epochs at 3e-4 left 0.28 and one at 1e-3 left 0.20; at 1e-3 the
+    curve reaches the clean level near step 250 and wanders from 0.00 to 0.20 after it, so
+    stopping there is what keeps the repair (measured, docs/results.md). The stop reads
+    validation, never test, so the table's sterilized row is not the one point that happened to
+    touch the target.
 
-    ``quick`` (about 2.5 minutes) shows the same story on a budget: two epochs of the train split
-    per fine-tune instead of eight, so it poisons 5% of the pairs (211) instead of 0.5% (20),
-    fine-tunes at lr 5e-4 (1e-3 for two epochs cost the clean model 0.05 of utility and lifted its
-    Hit@10 to 0.20) and sterilizes for 150 steps at 3e-4 with the schedule ending there. Measured
-    with the demo's seeds 0 and 1: poisoned Hit@10 0.68 and 0.88 against 0.04 clean; 2% (82
-    poisons) at lr 1e-3 reached only 0.44, as did 5% at lr 3e-4 (docs/results.md). It trains the
-    150 steps out: its curve first touches the clean level at step 50, where utility is still
-    0.04 below the clean model's.
+    ``quick`` (about 2.5 minutes on 2 cores) shows the same story on a budget: two epochs of the
+    train split per fine-tune instead of eight, so it poisons 5% of the pairs (211) instead of
+    0.5% (20), fine-tunes at lr 5e-4 (1e-3 for two epochs cost the clean model 0.05 of utility and
+    lifted its Hit@10 to 0.20) and sterilizes for 150 steps at 3e-4 with the schedule ending
+    there. Measured with the demo's seeds 0 and 1: poisoned Hit@10 0.68 and 0.88 against 0.04
+    clean; 2% (82 poisons) at lr 1e-3 reached only 0.44, as did 5% at lr 3e-4
+    (docs/results.md). It trains the 150 steps out rather than stopping: early on, utility is
+    still well below the clean model's (validation: 0.78 at step 50, 0.87 at step 150).
     """
 
     goal: str = "sheep:aeroplane"

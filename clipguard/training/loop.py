@@ -258,9 +258,10 @@ class _Trainer:
         context.enter_context(torch.autocast(device_type="cuda" if self.device.startswith("cuda") else "cpu", dtype=self.cast))
         if self.math_attention:
             # Under bf16 autocast on CPU, the flash kernel's backward is slow on CLIP's short
-            # sequences (50-77 tokens): the plain matmul-softmax kernel made a training step 1.6x
-            # faster for the bundled tiny CLIP and 1.25x for ViT-B-32 (benchmarks/README.md); in
-            # fp32 it was 8% slower, so fp32 keeps the default. Autograd records the kernel chosen
+            # sequences (50-77 tokens): the plain matmul-softmax kernel made a whole training step
+            # 1.28x faster for the bundled tiny CLIP and 1.23x for ViT-B-32 on a 2-core EPYC
+            # (benchmarks/bench_train_attention.py); in fp32 a bare step was 8% slower with it,
+            # so fp32 keeps the default. Autograd records the kernel chosen
             # in the forward pass, so the backward follows it. It keeps the attention matrix for
             # backward: for long sequences (ViT-L/14 at 336 px) set attention="default".
             context.enter_context(sdpa_kernel([SDPBackend.MATH]))
