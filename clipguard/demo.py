@@ -22,6 +22,7 @@ from clipguard.attacks import AttackConfig, AttackKind, parse_goal, run_attack
 from clipguard.calibration.run import CalibrateRequest, calibrate_scores
 from clipguard.data.shardspec import resolve_shards
 from clipguard.data.tarstream import ShardReport, iter_samples
+from clipguard.errors import ClipguardError
 from clipguard.evaluation import EvaluationReport, evaluate, load_test_set
 from clipguard.filtering.run import FilterConfig, filter_shards
 from clipguard.filtering.threshold import load_calibration
@@ -39,6 +40,10 @@ REFERENCE = "clipguard-reference"
 WATCH_SPLIT = "validation"
 
 
+class DemoError(ClipguardError):
+    """A demo stage that produced nothing the next one can use."""
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """Sizes and training settings.
@@ -54,7 +59,9 @@ class DemoConfig:
     curve reaches the clean level near step 250 and wanders from 0.00 to 0.20 after it, so
     stopping there is what keeps the repair (measured, docs/results.md). The stop reads
     validation, never test, so the table's sterilized row is not the one point that happened to
-    touch the target.
+    touch the target. It also waits for utility within 0.01 of the poisoned model's: without
+    that, a run stopped at step 250 with validation utility 0.024 below its start, mid-dip, and
+    the repaired model kept the loss (test TR Hit@10 0.052 below the clean model's).
 
     ``quick`` (about 2.5 minutes on 2 cores) shows the same story on a budget: two epochs of the
     train split per fine-tune instead of eight, so it poisons 5% of the pairs (211) instead of
@@ -80,8 +87,11 @@ class DemoConfig:
     sterilize_epochs: int = 2
     sterilize_steps: int | None = None  # a cap on the steps of those epochs
     sterilize_eval_every: int = 50
-    # Stop once the goal's Hit@10 is back at the clean model's (`clipguard sterilize`'s default).
+    # Stop once the goal's Hit@10 is back at the clean model's (`clipguard sterilize`'s default)
+    # and utility is within this of where sterilizing started, both on validation: the first
+    # touch of the clean level can come while utility is dipping (see the class docstring).
     sterilize_early_stop: bool = True
+    sterilize_max_utility_drop: float | None = 0.01
     precision: str = "bf16"
     # Processes for the fine-tunes and sterilizing (None: one per core, at most three; 1: all of
     # them in this process, one after the other).
@@ -90,13 +100,15 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> "DemoConfig":
         return cls(rate=0.05, victim_lr=5e-4, victim_min_lr=5e-5, victim_epochs=2,
-                   sterilize_lr=3e-4, sterilize_steps=150, sterilize_eval_every=50, sterilize_early_stop=False)
+                   sterilize_lr=3e-4, sterilize_steps=150, sterilize_eval_every=50, sterilize_early_stop=False,
+                   sterilize_max_utility_drop=None)
 
     def sterilize_config(self) -> SterilizeConfig:
         return SterilizeConfig(
             lr=self.sterilize_lr, epochs=self.sterilize_epochs, max_steps=self.sterilize_steps,
             batch_size=self.batch_size, eval_every=self.sterilize_eval_every,
-            stop_at_baseline=self.sterilize_early_stop, seed=self.seed, precision=self.precision,
+            stop_at_baseline=self.sterilize_early_stop, max_utility_drop=self.sterilize_max_utility_drop,
+            seed=self.seed, precision=self.precision,
         )
 
     def victim_config(self) -> FinetuneConfig:
@@ -174,6 +186,8 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
     with stage("fine-tune the victim on clean, poisoned and filtered data; sterilize the poisoned one"):
         victims = _train_and_sterilize(config, world, out_dir, goal)
     repaired = victims.sterilized
+    if not repaired.saved:
+        raise DemoError(f"sterilizing the poisoned victim saved nothing: {repaired.refused_reason}")
     with stage("evaluate every model on the test split"):
         reports = {
             "pretrained victim": evaluate(load_model(ModelSpec(VICTIM)), test, [goal]),

@@ -9,10 +9,11 @@ from typer.testing import CliRunner
 
 from clipguard.attacks import parse_goal
 from clipguard.cli.main import app
-from clipguard.demo import DemoConfig
+from clipguard.demo import DemoConfig, DemoError, run_demo
 from clipguard.evaluation import evaluate, load_test_set
 from clipguard.labels import make_labeler
 from clipguard.model.loading import ModelSpec, load_model
+from clipguard.synth import WorldSpec
 
 runner = CliRunner()
 
@@ -87,3 +88,17 @@ def test_sterilizing_is_watched_on_validation_and_reported_on_test(demo):
     assert start["min_rank"][goal] == pytest.approx(on_validation.min_rank)
     assert start["hits_at_10"][goal] == pytest.approx(on_validation.hits[10])
     assert start["min_rank"][goal] != pytest.approx(rows["poisoned"]["min_rank"])
+
+
+def test_a_refused_sterilize_is_a_clear_demo_error_and_the_in_process_path_runs(tmp_path):
+    # A budget no model can meet (utility would have to rise by 1): sterilizing refuses to save,
+    # and the demo says so instead of failing later on a missing checkpoint. workers=1 runs the
+    # four training jobs in this process, one after the other.
+    tiny = WorldSpec(train_images=200, train_class_skew=0.0, reference_images=64, test_images_per_class=2,
+                     validation_images_per_class=2, shard_size=200)
+    config = DemoConfig(world=tiny, rate=0.02, victim_epochs=1, batch_size=16, labels=100, sterilize_steps=2,
+                        sterilize_eval_every=1, sterilize_max_utility_drop=-1.0, workers=1)
+    with pytest.raises(DemoError, match="sterilizing the poisoned victim saved nothing: utility .* not saved"):
+        run_demo(tmp_path, config)
+    assert (tmp_path / "models" / "filtered.safetensors").is_file()
+    assert not (tmp_path / "models" / "sterilized.safetensors").exists()

@@ -18,7 +18,7 @@ PAPER_HIT10 = {"clean fine-tune": 0.200, "poisoned": 0.936, "filtered": 0.016, "
 
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Report folder (world, shards, models, plots, report.json).")] = Path("demo-out"),
-    quick: Annotated[bool, typer.Option("--quick", help="The story on a budget, about 2.5 minutes on 2 CPU cores (the full demo: about 8): 2 epochs per fine-tune instead of 8, so 5% of the pairs poisoned instead of 0.5%.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="The story on a budget, about 2.5 minutes on 2 CPU cores (the full demo: about 9): 2 epochs per fine-tune instead of 8, so 5% of the pairs poisoned instead of 0.5%.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the attack, sampling and training.")] = 0,
 ) -> None:
     """Synthesize, poison, train, score, calibrate, filter, retrain, sterilize, evaluate."""
