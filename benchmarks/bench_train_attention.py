@@ -48,7 +48,7 @@ def seconds_per_step(loaded_or_spec, shards: str, config: FinetuneConfig, out: P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="steps per tiny-model run")
-    parser.add_argument("--vit-steps", type=int, default=4, help="steps per ViT-B-32 run (0: skip it)")
+    parser.add_argument("--vit-steps", type=int, default=3, help="steps per ViT-B-32 run (0: skip it)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

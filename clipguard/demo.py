@@ -242,8 +242,9 @@ def _train_and_sterilize(config: DemoConfig, world, out_dir: Path, goal) -> _Vic
     (watching the validation split, aiming at the clean victim's level).
 
     Two at a time on 2 cores, one thread each: poisoned and clean first, then filtered beside
-    sterilizing, which needs both of the first two. A tiny model keeps one core busy far better
-    than two, so this beats each job on both cores one after the other (benchmarks/README.md).
+    sterilizing, which needs both of the first two. In the quick demo on a 2-core EPYC all four
+    took 124 s this way, against 101 s + 41 s for the three fine-tunes as three processes and
+    then sterilizing alone (benchmarks/README.md).
     """
     models = out_dir / "models"
     victim = config.victim_config()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -18,18 +20,26 @@ from clipguard.synth import WorldSpec
 runner = CliRunner()
 
 
+@dataclass
+class DemoRun:
+    output: str
+    report: dict
+    rows: dict[str, dict]  # table row name -> row
+    out: Path
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory) -> DemoRun:
     out = tmp_path_factory.mktemp("demo")
     result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    return result.output, report, {row["name"]: row for row in report["table"]}, out
+    return DemoRun(result.output, report, {row["name"]: row for row in report["table"]}, out)
 
 
 @pytest.mark.slow
 def test_demo_prints_the_paper_shaped_table_and_writes_its_report(demo):
-    output, report, rows, _ = demo
+    output, report, rows = demo.output, demo.report, demo.rows
     assert list(rows) == ["pretrained victim", "clean fine-tune", "poisoned", "filtered", "sterilized"]
     for name in rows:
         assert name in output
@@ -42,7 +52,7 @@ def test_demo_prints_the_paper_shaped_table_and_writes_its_report(demo):
 
 @pytest.mark.slow
 def test_filter_quarantines_the_poisons_and_loses_nothing(demo):
-    _, report, _, _ = demo
+    report = demo.report
     counts = report["filter"]
     assert counts["kept"] + counts["flagged"] + counts["errored"] == counts["read"]
     # The filter's recall on the poisons (known from the manifest) lies inside the error bars that
@@ -56,7 +66,7 @@ def test_filter_quarantines_the_poisons_and_loses_nothing(demo):
 
 @pytest.mark.slow
 def test_filtered_and_sterilized_models_match_the_clean_one(demo):
-    _, _, rows, _ = demo
+    rows = demo.rows
     clean = rows["clean fine-tune"]
     for name in ("filtered", "sterilized"):
         assert abs(rows[name]["hits"]["10"] - clean["hits"]["10"]) <= 0.05, (name, rows[name])
@@ -66,7 +76,7 @@ def test_filtered_and_sterilized_models_match_the_clean_one(demo):
 
 @pytest.mark.slow
 def test_the_attack_works_in_the_demo(demo):
-    _, _, rows, _ = demo
+    rows = demo.rows
     poisoned, clean = rows["poisoned"], rows["clean fine-tune"]
     assert poisoned["hits"]["10"] >= 0.5, poisoned
     assert poisoned["min_rank"] < clean["min_rank"] / 3, (poisoned, clean)
@@ -74,7 +84,7 @@ def test_the_attack_works_in_the_demo(demo):
 
 @pytest.mark.slow
 def test_sterilizing_is_watched_on_validation_and_reported_on_test(demo):
-    _, report, rows, out = demo
+    report, rows, out = demo.report, demo.rows, demo.out
     sterilization = report["sterilization"]
     assert sterilization["watched_split"] == "validation"
     # The curve starts at the poisoned model as the validation split sees it, a split of its own:

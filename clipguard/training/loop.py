@@ -261,9 +261,9 @@ class _Trainer:
             # sequences (50-77 tokens): the plain matmul-softmax kernel made a whole training step
             # 1.28x faster for the bundled tiny CLIP and 1.23x for ViT-B-32 on a 2-core EPYC
             # (benchmarks/bench_train_attention.py); in fp32 a bare step was 8% slower with it,
-            # so fp32 keeps the default. Autograd records the kernel chosen
-            # in the forward pass, so the backward follows it. It keeps the attention matrix for
-            # backward: for long sequences (ViT-L/14 at 336 px) set attention="default".
+            # so fp32 keeps the default. Autograd records the kernel chosen in the forward pass,
+            # so the backward follows it. It keeps the attention matrix for the backward pass:
+            # for long sequences (ViT-L/14 at 336 px) set attention="default".
             context.enter_context(sdpa_kernel([SDPBackend.MATH]))
         return context
 

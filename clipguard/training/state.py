@@ -129,7 +129,7 @@ def restore_optimizer(
     for name, parameter in named_parameters.items():
         if name in moments:
             # A fused optimizer keeps its step count beside the parameter; the loop one on the CPU.
-            step_device = parameter.device if optimizer.defaults.get("fused") else None
+            fused = bool(optimizer.defaults.get("fused"))
             optimizer.state[parameter] = {
-                k: v.to(parameter.device) if k != "step" else v.to(step_device or v.device) for k, v in moments[name].items()
+                k: v if k == "step" and not fused else v.to(parameter.device) for k, v in moments[name].items()
             }
