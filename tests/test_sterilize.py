@@ -137,3 +137,17 @@ def test_unknown_dataset_name_is_a_clear_cli_error(tmp_path):
     result = runner.invoke(app, ["sterilize", "clipguard-victim", "--clean", "vg", "--out", str(tmp_path / "x"),
                                  "--datasets-config", str(tmp_path / "none.toml")])
     assert result.exit_code == 2 and "neither shards nor a known dataset name" in result.output
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--test", "{world}/test"], "--test without --goal or --manifest: nothing to watch"),
+    (["--goal", "sheep:aeroplane"], "watching a goal needs --test SHARDS"),
+    (["--goal", "sheep:aeroplane", "--test", "{world}/test", "--target-image", "000000001"],
+     "--target-image needs --target-shards"),
+])
+def test_a_watch_missing_its_other_half_is_a_clear_cli_error(tmp_path, world, flags, message):
+    out = tmp_path / "x.safetensors"
+    result = runner.invoke(app, ["sterilize", "clipguard-victim", "--clean", str(world / "reference"), "--out", str(out),
+                                 *[f.format(world=world) for f in flags]])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and not out.exists()
