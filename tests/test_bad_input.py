@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import struct
 import tarfile
@@ -50,7 +51,8 @@ def score_rows(tmp_path: Path, loaded, shards_spec) -> list[dict]:
     summary = score_shards(resolve_shards(shards_spec), loaded, tmp_path / "scores", ScoreConfig(batch_size=8))
     rows = []
     for result in summary.shards:
-        rows.extend(pq.read_table(tmp_path / "scores" / result.score_file).to_pylist())
+        if not result.failed:
+            rows.extend(pq.read_table(tmp_path / "scores" / result.score_file).to_pylist())
     return rows, summary
 
 
@@ -147,6 +149,10 @@ def test_not_a_tar_is_reported_not_crashed(tmp_path: Path, tiny_loaded):
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar archive at all" * 40)
     rows, summary = score_rows(tmp_path, tiny_loaded, [str(tmp_path / "junk.tar")])
     assert rows == [] and summary.shards[0].read_error
+    # Nothing could be read: that is a failed shard, not a finished one with no pairs.
+    assert summary.failed == summary.shards and not (tmp_path / "scores" / "junk.parquet").exists()
+    manifest = json.loads((tmp_path / "scores" / "manifest.json").read_text())
+    assert not manifest["complete"] and manifest["failed_shards"][0]["shard"] == "junk"
 
 
 def test_pixel_limit_is_checked_before_decoding():

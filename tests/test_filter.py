@@ -297,8 +297,8 @@ def _raw_tar(path: Path, members: list[tuple[str, bytes]], cut: int = 0) -> Path
     return path
 
 
-def test_unsafe_and_truncated_samples_go_to_quarantine_without_unsafe_bytes(tmp_path, dataset):
-    secret = b"bytes that must never be written"
+def test_unsafe_and_truncated_samples_go_to_quarantine_under_safe_names(tmp_path, dataset):
+    secret = b"bytes that must never be written under their own name"
     _raw_tar(tmp_path / "in" / "evil.tar", [
         ("ok0.jpg", jpeg_bytes(1, size=40)), ("ok0.txt", b"a fine pair"),
         ("../escape.jpg", secret), ("../escape.txt", secret),
@@ -316,11 +316,18 @@ def test_unsafe_and_truncated_samples_go_to_quarantine_without_unsafe_bytes(tmp_
     assert result.exit_code == 0, result.output
     quarantined = {json.loads(m[-1][1])["key"]: (key, m) for key, m in outputs(tmp_path / "q", "evil", "quarantine")}
     key, members = quarantined["../escape"]
-    assert key.startswith("unsafe-") and [ext for ext, _ in members] == ["clipguard.json"]
-    assert "unsafe_member" in json.loads(members[0][1])["reason"]
+    # The bytes are kept (nothing is lost) under a stand-in name; the sidecar maps it back.
+    assert key.startswith("unsafe-") and members[:2] == [("jpg", secret), ("txt", secret)]
+    sidecar = json.loads(members[-1][1])
+    assert "unsafe_member" in sidecar["reason"]
+    assert sidecar["renamed_members"] == [
+        {"member": "../escape.jpg", "written_as": f"{key}.jpg", "reason": "member name with '..'"},
+        {"member": "../escape.txt", "written_as": f"{key}.txt", "reason": "member name with '..'"},
+    ]
     assert [k for k, _ in outputs(tmp_path / "c", "evil", "clean")] == ["ok0", "ok1"]
-    for part in [*(tmp_path / "c").glob("*.tar"), *(tmp_path / "q").glob("*.tar")]:
+    for part in (tmp_path / "c").glob("*.tar"):
         assert secret not in part.read_bytes()
+    for part in [*(tmp_path / "c").glob("*.tar"), *(tmp_path / "q").glob("*.tar")]:
         with tarfile.open(part) as archive:
             assert all(not m.name.startswith(("/", "..")) for m in archive.getmembers())
 
@@ -353,7 +360,7 @@ def test_writer_is_deterministic_and_never_merges_repeated_keys(tmp_path):
     def write(folder: Path):
         writer = ShardSequenceWriter(folder, "s-clean", max_samples=3)
         for key in ["k1", "k2", "k2", "k3", "k4", "k5", "k6"]:
-            writer.write(key, [("jpg", key.encode() * 3), ("txt", b"caption")])
+            writer.write(key, [(f"{key}.jpg", key.encode() * 3), (f"{key}.txt", b"caption")])
         return writer.commit()
 
     first, second = write(tmp_path / "a"), write(tmp_path / "b")
@@ -366,12 +373,14 @@ def test_writer_is_deterministic_and_never_merges_repeated_keys(tmp_path):
         assert (info.mtime, info.uid, info.uname, info.mode) == (946_684_800, 0, "clipguard", 0o444)
 
     aborted = ShardSequenceWriter(tmp_path / "c", "s-clean", max_samples=1)
-    aborted.write("x", [("txt", b"1")])
-    aborted.write("y", [("txt", b"2")])
+    aborted.write("x", [("x.txt", b"1")])
+    aborted.write("y", [("y.txt", b"2")])
     aborted.abort()
     assert list((tmp_path / "c").iterdir()) == []
     with pytest.raises(ValueError):
-        ShardSequenceWriter(tmp_path / "d", "s", 5).write("../up", [("txt", b"no")])
+        ShardSequenceWriter(tmp_path / "d", "s", 5).write("../up", [("../up.txt", b"no")])
+    with pytest.raises(ValueError):
+        ShardSequenceWriter(tmp_path / "d", "s", 5).write("up", [("..\\..\\up.txt", b"no")])
 
 
 def test_an_unreadable_shard_fails_the_run_but_not_the_others(tmp_path, dataset):

@@ -62,6 +62,7 @@ def gate(
         float,
         typer.Option(help="Fail when more than this fraction of all pairs could not be scored (corrupt image, missing caption, unsafe member); such pairs are never counted as flagged."),
     ] = DEFAULT_MAX_ERROR_RATE,
+    allow_truncated: Annotated[bool, typer.Option(help="Gate a truncated shard on the pairs before the cut instead of failing it (pairs after the cut were never vetted).")] = False,
     scores: ScoresOpt = None,
     save_scores: Annotated[Optional[Path], typer.Option(file_okay=False, help="Keep the scores computed here in this folder (default: a temporary folder).")] = None,
     report_format: Annotated[ReportFormat, typer.Option("--format", help="text for a CI log, json for machines (stdout only), markdown for a PR comment or $GITHUB_STEP_SUMMARY.")] = ReportFormat.text,
@@ -81,7 +82,7 @@ def gate(
     """CI gate: exit 0 when the flagged rate (cosine distance >= gamma, among scored pairs) and the
     error rate are within policy, 1 when not, 2 when the gate could not decide."""
     report = _run_gate(
-        shards, max_flagged_rate, max_error_rate, gamma, calibration, scores, save_scores, examples,
+        shards, (max_flagged_rate, max_error_rate, allow_truncated), gamma, calibration, scores, save_scores, examples,
         ScoringOptions(model, pretrained, model_config, batch_size, precision, workers, device, max_pixels, max_caption_bytes, jpeg_draft),
         allow_pipe,
     )
@@ -94,8 +95,7 @@ def gate(
 
 def _run_gate(
     shards: list[str],
-    max_flagged_rate: float,
-    max_error_rate: float,
+    policy_request: tuple[float, float, bool],
     gamma: float | None,
     calibration: Path | None,
     scores: Path | None,
@@ -107,7 +107,7 @@ def _run_gate(
     try:
         with user_errors():
             threshold = resolve_threshold(gamma, calibration)
-            policy = GatePolicy(max_flagged_rate=max_flagged_rate, max_error_rate=max_error_rate)
+            policy = GatePolicy(*policy_request)
             shard_list = resolve_shards(shards, allow_pipe=allow_pipe)
             loaded, score_config = load_scoring(options)
             config = GateConfig(policy=policy, reuse_scores=scores, save_scores=save_scores, examples=examples, score=score_config)

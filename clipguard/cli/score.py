@@ -12,6 +12,7 @@ from rich.table import Table
 from clipguard.cli.common import console, err_console, score_progress, user_errors
 from clipguard.data.pairs import DecodeLimits, DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS
 from clipguard.data.shardspec import resolve_shards
+from clipguard.errors import ClipguardError
 from clipguard.model.loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec, load_model
 from clipguard.scoring.run import ScoreConfig, ScoreSummary, score_shards
 
@@ -56,6 +57,12 @@ def score(
         with score_progress(len(shard_list)) as on_progress:
             summary = score_shards(shard_list, loaded, out, config, progress=on_progress)
         print_summary(summary)
+        if summary.failed:
+            details = "; ".join(f"{r.shard}: {r.read_error}" for r in summary.failed[:5])
+            raise ClipguardError(
+                f"{len(summary.failed)} shard(s) could not be read and have no scores ({details}). "
+                "Fix the source and rerun into the same --out: only those shards are read again"
+            )
 
 
 def print_summary(summary: ScoreSummary) -> None:
@@ -69,6 +76,8 @@ def print_summary(summary: ScoreSummary) -> None:
     table.add_row("errors by reason", errors)
     truncated = [r.shard for r in summary.shards if r.truncated]
     table.add_row("truncated shards", ", ".join(truncated) or "none")
+    failed = [r.shard for r in summary.failed]
+    table.add_row("failed shards", ", ".join(failed) + " (no scores; rerun to retry)" if failed else "none")
     if summary.distance_quantiles:
         q = summary.distance_quantiles
         table.add_row("cosine distance", "  ".join(f"{k} {v:.3f}" for k, v in q.items()))

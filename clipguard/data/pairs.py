@@ -3,6 +3,16 @@
 Limits protect the scorer from hostile input: the pixel count is checked from the image header
 before any pixel is decoded, captions are bounded in bytes, and only image and text fields are
 ever parsed (``.pkl``/``.pth`` members stay opaque bytes).
+
+Only the web's raster formats are decoded (`WEB_IMAGE_FORMATS`: JPEG, PNG, WebP), the one the
+member's extension names tried first: PIL would otherwise open any format it knows from the
+bytes alone, and an EPS file named ``.jpg`` would reach Ghostscript. A PNG saved as ``.jpg`` (common
+in scrapes) still decodes.
+
+A very long, thin image is centre-cropped to `DecodeLimits.max_aspect_ratio` before anything
+resizes it: a 1 x 100,000 px PNG is 190 bytes and 0.2% of the pixel limit, but resizing its short
+side to 224 px would make 22 million pixels. The model's own transform (resize the short side,
+then centre-crop a square) only ever looks at the central square, which the crop keeps whole.
 """
 
 from __future__ import annotations
@@ -16,11 +26,14 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from clipguard.data.tarstream import RawSample
+from clipguard.data.tarstream import DEFAULT_MAX_MEMBER_BYTES, RawSample
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+WEB_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+_FORMAT_OF_FIELD = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_CAPTION_BYTES = 16_384
+DEFAULT_MAX_ASPECT_RATIO = 4.0
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,10 @@ class DecodeLimits:
     max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES
     # JPEG draft mode decodes at a reduced DCT scale (>= this size) instead of full resolution.
     draft_size: int | None = None
+    # Longer side / shorter side beyond which the image is centre-cropped (see the module doc).
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+    # Members larger than this are never held in memory (scoring records them as errors).
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
 
 
 @dataclass
@@ -56,7 +73,7 @@ def read_caption(sample: RawSample, limits: DecodeLimits) -> tuple[str | None, b
     if raw is None and "json" in sample.fields:
         try:
             meta = json.loads(sample.fields["json"].decode("utf-8", errors="replace"))
-        except (json.JSONDecodeError, ValueError):
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             meta = None
         if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
             raw = meta["caption"].encode("utf-8", errors="replace")
@@ -91,22 +108,37 @@ def decode_pair(sample: RawSample, limits: DecodeLimits) -> Pair:
         pair.error = "missing_image"
     elif caption is None:
         pair.error = "missing_caption"
+    elif not caption:
+        # An empty caption would be scored against the empty string: not evidence either way.
+        pair.error = "empty_caption"
     else:
-        pair.image, pair.error = open_image(image_bytes, limits)
+        pair.image, pair.error = open_image(image_bytes, limits, field_name)
     return pair
 
 
-def open_image(data: bytes, limits: DecodeLimits) -> tuple[Image.Image | None, str | None]:
+def decode_formats(field_name: str | None) -> tuple[str, ...]:
+    """The web formats, the one the extension names first."""
+    named = _FORMAT_OF_FIELD.get(field_name or "")
+    return tuple(dict.fromkeys([named, *WEB_IMAGE_FORMATS] if named else WEB_IMAGE_FORMATS))
+
+
+def open_image(
+    data: bytes, limits: DecodeLimits, field_name: str | None = None
+) -> tuple[Image.Image | None, str | None]:
     try:
         with warnings.catch_warnings():
             # We enforce our own pixel limit below, before decoding; PIL's would only warn.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            try:
+                image = Image.open(io.BytesIO(data), formats=decode_formats(field_name))
+            except Image.UnidentifiedImageError:
+                return None, "corrupt_image: not a JPEG, PNG or WebP image (other formats are never decoded)"
             width, height = image.size
             if width * height > limits.max_pixels:
                 return None, f"image_too_large: {width}x{height} exceeds {limits.max_pixels} pixels"
             if limits.draft_size and image.format == "JPEG":
                 image.draft("RGB", (limits.draft_size, limits.draft_size))
+            image = crop_to_aspect(image, limits.max_aspect_ratio)
             image = image.convert("RGB")
             image.load()
     except Image.DecompressionBombError as exc:
@@ -116,3 +148,17 @@ def open_image(data: bytes, limits: DecodeLimits) -> tuple[Image.Image | None, s
         message = re.sub(r" at 0x[0-9a-f]+", "", str(exc))[:120]
         return None, f"corrupt_image: {type(exc).__name__}: {message}"
     return image, None
+
+
+def crop_to_aspect(image: Image.Image, max_ratio: float) -> Image.Image:
+    """The central part of an image whose sides differ by more than ``max_ratio``, cut to that
+    ratio. Decoding itself is already bounded by the pixel limit; the crop bounds what a resize
+    of the short side can make of it."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if short == 0 or long <= short * max_ratio:
+        return image
+    keep = max(1, int(short * max_ratio))
+    start = (long - keep) // 2
+    box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
+    return image.crop(box)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,25 @@ class Shard:
     @property
     def is_remote(self) -> bool:
         return self.url.startswith(REMOTE_SCHEMES)
+
+    @property
+    def is_local(self) -> bool:
+        return not self.is_remote and not self.url.startswith("pipe:")
+
+    @property
+    def location(self) -> str:
+        """Where the bytes come from, the same string however the path was typed."""
+        return os.path.realpath(self.url) if self.is_local else self.url
+
+    def local_stat(self) -> dict[str, int] | None:
+        """Size and modification time of a local shard, to notice that it was rewritten."""
+        if not self.is_local:
+            return None
+        try:
+            stat = os.stat(self.url)
+        except OSError:
+            return None
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def resolve_shards(specs: list[str] | str, allow_pipe: bool = False) -> list[Shard]:
@@ -72,7 +92,14 @@ def _expand_one(spec: str, allow_pipe: bool) -> list[str]:
 
 
 def _dedupe(urls: list[str]) -> list[str]:
-    return list(dict.fromkeys(urls))
+    """One entry per shard: ``x``, ``./x`` and ``d/../x`` name the same local file."""
+    seen: dict[str, str] = {}
+    for url in urls:
+        if url.startswith(REMOTE_SCHEMES) or url.startswith("pipe:"):
+            seen.setdefault(url, url)
+        else:
+            seen.setdefault(os.path.realpath(url), os.path.abspath(url))
+    return list(seen.values())
 
 
 def _name_uniquely(urls: list[str]) -> list[Shard]:

@@ -14,7 +14,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, Union
 
 from clipguard.data.tarstream import unsafe_name_reason
 
@@ -37,6 +37,17 @@ class WrittenShard:
 
     def to_dict(self) -> dict:
         return {"file": self.path.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+
+
+class StreamedPayload(Protocol):
+    """A member too large to hold in memory: its size and a file to copy it from."""
+
+    size: int
+
+    def open(self) -> BinaryIO: ...
+
+
+Payload = Union[bytes, StreamedPayload]
 
 
 def member_name(key: str, ext: str) -> str:
@@ -80,14 +91,14 @@ class _OpenPart:
         self.samples = 0
         self.last_key: str | None = None
 
-    def add(self, name: str, data: bytes) -> None:
+    def add(self, name: str, data: Payload) -> None:
         info = tarfile.TarInfo(name)
-        info.size = len(data)
+        info.size = len(data) if isinstance(data, bytes) else data.size
         info.mtime = FIXED_MTIME
         info.mode = FIXED_MODE
         info.uid = info.gid = 0
         info.uname = info.gname = FIXED_OWNER
-        self.archive.addfile(info, io.BytesIO(data))
+        self.archive.addfile(info, io.BytesIO(data) if isinstance(data, bytes) else data.open())
 
     def close(self) -> WrittenShard:
         self.archive.close()
@@ -118,17 +129,19 @@ class ShardSequenceWriter:
         self._current: _OpenPart | None = None
         self._closed: list[WrittenShard] = []
 
-    def write(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        """Write one sample; ``members`` are (extension, bytes) in the order they should appear."""
-        names = [member_name(key, ext) for ext, _ in members]
+    def write(self, key: str, members: list[tuple[str, Payload]], allow_repeated_names: bool = False) -> None:
+        """Write one sample; ``members`` are (full member name, bytes or a streamed payload) in
+        the order they should appear. Repeated names are refused unless asked for (a quarantine
+        copy keeps a sample exactly as it came, repeats included)."""
+        names = [name for name, _ in members]
         for name in names:
             reason = unsafe_name_reason(name)
             if reason is not None:
                 raise ValueError(f"refusing to write member {name!r}: {reason}")
-        if len(set(names)) != len(names):
+        if not allow_repeated_names and len(set(names)) != len(names):
             raise ValueError(f"sample {key!r} has two members with the same name")
         part = self._part_for(key)
-        for name, (_, data) in zip(names, members):
+        for name, data in members:
             part.add(name, data)
         part.samples += 1
         part.last_key = key

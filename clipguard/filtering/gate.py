@@ -5,8 +5,9 @@ flagged meaning cosine distance >= gamma. Pairs that could not be scored (corrup
 caption, unsafe member, truncated shard) are not evidence of poisoning, so they do not count as
 flagged; but the gate could not vet them either, so they have their own limit, the error rate
 errors / pairs (``max_error_rate``, 1% by default). A dataset passes when both rates are within
-policy. A shard that cannot be read at all, no pairs at all, or a bad threshold or model is not
-a verdict but an error (the CLI exits 2).
+policy. A truncated shard (cut inside a member, so pairs after the cut are gone and were never
+vetted) fails the gate unless ``allow_truncated`` is set. A shard that cannot be read at all, no
+pairs at all, or a bad threshold or model is not a verdict but an error (the CLI exits 2).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ CAPTION_SNIPPET_CHARS = 80
 class GatePolicy:
     max_flagged_rate: float
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    allow_truncated: bool = False
 
     def __post_init__(self):
         for name in ("max_flagged_rate", "max_error_rate"):
@@ -142,11 +144,21 @@ def gate_shards(
     with tempfile.TemporaryDirectory(prefix="clipguard-gate-") as scratch:
         scores_dir = Path(config.save_scores) if config.save_scores is not None else Path(scratch)
         sources = gather_scores(shards, loaded, config.reuse_scores, scores_dir, config.score, progress)
+        _refuse_failed(sources)
         tables = [read_shard_scores(s.name, sources.files[s.name]) for s in shards]
         _refuse_unreadable(tables)
         examples = _top_flagged(tables, threshold, config.examples)
         captions = _verify_and_read_captions(shards, tables, sources, examples)
     return _report(tables, sources, threshold, fingerprint, config.policy, examples, captions, start)
+
+
+def _refuse_failed(sources: ScoreSources) -> None:
+    if sources.failed:
+        detail = "; ".join(f"{name}: {why}" for name, why in list(sources.failed.items())[:5])
+        raise ClipguardError(
+            f"{len(sources.failed)} shard(s) could not be read, so the gate cannot vet them ({detail}); "
+            "rerun once the source is reachable"
+        )
 
 
 def _refuse_unreadable(tables: list[ShardScores]) -> None:
@@ -228,7 +240,7 @@ def _report(
     pairs = sum(s.pairs for s in shard_rows)
     ok = sum(s.ok for s in shard_rows)
     flagged = sum(s.flagged for s in shard_rows)
-    failures = policy_failures(pairs, ok, flagged, policy)
+    failures = policy_failures(pairs, ok, flagged, policy, [t.shard for t in tables if t.truncated])
     return GateReport(
         passed=not failures,
         failures=failures,
@@ -255,9 +267,16 @@ def _report(
     )
 
 
-def policy_failures(pairs: int, ok: int, flagged: int, policy: GatePolicy) -> list[str]:
+def policy_failures(
+    pairs: int, ok: int, flagged: int, policy: GatePolicy, truncated_shards: list[str] = ()
+) -> list[str]:
     """Rates are compared exactly (as fractions), so 1 flagged in 1000 passes a 0.001 limit."""
     failures = []
+    if truncated_shards and not policy.allow_truncated:
+        failures.append(
+            f"{len(truncated_shards)} shard(s) are truncated, so pairs after the cut were never vetted "
+            f"({', '.join(truncated_shards[:5])}); allow_truncated accepts them"
+        )
     errors = pairs - ok
     if ok == 0:
         failures.append(f"no pair could be scored ({errors} errors), so the flagged rate is unknown")

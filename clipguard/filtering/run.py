@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import clipguard
+from clipguard.data.folderlock import exclusive_folder
 from clipguard.data.shardspec import Shard
-from clipguard.data.tarstream import ShardReport, unsafe_name_reason
-from clipguard.data.writer import TEMPORARY_SUFFIX, ShardSequenceWriter, WrittenShard, member_name
+from clipguard.data.tarstream import Member, ShardReport, printable_key, unsafe_name_reason
+from clipguard.data.writer import TEMPORARY_SUFFIX, Payload, ShardSequenceWriter, WrittenShard, member_name
 from clipguard.errors import ClipguardError
 from clipguard.filtering.decide import Decision, Verdict, decide
 from clipguard.filtering.scores import ScoredSample, ScoreSources, gather_scores, read_shard_scores, scored_samples
@@ -88,10 +89,12 @@ class InputShardResult:
     def quarantined(self) -> int:
         return self.flagged + self.errored
 
+    failed: bool = False  # the source failed (see ShardReport.failed): no output was kept
+
     @property
     def unreadable(self) -> bool:
-        """Nothing could be read at all: no output was written, and a rerun will try again."""
-        return self.read_error is not None and self.read == 0
+        """Not read in full or not at all: no output was written, and a rerun will try again."""
+        return self.failed or (self.read_error is not None and self.read == 0)
 
 
 @dataclass
@@ -141,12 +144,26 @@ def filter_shards(
     config: FilterConfig,
     progress: FilterProgressCallback | None = None,
 ) -> FilterSummary:
-    start = time.perf_counter()
     fingerprint = loaded.info.fingerprint()
     check_threshold_model(threshold, fingerprint)
     if config.shard_size < 1:
         raise ClipguardError("--shard-size must be at least 1")
     clean_dir, quarantine_dir = _prepare_dirs(shards, config)
+    with exclusive_folder(clean_dir), exclusive_folder(quarantine_dir):
+        return _filter_shards(shards, loaded, threshold, config, progress, clean_dir, quarantine_dir)
+
+
+def _filter_shards(
+    shards: list[Shard],
+    loaded: LoadedModel,
+    threshold: Threshold,
+    config: FilterConfig,
+    progress: FilterProgressCallback | None,
+    clean_dir: Path,
+    quarantine_dir: Path,
+) -> FilterSummary:
+    start = time.perf_counter()
+    fingerprint = loaded.info.fingerprint()
     settings = _settings(threshold, fingerprint, config.shard_size, quarantine_dir)
     results: dict[str, InputShardResult] = {}
     pending: list[Shard] = []
@@ -171,7 +188,7 @@ def filter_shards(
         )
         pairs_done = 0
         for shard in pending:
-            result = _filter_one(shard, sources, threshold, settings, clean_dir, quarantine_dir, config.shard_size)
+            result = _filter_one(shard, sources, threshold, settings, clean_dir, quarantine_dir, config)
             results[shard.name] = result
             _write_manifest(context, results)
             pairs_done += result.read
@@ -253,12 +270,6 @@ def record_path(clean_dir: Path, shard_name: str) -> Path:
     return Path(clean_dir) / f"{shard_name}{RECORD_SUFFIX}"
 
 
-def _source(shard: Shard) -> str:
-    if shard.is_remote or shard.url.startswith("pipe:"):
-        return shard.url
-    return str(Path(shard.url).resolve())
-
-
 def _finished_result(
     shard: Shard, clean_dir: Path, quarantine_dir: Path, settings: dict[str, Any]
 ) -> InputShardResult | None:
@@ -269,7 +280,7 @@ def _finished_result(
         result = InputShardResult(**{**record["result"], "skipped_on_resume": True})
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no record, or one cut short: the shard is redone
-    if record.get("source") != _source(shard):
+    if record.get("source") != shard.location:
         raise ClipguardError(
             f"{clean_dir} already holds filter output for a different shard named {shard.name} "
             f"(from {record.get('source')}); filter into a new --out folder"
@@ -300,11 +311,14 @@ def _filter_one(
     settings: dict[str, Any],
     clean_dir: Path,
     quarantine_dir: Path,
-    shard_size: int,
+    config: FilterConfig,
 ) -> InputShardResult:
+    shard_size, limits = config.shard_size, config.score.limits
     record_path(clean_dir, shard.name).unlink(missing_ok=True)
     _remove_outputs(shard.name, clean_dir, CLEAN_TAG)
     _remove_outputs(shard.name, quarantine_dir, QUARANTINE_TAG)
+    if shard.name in sources.failed:
+        return _failed_result(shard, sources, sources.failed[shard.name])
     scores = read_shard_scores(shard.name, sources.files[shard.name])
     clean = ShardSequenceWriter(clean_dir, f"{shard.name}-{CLEAN_TAG}", shard_size)
     quarantine = ShardSequenceWriter(quarantine_dir, f"{shard.name}-{QUARANTINE_TAG}", shard_size)
@@ -312,18 +326,20 @@ def _filter_one(
     verdicts: Counter = Counter()
     reasons: Counter = Counter()
     try:
-        for scored in scored_samples(shard, scores, report):
+        for scored in scored_samples(shard, scores, report, True, limits.max_member_bytes):
             decision = decide(scored, threshold)
             verdicts[decision.verdict] += 1
             if decision.verdict is Verdict.kept:
-                clean.write(scored.sample.key, list(scored.sample.fields.items()))
+                clean.write(scored.sample.key, [(m.name, _payload(m)) for m in scored.sample.members])
                 continue
             if decision.verdict is Verdict.errored:
                 reasons[_reason_class(decision.reason)] += 1
-            quarantine.write(*quarantine_sample(scored, decision, threshold, shard.name))
+            out_key, members = quarantine_sample(scored, decision, threshold, shard.name)
+            quarantine.write(out_key, members, allow_repeated_names=True)
         read = sum(verdicts.values())
-        if report.read_error is not None and read == 0:
-            # Nothing was read (cannot open, or not a tar): record nothing, so a rerun retries it.
+        if report.failed:
+            # Not read in full (the source failed) or not at all: record nothing, so a rerun
+            # retries it rather than keeping a part of the shard as if it were all of it.
             clean.abort()
             quarantine.abort()
             clean_parts: list[WrittenShard] = []
@@ -349,12 +365,25 @@ def _filter_one(
         score_file=str(sources.files[shard.name]),
         clean=[p.to_dict() for p in clean_parts],
         quarantine=[p.to_dict() for p in quarantine_parts],
+        failed=report.failed,
     )
     assert result.kept + result.quarantined == result.read
     if not result.unreadable:
-        record = {"source": _source(shard), "settings": settings, "result": asdict(result)}
+        record = {"source": shard.location, "settings": settings, "result": asdict(result)}
         atomic_write_json(record_path(clean_dir, shard.name), record)
     return result
+
+
+def _failed_result(shard: Shard, sources: ScoreSources, why: str) -> InputShardResult:
+    return InputShardResult(
+        shard=shard.name, url=shard.url, read=0, kept=0, flagged=0, errored=0, errors_by_reason={},
+        truncated=False, read_error=why, scores=sources.origin(shard.name),
+        score_file=str(sources.files[shard.name]), clean=[], quarantine=[], failed=True,
+    )
+
+
+def _payload(member: Member) -> Payload:
+    return member.data if member.spool is None else member
 
 
 def _remove_outputs(shard_name: str, folder: Path, tag: str) -> None:
@@ -373,12 +402,25 @@ def _reason_class(reason: str | None) -> str:
 
 def quarantine_sample(
     scored: ScoredSample, decision: Decision, threshold: Threshold, shard_name: str
-) -> tuple[str, list[tuple[str, bytes]]]:
-    """The quarantined sample: every readable member as it was, plus a sidecar with the reason."""
+) -> tuple[str, list[tuple[str, Payload]]]:
+    """The quarantined sample: every member's bytes as they were, plus a sidecar with the reason.
+
+    Members keep their names where those are safe to write. A member whose name is not (``..``,
+    absolute, or a key made from such a name) is written under a stand-in name, and the sidecar
+    maps it back; a link or device member has no bytes, so the sidecar records it instead."""
     key = scored.sample.key
-    # The reader never gives us an unsafe member's bytes, but the key itself came from that
-    # member's name; a key such as '../x' must not become an output member name.
     out_key = key if unsafe_name_reason(member_name(key, "x")) is None else _safe_stand_in(key)
+    written: list[tuple[str, Payload]] = []
+    renamed, not_copied = [], []
+    for index, member in enumerate(scored.sample.members):
+        if not member.has_bytes:
+            not_copied.append({"member": printable_key(member.name), "reason": member.unsafe, "link": member.link})
+            continue
+        name = member.name
+        if member.unsafe is not None or out_key != key:
+            name = _stand_in_name(out_key, member, index)
+            renamed.append({"member": printable_key(member.name), "written_as": name, "reason": member.unsafe})
+        written.append((name, _payload(member)))
     sidecar = {
         "reason": decision.reason,
         "verdict": decision.verdict.value,
@@ -390,22 +432,36 @@ def quarantine_sample(
         "key": key,
         "problems": scored.sample.problems,
     }
-    members = list(scored.sample.fields.items())
-    members.append((_free_sidecar_ext(scored.sample.fields), (json.dumps(sidecar, sort_keys=True) + "\n").encode()))
-    return out_key, members
+    if renamed:
+        sidecar["renamed_members"] = renamed
+    if not_copied:
+        sidecar["members_without_bytes"] = not_copied
+    sidecar_name = _free_sidecar_name(out_key, {name for name, _ in written})
+    written.append((sidecar_name, (json.dumps(sidecar, sort_keys=True) + "\n").encode()))
+    return out_key, written
 
 
 def _safe_stand_in(key: str) -> str:
     return "unsafe-" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def _free_sidecar_ext(fields: dict[str, bytes]) -> str:
-    """`clipguard.json`, unless the sample already carries a member of that name."""
-    ext, n = SIDECAR_EXT, 1
-    while ext in fields:
+_PLAIN_EXT = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+
+
+def _stand_in_name(out_key: str, member: Member, index: int) -> str:
+    """``<key>.<ext>`` where the extension is plain, else ``<key>.member<index>``."""
+    if _PLAIN_EXT.match(member.ext) and ".." not in member.ext:
+        return f"{out_key}.{member.ext}"
+    return f"{out_key}.member{index}"
+
+
+def _free_sidecar_name(out_key: str, taken: set[str]) -> str:
+    """`<key>.clipguard.json`, unless the sample already carries a member of that name."""
+    name, n = member_name(out_key, SIDECAR_EXT), 1
+    while name in taken:
         n += 1
-        ext = f"clipguard{n}.json"
-    return ext
+        name = member_name(out_key, f"clipguard{n}.json")
+    return name
 
 
 @dataclass(frozen=True)

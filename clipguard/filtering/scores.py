@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from clipguard.data.pairs import image_field
 from clipguard.data.shardspec import Shard
-from clipguard.data.tarstream import RawSample, ShardReport, iter_samples
+from clipguard.data.tarstream import DEFAULT_MAX_MEMBER_BYTES, RawSample, ShardReport, iter_samples
 from clipguard.errors import ClipguardError
 from clipguard.filtering.threshold import describe_fingerprint, same_fingerprint
 from clipguard.model.loading import LoadedModel
@@ -46,6 +46,7 @@ class ScoreSources:
     reused: frozenset[str]
     reused_from: Path | None
     scored_into: Path | None
+    failed: dict[str, str] = field(default_factory=dict)  # shard -> why it could not be scored
 
     def origin(self, shard_name: str) -> str:
         return "reused" if shard_name in self.reused else "scored"
@@ -93,14 +94,17 @@ def gather_scores(
         reuse_dir = None  # score_shards resumes its own folder (and checks its model) by itself
     reusable = reusable_score_files(shards, Path(reuse_dir), fingerprint) if reuse_dir is not None else {}
     missing = [shard for shard in shards if shard.name not in reusable]
+    failed: dict[str, str] = {}
     if missing:
-        score_shards(missing, loaded, scratch_dir, config, progress=progress)
+        summary = score_shards(missing, loaded, scratch_dir, config, progress=progress)
+        failed = {r.shard: r.read_error or "could not be read" for r in summary.failed}
     files = {shard.name: reusable.get(shard.name) or score_path(scratch_dir, shard.name) for shard in shards}
     return ScoreSources(
         files=files,
         reused=frozenset(reusable),
         reused_from=Path(reuse_dir) if reuse_dir is not None else None,
         scored_into=Path(scratch_dir) if missing else None,
+        failed=failed,
     )
 
 
@@ -154,10 +158,18 @@ def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
-def scored_samples(shard: Shard, scores: ShardScores, report: ShardReport) -> Iterator[ScoredSample]:
-    """Stream the shard and pair each sample with its score row, checking that they belong together."""
+def scored_samples(
+    shard: Shard,
+    scores: ShardScores,
+    report: ShardReport,
+    keep_oversized: bool = False,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+) -> Iterator[ScoredSample]:
+    """Stream the shard and pair each sample with its score row, checking that they belong
+    together. A source that fails midway ends the stream early with ``report.failed`` set; the
+    caller must not take what came before for the whole shard."""
     count = 0
-    for position, sample in enumerate(iter_samples(shard, report)):
+    for position, sample in enumerate(iter_samples(shard, report, max_member_bytes, keep_oversized)):
         if position >= len(scores):
             raise _mismatch(scores, f"the shard now holds more than the {len(scores)} samples scored")
         _check_row(scores, position, sample)
@@ -168,6 +180,8 @@ def scored_samples(shard: Shard, scores: ShardScores, report: ShardReport) -> It
             error=scores.errors[position],
         )
         count = position + 1
+    if report.failed:
+        return
     if count != len(scores):
         raise _mismatch(scores, f"the shard now holds {count} samples, the score file {len(scores)}")
 

@@ -130,6 +130,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     name, pretrained, source_hint = spec.name, spec.pretrained, None
     if spec.model_config is not None:
         name = register_model_config(spec.model_config)
+        if pretrained == DEFAULT_PRETRAINED and not open_clip.list_pretrained_tags_by_model(name):
+            # The default tag was not asked for: a custom architecture has no hub weights, and
+            # the documented behaviour is random weights unless --pretrained names some.
+            pretrained = None
     elif _is_checkpoint_path(name):
         name, pretrained, source_hint = _checkpoint_architecture(Path(name)), name, "file"
     elif bundled.is_bundled(name):

@@ -72,7 +72,7 @@ class ShardChunks(IterableDataset):
     def shard_chunks(self, shard: Shard) -> Iterator[Chunk]:
         report = ShardReport(shard=shard.name, url=shard.url)
         pending: list[Pair] = []
-        for sample in iter_samples(shard, report):
+        for sample in iter_samples(shard, report, self.limits.max_member_bytes):
             pending.append(decode_pair(sample, self.limits))
             if len(pending) == self.chunk_size:
                 yield self.make_chunk(shard, pending)

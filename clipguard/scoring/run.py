@@ -2,6 +2,13 @@
 
 shards -> (workers: read, decode, preprocess, tokenize) -> chunks -> (main: embed with caches)
 -> one Parquet per shard + manifest.json. Finished shards are skipped on rerun.
+
+A shard whose source failed (cannot be opened, or the connection broke for good after retries,
+or nothing in it could be read) gets no score file: it is listed in the manifest's
+``failed_shards`` with the reason and the samples it had yielded, the run is not complete, and a
+rerun reads it again. A score file records where its shard came from (``source``: the real path
+or URL, and a local file's size and mtime), so a folder never hands one shard's scores to
+another shard of the same name, and a shard rewritten in place is scored again.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from torch.utils.data import DataLoader
 
 import clipguard
 from clipguard.data.pairs import DecodeLimits
+from clipguard.data.folderlock import exclusive_folder
 from clipguard.data.shardspec import Shard
 from clipguard.errors import ClipguardError
 from clipguard.model.loading import LoadedModel
@@ -60,6 +68,10 @@ class ShardResult:
     read_error: str | None
     skipped_members: list[dict[str, str]]
     skipped_on_resume: bool = False
+    # The source failed: no score file was written, and the samples it had yielded are lost to
+    # this run (counted here, read again by a rerun).
+    failed: bool = False
+    source: dict | None = None
 
 
 @dataclass
@@ -76,6 +88,10 @@ class ScoreSummary:
     @property
     def pairs_per_second(self) -> float:
         return self.pairs_scored_this_run / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def failed(self) -> list[ShardResult]:
+        return [r for r in self.shards if r.failed]
 
 
 @dataclass
@@ -98,9 +114,14 @@ def score_shards(
     config: ScoreConfig = ScoreConfig(),
     progress: ProgressCallback | None = None,
 ) -> ScoreSummary:
+    with exclusive_folder(Path(out_dir)):
+        return _score_shards(shards, loaded, Path(out_dir), config, progress)
+
+
+def _score_shards(
+    shards: list[Shard], loaded: LoadedModel, out_dir: Path, config: ScoreConfig, progress: ProgressCallback | None
+) -> ScoreSummary:
     start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     run_meta = _run_metadata(loaded, config)
     finished, pending = _split_finished(shards, out_dir, run_meta, config)
     results: dict[str, ShardResult] = {r.shard: r for r in finished}
@@ -188,7 +209,12 @@ def _finish_shard(last: Chunk, buffer: _ShardBuffer, out_dir: Path, run_meta: di
         truncated=report.truncated,
         read_error=report.read_error,
         skipped_members=report.skipped_members,
+        failed=report.failed,
+        source={"location": last.shard.location, **(last.shard.local_stat() or {})},
     )
+    if result.failed:
+        score_path(out_dir, last.shard.name).unlink(missing_ok=True)
+        return result  # no score file: the shard is not finished, and a rerun reads it again
     if config.save_embeddings:
         _save_shard_embeddings(out_dir, last.shard.name, buffer, len(rows))
     # Error rows have NaN similarity in memory and null in the file.
@@ -252,6 +278,16 @@ def _split_finished(shards: list[Shard], out_dir: Path, run_meta: dict, config: 
                 f"{out_dir} already holds scores for shard {shard.name} from a different model or "
                 "precision; score into a new --out folder"
             )
+        recorded = (meta.get("shard") or {}).get("source") or {}
+        if recorded.get("location") not in (None, shard.location):
+            raise ClipguardError(
+                f"{out_dir} already holds scores for a different shard named {shard.name} (from "
+                f"{recorded.get('location')}, not {shard.location}); score into a new --out folder"
+            )
+        stat = shard.local_stat()
+        if stat is not None and any(recorded.get(k) != v for k, v in stat.items()):
+            pending.append(shard)  # rewritten since it was scored: its old scores are stale
+            continue
         if config.save_embeddings and not all(p.exists() for p in embedding_paths(out_dir, shard.name)):
             pending.append(shard)
             continue
@@ -260,7 +296,8 @@ def _split_finished(shards: list[Shard], out_dir: Path, run_meta: dict, config: 
 
 
 def _write_manifest(out_dir: Path, run_meta: dict, shards: list[Shard], results: dict[str, ShardResult]) -> None:
-    done = [results[s.name] for s in shards if s.name in results]
+    done = [results[s.name] for s in shards if s.name in results and not results[s.name].failed]
+    failed = [results[s.name] for s in shards if s.name in results and results[s.name].failed]
     manifest = {
         **run_meta,
         "complete": len(done) == len(shards),
@@ -270,6 +307,9 @@ def _write_manifest(out_dir: Path, run_meta: dict, shards: list[Shard], results:
         "ok": sum(r.ok for r in done),
         "errors": sum(r.errors for r in done),
         "truncated_shards": [r.shard for r in done if r.truncated],
+        "failed_shards": [
+            {"shard": r.shard, "url": r.url, "reason": r.read_error, "samples_read": r.samples} for r in failed
+        ],
         "shards": [asdict(r) for r in done],
     }
     atomic_write_json(out_dir / MANIFEST_NAME, manifest)
@@ -278,20 +318,22 @@ def _write_manifest(out_dir: Path, run_meta: dict, shards: list[Shard], results:
 def _summarize(out_dir: Path, results: list[ShardResult], wall: float, pairs_this_run: int) -> ScoreSummary:
     reasons: Counter = Counter()
     for r in results:
-        reasons.update(r.errors_by_reason)
+        if not r.failed:
+            reasons.update(r.errors_by_reason)
     quantiles: dict[str, float] = {}
-    if any(r.samples for r in results):
+    if any(r.samples and not r.failed for r in results):
         distances = read_scores(out_dir).cosine_distance
         distances = distances[~np.isnan(distances)]
         if len(distances):
             for q in (0.01, 0.1, 0.5, 0.9, 0.99):
                 quantiles[f"p{int(q * 100)}"] = float(np.quantile(distances, q))
             quantiles["max"] = float(distances.max())
+    written = [r for r in results if not r.failed]
     return ScoreSummary(
         out_dir=out_dir,
         shards=results,
-        pairs=sum(r.samples for r in results),
-        ok=sum(r.ok for r in results),
+        pairs=sum(r.samples for r in written),
+        ok=sum(r.ok for r in written),
         errors_by_reason=dict(reasons),
         distance_quantiles=quantiles,
         wall_seconds=wall,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,13 @@ def embedding_paths(out_dir: Path, shard_name: str) -> tuple[Path, Path]:
     return out_dir / f"{shard_name}.image.npy", out_dir / f"{shard_name}.text.npy"
 
 
+def temporary_path(path: Path) -> Path:
+    """A name beside ``path`` that no other writer uses, renamed over ``path`` when complete."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -59,13 +65,13 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 def write_score_table(path: Path, columns: dict[str, list], metadata: dict[str, Any]) -> None:
     table = pa.Table.from_pydict(columns, schema=SCORE_SCHEMA)
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 
 def write_embeddings(path: Path, embeddings: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     with open(tmp, "wb") as handle:
         np.save(handle, embeddings.astype(np.float16), allow_pickle=False)
     os.replace(tmp, path)
