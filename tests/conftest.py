@@ -12,6 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("CLIPGUARD_CONSOLE_WIDTH", "200")
+# Misbehaving test servers are retried at once, not after seconds of back-off.
+os.environ.setdefault("CLIPGUARD_HTTP_BACKOFF", "0.01")
 
 TINY_MODEL = "clipguard-tiny-victim"
 

@@ -25,7 +25,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 HTTP_TIMEOUT_S = 30
@@ -40,8 +40,9 @@ class SourceReadError(OSError):
 class HttpRetry:
     """How hard to try: ``attempts`` tries in all, waiting base * 2**n seconds between them."""
 
-    attempts: int = int(os.environ.get("CLIPGUARD_HTTP_ATTEMPTS", "4"))
-    backoff_seconds: float = float(os.environ.get("CLIPGUARD_HTTP_BACKOFF", "0.5"))
+    # Read when a run starts, so an environment (a test, a CI job) can tune them.
+    attempts: int = field(default_factory=lambda: int(os.environ.get("CLIPGUARD_HTTP_ATTEMPTS", "4")))
+    backoff_seconds: float = field(default_factory=lambda: float(os.environ.get("CLIPGUARD_HTTP_BACKOFF", "0.5")))
     timeout_seconds: float = HTTP_TIMEOUT_S
 
     def wait(self, failures: int) -> None:

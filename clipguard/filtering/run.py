@@ -414,7 +414,8 @@ def quarantine_sample(
     renamed, not_copied = [], []
     for index, member in enumerate(scored.sample.members):
         if not member.has_bytes:
-            not_copied.append({"member": printable_key(member.name), "reason": member.unsafe, "link": member.link})
+            reason = member.unsafe or "the shard ends inside this member (truncated)"
+            not_copied.append({"member": printable_key(member.name), "reason": reason, "link": member.link})
             continue
         name = member.name
         if member.unsafe is not None or out_key != key:
