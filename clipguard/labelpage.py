@@ -44,7 +44,7 @@ STORAGE_PREFIX = "clipguard-labels/"
 class PageImages:
     """What the page shows of one pair's image; ``error`` says why there is none."""
 
-    thumbnail: str | None = None  # data: URI, JPEG of at most THUMBNAIL_SIDE pixels a side
+    thumbnail: str | None = None  # data: URI, a JPEG of at most THUMBNAIL_SIDE a side, or the small image itself
     full: str | None = None  # data: URI of the full image (None when the thumbnail is the full image)
     width: int = 0
     height: int = 0
@@ -72,10 +72,13 @@ def page_images(image_bytes: bytes, limits: DecodeLimits) -> PageImages:
     if image is None:
         return PageImages(error=error)
     width, height = image.size
+    full, note = _zoom_image(image_bytes, image)
+    if max(width, height) <= THUMBNAIL_SIDE and note is None:
+        # Small enough to be its own thumbnail: the page embeds the stored bytes once.
+        return PageImages(thumbnail=full, full=None, width=width, height=height)
     thumbnail = image.copy()
     thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
     thumb_uri = _data_uri(_encode(thumbnail, "JPEG", THUMBNAIL_QUALITY), "image/jpeg")
-    full, note = _zoom_image(image_bytes, image)
     return PageImages(thumbnail=thumb_uri, full=full, width=width, height=height, zoom_note=note)
 
 
@@ -94,7 +97,7 @@ def _zoom_image(image_bytes: bytes, image: Image.Image) -> tuple[str, str | None
         encoded = _encode(shown, "JPEG", ZOOM_QUALITY)
     if shown is image:
         return _data_uri(encoded, mime), f"re-encoded as {mime.split('/')[1].upper()} from {stored_format}"
-    return _data_uri(encoded, mime), f"reduced to {shown.width}x{shown.height} to stay under {MAX_ZOOM_BYTES >> 20} MiB"
+    return _data_uri(encoded, mime), f"reduced to {shown.width}x{shown.height} to stay under {MAX_ZOOM_BYTES / 2**20:.2g} MiB"
 
 
 def _encode(image: Image.Image, fmt: str, quality: int | None = None) -> bytes:
@@ -123,7 +126,7 @@ h1 { font-size: 1.3em; margin: 0.8em 0 0.2em; }
 #saved { color: #555; font-size: 0.9em; }
 #saved.broken { color: #a00; font-weight: bold; }
 kbd { border: 1px solid #aaa; border-bottom-width: 2px; border-radius: 3px; padding: 0 0.3em;
-      font-family: monospace; background: #f7f7f7; }
+      font-family: monospace; background: #f7f7f7; color: #222; }
 .legend span { margin-right: 0.9em; white-space: nowrap; }
 table { border-collapse: collapse; margin-top: 0.5em; }
 th, td { border-bottom: 1px solid #ddd; padding: 6px 10px; vertical-align: middle; text-align: left; }
@@ -142,7 +145,7 @@ td.actions button { display: block; width: 7.5em; margin: 0.25em 0; font-size: 0
 tr.poison button[data-value=poison] { background: #d33; color: #fff; }
 tr.clean button[data-value=clean] { background: #2a2; color: #fff; }
 button { font-size: 1em; padding: 0.4em 1em; cursor: pointer; }
-#zoom { position: fixed; inset: 0; z-index: 5; background: rgba(0, 0, 0, 0.9); color: #eee;
+#zoom { position: fixed; inset: 0; z-index: 5; background: rgba(0, 0, 0, 0.96); color: #eee;
         overflow: auto; display: none; text-align: center; }
 #zoom.open { display: block; }
 #zoom img { display: block; margin: 1em auto 0.5em; image-orientation: none; }
@@ -177,7 +180,7 @@ document.addEventListener('DOMContentLoaded', function () {
       note.classList.add('broken');
     }
   }
-  function restore() {
+  function restore(withCursor) {
     var saved = null;
     try { saved = JSON.parse(localStorage.getItem(storeKey) || 'null'); } catch (e) { saved = null; }
     if (!saved || typeof saved.labels !== 'object' || saved.labels === null) return;
@@ -185,7 +188,7 @@ document.addEventListener('DOMContentLoaded', function () {
       var value = saved.labels[ident(row)];
       if (value === 'poison' || value === 'clean') labels[ident(row)] = value;
     });
-    if (typeof saved.current === 'number' && saved.current >= 0 && saved.current < rows.length) current = saved.current;
+    if (withCursor && typeof saved.current === 'number' && saved.current >= 0 && saved.current < rows.length) current = saved.current;
   }
   function paint(row) {
     var value = labels[ident(row)] || '';
@@ -279,7 +282,15 @@ document.addEventListener('DOMContentLoaded', function () {
     if (handled) { event.preventDefault(); save(); }
   });
 
-  restore();
+  // Another tab of this page saved: take its labels, so that neither tab overwrites the other's work.
+  window.addEventListener('storage', function (event) {
+    if (event.key !== storeKey) return;
+    labels = {};
+    restore(false);  // this tab keeps its own place
+    rows.forEach(paint); progress(); select(current, false);
+  });
+
+  restore(true);
   rows.forEach(paint);
   progress();
   select(current, true);

@@ -209,6 +209,28 @@ def test_clear_buttons_zoom_and_separate_saves_per_sample(world, browser):
     assert progress_text(driver).startswith(f"1 of {N_PAIRS}")
 
 
+
+def test_two_tabs_of_one_page_do_not_overwrite_each_other(world, browser):
+    driver, _ = browser
+    folder = world["pages"][2]
+    open_page(driver, folder, fresh=True)
+    first_tab = driver.current_window_handle
+    driver.switch_to.new_window("tab")
+    open_page(driver, folder)
+    press(driver, "p")  # labelled in the second tab ...
+    driver.switch_to.window(first_tab)
+    assert progress_text(driver).startswith(f"1 of {N_PAIRS}")  # ... shows up in the first
+    press(driver, "jc")  # this tab kept its place (pair 1): pair 2 is clean, and the poison is kept
+    assert sorted(page_labels(driver).values()) == ["clean", "poison"]
+    driver.refresh()
+    assert progress_text(driver).startswith(f"2 of {N_PAIRS}")
+    for handle in driver.window_handles:
+        if handle != first_tab:
+            driver.switch_to.window(handle)
+            driver.close()
+    driver.switch_to.window(first_tab)
+
+
 # Label files with an embedded design, without a browser.
 
 def page_style_csv(path: Path, folder: Path, design_line: str | None = None, quote_line: bool = False) -> Path:
@@ -253,3 +275,43 @@ def test_without_embedded_or_neighbouring_design_the_error_points_to_the_page_do
     plain.write_text("key,shard,label\n" + "".join(f"{r['key']},{r['shard']},clean\n" for r in rows), encoding="utf-8")
     result = calibrate(world, plain, tmp_path / "out")
     assert result.exit_code == 2 and "no sample design" in result.output and "carries its design" in result.output
+
+
+# What the page embeds of an image, without a browser.
+
+def _bytes_of(uri: str) -> bytes:
+    return base64.b64decode(uri.split(",", 1)[1])
+
+
+def test_page_images_keep_the_stored_image_for_the_zoom_view(monkeypatch):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from clipguard import labelpage
+    from clipguard.data.pairs import DecodeLimits
+    from conftest import jpeg_bytes
+
+    small = labelpage.page_images(jpeg_bytes(1, size=72), DecodeLimits())
+    assert small.full is None and _bytes_of(small.thumbnail) == jpeg_bytes(1, size=72)  # embedded once
+
+    large_jpeg = jpeg_bytes(2, size=600)
+    large = labelpage.page_images(large_jpeg, DecodeLimits(draft_size=64))  # no draft: full resolution
+    assert (large.width, large.height) == (600, 600) and _bytes_of(large.full) == large_jpeg
+    assert Image.open(io.BytesIO(_bytes_of(large.thumbnail))).size == (labelpage.THUMBNAIL_SIDE,) * 2
+
+    pixels = np.random.default_rng(3).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    bmp = io.BytesIO()
+    Image.fromarray(pixels).save(bmp, format="BMP")
+    shown = labelpage.page_images(bmp.getvalue(), DecodeLimits())
+    assert shown.full.startswith("data:image/png;") and shown.zoom_note == "re-encoded as PNG from BMP"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(_bytes_of(shown.full)))), pixels)  # every pixel kept
+
+    monkeypatch.setattr(labelpage, "MAX_ZOOM_BYTES", 60_000)  # a noisy 600 px JPEG is larger than this
+    reduced = labelpage.page_images(large_jpeg, DecodeLimits())
+    assert len(_bytes_of(reduced.full)) <= 60_000 and reduced.zoom_note.startswith("reduced to ")
+    assert Image.open(io.BytesIO(_bytes_of(reduced.full))).size[0] < 600 and "0.057 MiB" in reduced.zoom_note
+
+    refused = labelpage.page_images(large_jpeg, DecodeLimits(max_pixels=10_000))
+    assert refused.thumbnail is None and refused.error.startswith("image_too_large")
