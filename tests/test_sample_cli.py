@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from clipguard.calibration.sampling import SampleDesign
 from clipguard.cli.main import app
 from clipguard.labelling import SAMPLE_COLUMNS
+from clipguard.labelpage import THUMBNAIL_SIDE
 from conftest import TINY_MODEL, jpeg_bytes, simple_samples, write_shard
 
 runner = CliRunner()
@@ -25,14 +26,18 @@ HOSTILE_CAPTION = '<script>alert("x")</script> & <b>bold</b> "quoted"'
 
 
 class PageParser(HTMLParser):
-    """Counts the table body's rows and images; keeps every image source."""
+    """Counts the table body's rows and images; keeps every image source, zoom image and pair."""
 
     def __init__(self):
         super().__init__()
         self.in_body = False
         self.rows = 0
         self.images: list[str] = []
+        self.full_images: list[str] = []
+        self.pairs: list[tuple[str, str]] = []
+        self.headers: list[str] = []
         self.scripts_in_body = 0
+        self._in_th = False
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -40,14 +45,28 @@ class PageParser(HTMLParser):
             self.in_body = True
         elif tag == "tr" and self.in_body:
             self.rows += 1
+            self.pairs.append((attrs["data-shard"], attrs["data-key"]))
         elif tag == "img" and self.in_body:
             self.images.append(attrs["src"])
+            self.full_images.append(attrs.get("data-full") or attrs["src"])
+        elif tag == "th":
+            self._in_th = True
         elif tag == "script" and self.in_body:
             self.scripts_in_body += 1
 
     def handle_endtag(self, tag):
         if tag == "tbody":
             self.in_body = False
+        elif tag == "th":
+            self._in_th = False
+
+    def handle_data(self, data):
+        if self._in_th:
+            self.headers.append(data.strip())
+
+
+def decode_uri(src: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
 
 
 def parse_page(path: Path) -> PageParser:
@@ -112,7 +131,7 @@ def test_sample_from_a_score_folder_writes_csv_design_and_page(tmp_path, scores)
     for src in page.images:
         assert src.startswith("data:image/jpeg;base64,")
         image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
-        assert image.format == "JPEG" and max(image.size) <= 128
+        assert image.format == "JPEG" and max(image.size) <= THUMBNAIL_SIDE
 
     assert "0.1%" in result.output and "--stratify" in result.output and "--canaries" in result.output
 
@@ -129,7 +148,11 @@ def test_captions_are_escaped_and_large_images_become_small_thumbnails(tmp_path,
     assert HOSTILE_CAPTION in {r["caption"] for r in rows}
     page = parse_page(out / "index.html")
     assert page.rows == 75 and len(page.images) == 75
-    assert all(max(Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1]))).size) <= 128 for s in page.images)
+    assert all(max(decode_uri(s).size) <= THUMBNAIL_SIDE for s in page.images)
+    # The 400 px image: a THUMBNAIL_SIDE thumbnail, and its zoom view is the stored JPEG itself.
+    large = page.pairs.index(("00001", "000010004"))
+    assert decode_uri(page.images[large]).size == (THUMBNAIL_SIDE, THUMBNAIL_SIDE)
+    assert base64.b64decode(page.full_images[large].split(",", 1)[1]) == jpeg_bytes(999, size=400)
 
 
 def test_stratified_sample_oversamples_the_tail_and_records_the_strata(tmp_path, scores):
@@ -195,3 +218,31 @@ def test_sample_errors_are_clear(tmp_path, scores, shards):
     (partial / "manifest.json").write_text(json.dumps(manifest))
     incomplete = runner.invoke(app, ["sample", str(partial), "-n", "5", "--out", str(tmp_path / "d")])
     assert incomplete.exit_code == 2 and "incomplete" in incomplete.output
+
+
+def test_page_is_blind_and_shuffled_by_default_and_records_the_order(tmp_path, scores):
+    out = tmp_path / "label"
+    assert runner.invoke(app, ["sample", str(scores), "-n", "30", "--seed", "3", "--out", str(out)]).exit_code == 0
+    payload = json.loads((out / "sample_design.json").read_text())
+    page_record = payload["page"]
+    assert page_record["blind"] is True and page_record["order_seed"] == 3
+    assert sorted(page_record["order"]) == list(range(30)) and page_record["order"] != list(range(30))
+    page = parse_page(out / "index.html")
+    csv_pairs = [(r["shard"], r["key"]) for r in read_csv(out / "sample.csv")]
+    assert page.pairs == [csv_pairs[i] for i in page_record["order"]]
+    assert not {"cosine distance", "stratum", "weight"} & set(page.headers)
+    html = (out / "index.html").read_text(encoding="utf-8")
+    distances = [r["distance"][:6] for r in read_csv(out / "sample.csv")]
+    assert not any(f">{d}" in html for d in distances)
+    assert page_record["sample_id"] in html
+
+    shown = tmp_path / "shown"
+    assert runner.invoke(app, ["sample", str(scores), "-n", "30", "--seed", "3", "--out", str(shown),
+                               "--show-scores"]).exit_code == 0
+    shown_record = json.loads((shown / "sample_design.json").read_text())["page"]
+    assert shown_record["blind"] is False and shown_record["sample_id"] == page_record["sample_id"]
+    assert {"cosine distance", "stratum", "weight"} <= set(parse_page(shown / "index.html").headers)
+
+    other = tmp_path / "other"
+    assert runner.invoke(app, ["sample", str(scores), "-n", "30", "--seed", "4", "--out", str(other)]).exit_code == 0
+    assert json.loads((other / "sample_design.json").read_text())["page"]["sample_id"] != page_record["sample_id"]

@@ -1,10 +1,11 @@
 """`clipguard calibrate`: labels (and canaries) + a score folder -> gamma with error bars.
 
 Where labels come from:
-- a label CSV (the filled-in sample.csv, or the page's labels.csv): the sample_design.json next
-  to it (or --design) gives each pair's inclusion probability, so the estimates weight every
-  labelled pair by 1 / pi. The design must have been drawn from these very scores: same model
-  fingerprint, same ordered (shard, key) list.
+- a label CSV (the filled-in sample.csv, or the page's labels.csv): the sample design gives each
+  pair's inclusion probability, so the estimates weight every labelled pair by 1 / pi. It is
+  --design when given, else the one the page embedded in its labels.csv, else the
+  sample_design.json next to the CSV. The design must have been drawn from these very scores:
+  same model fingerprint, same ordered (shard, key) list.
 - an attack's poison_manifest.json (the ground truth of a synthetic or red-team run): by default
   a census, every scored pair labelled (manifest keys = poison, the rest clean), so the
   "estimates" are the exact full-data values and the intervals have zero width. With
@@ -29,7 +30,7 @@ import numpy as np
 from clipguard.attacks.manifest import MANIFEST_NAME as POISON_MANIFEST_NAME, read_manifest
 from clipguard.calibration.canaries import CanarySet, build_canaries
 from clipguard.calibration.estimates import Population, weighted_roc_auc
-from clipguard.calibration.labelsample import DESIGN_NAME, StoredDesign, read_design
+from clipguard.calibration.labelsample import DESIGN_NAME, StoredDesign, parse_design, read_design, same_sample
 from clipguard.calibration.plots import plot_distance_densities
 from clipguard.calibration.sampling import LabelledSample, SampleDesign, draw_sample, label_sample
 from clipguard.calibration.scored import ScoredPopulation, load_population
@@ -153,7 +154,7 @@ def labelled_sample(population: ScoredPopulation, request: CalibrateRequest) -> 
         return _from_poison_manifest(population, manifest_path, request)
     if request.labels_sample is not None:
         raise CalibrationError("--labels-sample draws a sample from a poison manifest; a label CSV is already a sample")
-    return _from_label_file(population, labels, request.design or labels.parent / DESIGN_NAME)
+    return _from_label_file(population, labels, request.design)
 
 
 def poison_manifest_path(path: Path) -> Path | None:
@@ -179,9 +180,9 @@ def poison_manifest_path(path: Path) -> Path | None:
     return path
 
 
-def _from_label_file(population: ScoredPopulation, path: Path, design_path: Path) -> tuple[LabelledSample, LabelSource]:
+def _from_label_file(population: ScoredPopulation, path: Path, design_path: Path | None) -> tuple[LabelledSample, LabelSource]:
     label_file = read_label_file(path)
-    stored = read_design(design_path)
+    stored = design_of(label_file, design_path)
     check_design_matches(stored, population)
     indices = _locate_labels(label_file, population, stored)
     labels = np.array([e.poison for e in label_file.entries], dtype=bool)
@@ -190,9 +191,27 @@ def _from_label_file(population: ScoredPopulation, path: Path, design_path: Path
         kind="label-file", path=path, mode="sample", design=_design_name(stored.design),
         n_labelled=sample.n, n_poison_labels=sample.n_positive,
         n_unlabelled=sample.n_unlabelled,
-        details={"design_file": str(stored.path), "rows_without_label": label_file.unlabelled_rows},
+        details={"design_file": str(stored.path), "design_embedded": stored.path == label_file.path,
+                 "rows_without_label": label_file.unlabelled_rows},
     )
     return sample, source
+
+
+def design_of(label_file: LabelFile, design_path: Path | None) -> StoredDesign:
+    """--design, else the design embedded in a page download, else sample_design.json beside the CSV."""
+    embedded = None
+    if label_file.embedded_design is not None:
+        embedded = parse_design(label_file.embedded_design, label_file.path,
+                                f"the sample design embedded in {label_file.path}")
+    if design_path is None:
+        return embedded if embedded is not None else read_design(label_file.path.parent / DESIGN_NAME)
+    stored = read_design(design_path)
+    if embedded is not None and not same_sample(stored, embedded):
+        raise CalibrationError(
+            f"{label_file.path} was downloaded from the page of another sample than {design_path}; "
+            "drop --design (the file carries its own design) or pass the design it was labelled from"
+        )
+    return stored
 
 
 def check_design_matches(stored: StoredDesign, population: ScoredPopulation) -> None:

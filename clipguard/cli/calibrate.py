@@ -36,7 +36,7 @@ def calibrate(
     out: Annotated[Path, typer.Option(help="Folder for calibration.json, densities.png (and canaries.csv).")] = Path("."),
     confidence: Annotated[float, typer.Option(min=0.5, max=0.999, help="Confidence level of every interval.")] = 0.95,
     width: Annotated[float, typer.Option(min=0.001, max=1.0, help="Target interval width for the 'more labels needed' estimate.")] = 0.1,
-    design: Annotated[Optional[Path], typer.Option(help="sample_design.json of a label CSV (default: next to the CSV).")] = None,
+    design: Annotated[Optional[Path], typer.Option(help="sample_design.json of a label CSV (default: the one a page download carries, else the one next to the CSV).")] = None,
     labels_sample: Annotated[Optional[int], typer.Option(min=1, help="With a poison manifest: label only a sample of N pairs drawn from the scores (else every pair: a census).")] = None,
     stratify: Annotated[bool, typer.Option(help="With --labels-sample: draw it stratified by distance, like `sample --stratify`.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of --labels-sample, the canaries and the interval simulation.")] = 0,

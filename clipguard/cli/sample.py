@@ -42,6 +42,7 @@ def sample(
     out: Annotated[Path, typer.Option("--out", help="Folder for sample.csv, sample_design.json and index.html.")],
     seed: Annotated[int, typer.Option(help="Random seed of the draw (same seed, same sample).")] = 0,
     stratify: Annotated[bool, typer.Option(help="Over-sample the high-distance tail (top 1% / next 4% / rest get 40/30/30% of the labels).")] = False,
+    show_scores: Annotated[bool, typer.Option("--show-scores", help="Show distance, stratum and weight on the page (default: blind, so they cannot bias the labeller).")] = False,
     scores: Annotated[Optional[Path], typer.Option(help="With SHARDS: where to write (or resume) their scores; default OUT/scores.")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     pretrained: PretrainedOpt = DEFAULT_PRETRAINED,
@@ -57,10 +58,10 @@ def sample(
 ) -> None:
     """Draw a random sample of pairs for a person to label: sample.csv, sample_design.json and a self-contained index.html.
 
-    Label each pair poison or clean (also 1/0, yes/no) in the label column of sample.csv, or on the page (Download labels.csv), then run `clipguard calibrate SCORES --labels FILE`.
+    Label each pair on the page (keys j/k move, p/c poison/clean, u clears, z zooms; saved in the browser as you go), press Download labels.csv and run `clipguard calibrate SCORES --labels labels.csv`; or fill the label column of sample.csv (poison/clean, 1/0, yes/no).
     """
     with user_errors():
-        request = SampleRequest(n=n, seed=seed, stratify=stratify, allow_pipe=allow_pipe)
+        request = SampleRequest(n=n, seed=seed, stratify=stratify, allow_pipe=allow_pipe, show_scores=show_scores)
         score_folder = _score_folder(inputs)
         if score_folder is not None:
             if scores is not None:
@@ -105,7 +106,8 @@ def print_summary(result: SampleOutput) -> None:
     missing = len(result.unavailable)
     table.add_row("images shown", f"{design.n - missing} of {design.n}" + (f" ({missing} unavailable, see the page)" if missing else ""))
     table.add_row("to label", escape(str(result.csv_path)) + "  (label column)")
-    table.add_row("page", escape(str(result.page_path)))
+    shown = "distances and strata shown" if result.show_scores else "blind: scores hidden, order shuffled"
+    table.add_row("page", escape(str(result.page_path)) + f"  ({shown}; its labels.csv carries the design)")
     table.add_row("design", escape(str(result.design_path)) + "  (keep it next to sample.csv)")
     console.print(table)
     for note in result.notes:
