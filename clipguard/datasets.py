@@ -9,6 +9,7 @@ Users sterilize with the same clean sets again and again (the paper uses Visual 
     cc3m-sample = ["/data/cc3m/a", "https://example.org/cc3m/{000..009}.tar"]
 
 A value that already resolves as shards (a folder, file, glob, brace pattern or URL) is used as is.
+`clipguard convert` writes its names here with ``register_dataset``.
 """
 
 from __future__ import annotations

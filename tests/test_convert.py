@@ -240,6 +240,9 @@ def test_vg_one_pair_per_image_from_its_region_phrases(tmp_path, registry):
     assert {f["key"]: f["reason"].split(":")[0] for f in written["failures"]} == {"3": "corrupt_image", "4": "missing_image"}
     assert [s["samples"] for s in written["shards"]] == [5, 5]
     assert result.registration.specs == [f"{out.resolve()}/vg-{{000000..000001}}.tar"]
+    # Same input, same bytes: the shards are reproducible.
+    again = convert_dataset(ConvertConfig(DatasetKind.vg, tmp_path / "vg", tmp_path / "again", shard_size=5, register=False))
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in result.shards]
 
 
 def test_vg_json_is_streamed_and_a_truncated_file_is_a_clear_error(tmp_path):
@@ -331,6 +334,18 @@ def test_cli_convert_vg_then_sterilize_with_clean_vg(tmp_path, registry):
                                  "--max-steps", "2", "--batch-size", "4"])
     assert result.exit_code == 0, result.output
     assert "2 steps, 8 samples" in result.output and repaired.exists()
+
+
+def test_cli_evaluate_finds_converted_coco_by_name(tmp_path, registry):
+    make_coco(tmp_path / "coco")
+    converted = runner.invoke(app, ["convert", "coco", str(tmp_path / "coco"), "--split", "val2017",
+                                    "--out", str(tmp_path / "shards")])
+    assert converted.exit_code == 0, converted.output
+    report = tmp_path / "report.json"
+    result = runner.invoke(app, ["evaluate", "clipguard-victim", "--test", "coco", "--goal", "sheep:aeroplane",
+                                 "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["goals"][0]["goal"] == "sheep:aeroplane"
 
 
 def test_cli_errors_are_exit_code_2(tmp_path, registry):
