@@ -245,6 +245,17 @@ def test_vg_one_pair_per_image_from_its_region_phrases(tmp_path, registry):
     assert [s.sha256 for s in again.shards] == [s.sha256 for s in result.shards]
 
 
+def test_vg_without_image_data_looks_in_both_image_folders(tmp_path, registry):
+    make_vg(tmp_path / "vg", images=4)
+    (tmp_path / "vg" / "image_data.json").unlink()
+    result = convert_dataset(ConvertConfig(DatasetKind.vg, tmp_path / "vg", tmp_path / "out", register=False))
+    samples = read_converted(tmp_path / "out")
+    assert sorted(samples) == ["1", "2"] and samples["2"]["meta"]["file_name"] == "VG_100K_2/2.jpg"
+    assert {f.key: f.code for f in result.failures} == {"3": "corrupt_image", "4": "missing_image"}
+    with pytest.raises(ConvertError, match="coco and flickr30k only"):
+        convert_dataset(ConvertConfig(DatasetKind.vg, tmp_path / "vg", tmp_path / "x", captions=CaptionChoice.all))
+
+
 def test_vg_json_is_streamed_and_a_truncated_file_is_a_clear_error(tmp_path):
     items = [{"id": i, "regions": [{"phrase": "é" * (i % 7)}]} for i in range(300)]
     path = put(tmp_path / "region_descriptions.json", json.dumps(items))

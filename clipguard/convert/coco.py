@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipguard.convert.sources import CaptionChoice, ConvertError, SourcePair, require_file, require_folder
+from clipguard.convert.sources import CaptionChoice, ConvertError, SourcePair, require_file, require_folder, safe_key
 
 DEFAULT_SPLIT = "train2017"
 
@@ -67,7 +67,7 @@ def read_coco(inputs: CocoInputs, captions: CaptionChoice = CaptionChoice.first)
 
 def _pairs_of(image: dict, annotations: list[dict], folder: Path, captions: CaptionChoice) -> Iterator[SourcePair]:
     image_id = image["id"]
-    key = f"{image_id:012d}" if isinstance(image_id, int) else str(image_id)
+    key = f"{image_id:012d}" if isinstance(image_id, int) else safe_key(str(image_id))
     path = folder / Path(image["file_name"]).name  # never follow a path out of the image folder
     source = {"dataset": "coco", "image_id": image_id, "file_name": image["file_name"]}
     texts = [(a.get("id"), a.get("caption")) for a in annotations
