@@ -9,11 +9,14 @@ Users sterilize with the same clean sets again and again (the paper uses Visual 
     cc3m-sample = ["/data/cc3m/a", "https://example.org/cc3m/{000..009}.tar"]
 
 A value that already resolves as shards (a folder, file, glob, brace pattern or URL) is used as is.
+`clipguard convert` writes its names here with ``register_dataset``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tomllib
 from pathlib import Path
 
@@ -82,3 +85,61 @@ def _looks_like_shards(spec: str) -> bool:
         return True
     except ShardSpecError:
         return False
+
+
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+_DATASETS_HEADER = re.compile(r"^\s*\[\s*datasets\s*\]\s*(#.*)?$")
+_ANY_HEADER = re.compile(r"^\s*\[")
+
+
+def register_dataset(name: str, specs: list[str], config_path: Path | None = None) -> Path:
+    """Set ``name = specs`` under [datasets] in the config file (created if absent); returns its path.
+
+    The file is edited line by line rather than rewritten, so a user's comments and other names
+    survive; the result is parsed back before it replaces the old file, atomically.
+    """
+    if not _NAME_PATTERN.fullmatch(name):
+        raise DatasetNameError(f"dataset name {name!r} may only hold letters, digits, '-' and '_'")
+    path = Path(config_path) if config_path else default_config_path()
+    text = path.read_text() if path.is_file() else ""
+    load_dataset_names(path)  # refuse to edit a file that is already broken
+    value = json.dumps(specs[0], ensure_ascii=False) if len(specs) == 1 else \
+        "[" + ", ".join(json.dumps(s, ensure_ascii=False) for s in specs) + "]"
+    lines = _with_entry(text.splitlines(), name, f"{name} = {value}")
+    new_text = "\n".join(lines) + "\n"
+    try:
+        written = tomllib.loads(new_text).get("datasets", {}).get(name)
+    except tomllib.TOMLDecodeError as exc:
+        raise DatasetNameError(f"could not add {name!r} to {path} without breaking it ({exc}); edit it by hand") from exc
+    if written not in (specs, specs[0] if len(specs) == 1 else None):
+        raise DatasetNameError(f"could not add {name!r} to {path} (it defines {name} elsewhere?); edit it by hand")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(new_text)
+    os.replace(temporary, path)
+    return path
+
+
+def _with_entry(lines: list[str], name: str, entry: str) -> list[str]:
+    key = re.compile(rf"""^\s*(?:{re.escape(name)}|"{re.escape(name)}"|'{re.escape(name)}')\s*=""")
+    in_datasets, header, start = False, None, None
+    for index, line in enumerate(lines):
+        if _ANY_HEADER.match(line) and not line.strip().startswith(("[[",)) and "=" not in line.split("#")[0]:
+            in_datasets = bool(_DATASETS_HEADER.match(line))
+            header = index if in_datasets else header
+        elif in_datasets and key.match(line):
+            start = index
+            break
+    if start is not None:
+        end = start
+        # A list value may span lines: the entry ends at the first line where it parses.
+        for end in range(start, len(lines)):
+            try:
+                tomllib.loads("\n".join(lines[start:end + 1]))
+                break
+            except tomllib.TOMLDecodeError:
+                continue
+        return lines[:start] + [entry] + lines[end + 1:]
+    if header is not None:
+        return lines[:header + 1] + [entry] + lines[header + 1:]
+    return lines + ([""] if lines and lines[-1].strip() else []) + ["[datasets]", entry]

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from clipguard.attacks import TriggerPattern, TriggerPosition, TriggerSpec, parse_goal
 from clipguard.cli.common import compact_table, console, err_console, user_errors
+from clipguard.datasets import resolve_dataset
 from clipguard.errors import ClipguardError
 from clipguard.evaluation import (
     BackdoorTrigger,
@@ -27,7 +28,7 @@ from clipguard.model.loading import DEFAULT_PRETRAINED, ModelSpec, load_model
 
 def evaluate(
     model: Annotated[str, typer.Argument(help="Checkpoint (.safetensors with sidecar), bundled model name, or open_clip architecture.")],
-    test: Annotated[list[str], typer.Option("--test", help="Labelled test shards (repeat for several specs).")],
+    test: Annotated[list[str], typer.Option("--test", help="Labelled test shards, or a dataset name from ~/.config/clipguard/datasets.toml, e.g. coco (repeat for several).")],
     goal: Annotated[Optional[list[str]], typer.Option("--goal", help="A:B: class-A test texts query all test images; class-B images (or the target image) are the targets. Repeatable.")] = None,
     manifest: Annotated[Optional[Path], typer.Option(help="poison_manifest.json of the attack: supplies goals, the target image and the trigger.")] = None,
     target_image: Annotated[Optional[str], typer.Option(help="Attack I: key of the target image x* in --target-shards.")] = None,
@@ -45,6 +46,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(min=1, help="Inference batch size.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed of the random-text baseline.")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full report as JSON here.")] = None,
+    datasets_config: Annotated[Optional[Path], typer.Option(help="TOML file mapping dataset names to shard specs.")] = None,
 ) -> None:
     """Hit@K / MinRank for poisoning goals, utility, backdoor success and encoder drift."""
     with user_errors():
@@ -64,7 +66,7 @@ def evaluate(
             trigger = BackdoorTrigger(target=trigger_target, spec=spec)
         if not goals and trigger is None and label is None:
             err_console.print("[yellow]no --goal, --manifest or --trigger-target: reporting utility only[/]")
-        test_set = load_test_set(test, make_labeler(label_source, keyword_table))
+        test_set = load_test_set(resolve_dataset(test, datasets_config), make_labeler(label_source, keyword_table))
         loaded = load_model(ModelSpec(name=model, pretrained=pretrained, device=device))
         reference = load_model(ModelSpec(name=baseline, pretrained=pretrained, device=device)) if baseline else None
         report = evaluate_model(loaded, test_set, goals, target_image=target, baseline=reference, trigger=trigger,

@@ -10,6 +10,7 @@ from clipguard.cli.filter import filter_command
 from clipguard.cli.finetune import finetune
 from clipguard.cli.gate import gate
 from clipguard.cli.calibrate import calibrate
+from clipguard.cli.convert import convert
 from clipguard.cli.demo import demo
 from clipguard.cli.sample import sample
 from clipguard.cli.score import score
@@ -40,6 +41,7 @@ app.command()(gate)
 app.command()(finetune)
 app.command()(sterilize)
 app.command()(synth)
+app.command()(convert)
 app.command()(demo)
 
 
