@@ -69,9 +69,8 @@ def density_png(distances: np.ndarray, gamma: float | None, intervals: list[Inte
                     xytext=(4, -14), textcoords="offset points",
                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
     if intervals:
-        text = "\n".join(_interval_text(i) for i in intervals)
-        ax.text(0.99, 0.97, text, transform=ax.transAxes, ha="right", va="top", fontsize=8, family="monospace",
-                bbox={"facecolor": "white", "edgecolor": "#cccccc", "alpha": 0.9})
+        # Above the axes, where neither the curve, the gamma label nor the legend can cover it.
+        ax.set_title("at γ: " + " · ".join(_interval_text(i) for i in intervals), fontsize=8)
     ax.set_xlabel("cosine distance (1 − cosine similarity)")
     ax.set_ylabel("density")
     ax.set_ylim(bottom=0)
@@ -81,7 +80,7 @@ def density_png(distances: np.ndarray, gamma: float | None, intervals: list[Inte
 
 def _interval_text(interval: Interval) -> str:
     point = "undefined" if interval.point is None else f"{interval.point:.3f}"
-    return f"{interval.name:<9} {point} [{interval.lower:.3f}, {interval.upper:.3f}]"
+    return f"{interval.name} {point} [{interval.lower:.3f}, {interval.upper:.3f}]"
 
 
 def shard_rate_png(names: list[str], rates: list[float], overall: float) -> bytes:
