@@ -360,7 +360,9 @@ def gather_report(request: ReportRequest) -> ReportData:
     finding_ids = [(p.shard, p.key) for f in (audit.findings if audit else ()) for p in f.pairs[:FINDING_THUMBNAILS]
                    if (p.shard, p.key) in index]
     shard_urls = {**_manifest_urls(manifest, rows), **(request.shard_urls or {})}
-    labeler = make_labeler("auto", request.keywords) if request.keywords else None
+    # Classes of the caption, not of json metadata: a poison keeps its image's metadata, and what
+    # an attack changes is which class a caption names next to that image.
+    labeler = make_labeler("keywords", request.keywords) if request.keywords else None
     readback = read_back(shard_urls, worst_ids + finding_ids, labeler, request.allow_pipe)
 
     data = ReportData(
@@ -537,7 +539,7 @@ def _finding_view(finding: Finding, rows: ScoreRows, index: dict[PairId, int], t
 
 
 def _class_table(keywords: Path, rows: ScoreRows, flagged: np.ndarray | None, readback: ReadBack) -> ClassTable:
-    """One row per class found in the captions (or json metadata); unlabelled pairs by reason."""
+    """One row per class that captions name; unlabelled pairs by reason."""
     per_row: list[Label | None] = [readback.labels.get((str(s), str(k))) for s, k in zip(rows.shard, rows.key)]
     unlabelled: Counter = Counter()
     members: dict[str, list[int]] = {}

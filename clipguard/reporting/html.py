@@ -309,9 +309,10 @@ def _classes(c: ClassTable) -> str:
                    {1, 2, 3, 4, 5}, "classes")
     unlabelled = _table(["no class because", "pairs"], [[_e(k), _n(v)] for k, v in c.unlabelled.items()], {1}) \
         if c.unlabelled else ""
-    return (f'<section id="classes"><h2>By class</h2><p>Classes from the json metadata where a pair has one, '
-            f"else whole-word keyword search of the caption with <code>{_e(c.keywords)}</code>; a caption naming "
-            f"two classes, or none, gets no class.</p>{table}{unlabelled}</section>")
+    return (f'<section id="classes"><h2>By class of the caption</h2><p>The class a caption names, by whole-word '
+            f"keyword search with <code>{_e(c.keywords)}</code>; a caption naming two classes, or none, gets no "
+            "class. A class whose captions are flagged far more often than the rest is what a targeted attack "
+            f"on that class looks like.</p>{table}{unlabelled}</section>")
 
 
 def _filter(f: FilterSection) -> str:
