@@ -480,16 +480,21 @@ def _signal_table(rows: ScoreRows, name: str, flagged: np.ndarray | None) -> Sig
 
 def _shard_rows(rows: ScoreRows, manifest: dict[str, Any], flagged: np.ndarray | None) -> list[ShardRow]:
     recorded = {e["shard"]: e for e in manifest.get("shards", []) if isinstance(e, dict) and "shard" in e}
-    result = []
-    for shard in dict.fromkeys(rows.shard):
-        mask = rows.shard == shard
-        entry = recorded.get(str(shard), {})
-        result.append(ShardRow(
-            shard=str(shard), pairs=int(mask.sum()), ok=int((mask & rows.ok).sum()),
-            errors=int((mask & ~rows.ok).sum()), flagged=None if flagged is None else int((mask & flagged).sum()),
-            truncated=bool(entry.get("truncated", False)), read_error=entry.get("read_error"),
-        ))
-    return result
+    order = list(dict.fromkeys(str(s) for s in rows.shard))
+    position = {name: i for i, name in enumerate(order)}
+    # One pass of bincounts, not one mask per shard: a scrape has thousands of shards.
+    which = np.fromiter((position[str(s)] for s in rows.shard), dtype=np.int64, count=len(rows))
+
+    def count(mask: np.ndarray) -> np.ndarray:
+        return np.bincount(which[mask], minlength=len(order))
+
+    pairs, ok = count(np.ones(len(rows), bool)), count(rows.ok)
+    flagged_counts = None if flagged is None else count(flagged)
+    return [ShardRow(
+        shard=name, pairs=int(pairs[i]), ok=int(ok[i]), errors=int(pairs[i] - ok[i]),
+        flagged=None if flagged_counts is None else int(flagged_counts[i]),
+        truncated=bool(recorded.get(name, {}).get("truncated", False)), read_error=recorded.get(name, {}).get("read_error"),
+    ) for i, name in enumerate(order)]
 
 
 def _worst_ids(rows: ScoreRows, n: int) -> list[PairId]:
