@@ -28,6 +28,7 @@ from clipguard.filtering.run import FilterConfig, filter_shards
 from clipguard.filtering.threshold import load_calibration
 from clipguard.labels import make_labeler
 from clipguard.model.loading import ModelSpec, load_model
+from clipguard.reporting import ReportRequest, write_report
 from clipguard.scoring.run import ScoreConfig, score_shards
 from clipguard.sterilize import SterilizeConfig, SterilizeJob, SterilizeResult, plot_curve, run_sterilize_job
 from clipguard.synth import WorldSpec, generate_world
@@ -142,6 +143,7 @@ class DemoResult:
     stage_seconds: dict[str, float]
     report_path: Path
     figures: list[Path]
+    html_report: Path | None = None  # the audit page of the poisoned data (`clipguard report`)
 
     def row(self, name: str) -> ModelRow:
         return next(r for r in self.rows if r.name == name)
@@ -182,6 +184,12 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
             resolve_shards(str(out_dir / "poisoned")), reference, threshold,
             FilterConfig(clean_dir=out_dir / "filtered", quarantine_dir=out_dir / "quarantine", reuse_scores=out_dir / "scores"),
         )
+    with stage("write the audit report of the poisoned data"):
+        audit_page = write_report(ReportRequest(
+            scores=out_dir / "scores", out=out_dir / "report.html", calibration=calibration.calibration_path,
+            filter_dir=out_dir / "filtered", keywords=world.keywords_json,
+            title=f"clipguard demo: audit of the train split after Attack II {config.goal}",
+        )).path
     test = load_test_set(world.shards("test"), make_labeler())
     with stage("fine-tune the victim on clean, poisoned and filtered data; sterilize the poisoned one"):
         victims = _train_and_sterilize(config, world, out_dir, goal)
@@ -213,6 +221,7 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
         stage_seconds=timings,
         report_path=out_dir / "report.json",
         figures=figures,
+        html_report=audit_page,
     )
     result.report_path.write_text(json.dumps(_report(result, config, reports, repaired), indent=2, default=str) + "\n")
     return result
@@ -321,4 +330,5 @@ def _report(result: DemoResult, config: DemoConfig, reports: dict[str, Evaluatio
         "sterilization": {**repaired.to_dict(), "watched_split": WATCH_SPLIT},
         "stage_seconds": result.stage_seconds,
         "figures": [str(p) for p in result.figures],
+        "html_report": str(result.html_report),
     }

@@ -47,6 +47,10 @@ def test_demo_prints_the_paper_shaped_table_and_writes_its_report(demo):
     assert report["phi"] == pytest.approx(DemoConfig.quick().rate, abs=0.001)
     for figure in report["figures"]:
         assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    page = (demo.out / "report.html").read_text(encoding="utf-8")
+    assert report["html_report"] == str(demo.out / "report.html")
+    pairs = report["filter"]["read"]
+    assert f'id="summary-pairs" data-value="{pairs}"' in page and 'id="classes"' in page
     assert len(report["sterilization"]["curve"]) >= 2
 
 

@@ -36,7 +36,7 @@ def demo(
         result = run_demo(out, config, on_stage=on_stage)
     print_table(result, config)
     console.print(f"total {time.perf_counter() - started:.0f} s; report: {result.report_path}; "
-                  f"figures: {', '.join(str(p) for p in result.figures)}")
+                  f"audit page: {result.html_report}; figures: {', '.join(str(p) for p in result.figures)}")
 
 
 def print_table(result: DemoResult, config: DemoConfig) -> None:

@@ -8,6 +8,7 @@ from clipguard.cli.attack import attack
 from clipguard.cli.evaluate import evaluate
 from clipguard.cli.filter import filter_command
 from clipguard.cli.finetune import finetune
+from clipguard.cli.report import report
 from clipguard.cli.gate import gate
 from clipguard.cli.calibrate import calibrate
 from clipguard.cli.convert import convert
@@ -38,6 +39,7 @@ app.command()(attack)
 app.command()(evaluate)
 app.command(name="filter")(filter_command)
 app.command()(gate)
+app.command()(report)
 app.command()(finetune)
 app.command()(sterilize)
 app.command()(synth)
