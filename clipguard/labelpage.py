@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from clipguard.data.pairs import DecodeLimits, open_image
+from clipguard.data.pairs import WEB_IMAGE_FORMATS, DecodeLimits, open_image
 from clipguard.labelling import LABEL_HELP, SampleRow
 
 THUMBNAIL_SIDE = 256
@@ -84,7 +84,7 @@ def page_images(image_bytes: bytes, limits: DecodeLimits) -> PageImages:
 
 def _zoom_image(image_bytes: bytes, image: Image.Image) -> tuple[str, str | None]:
     """The image as stored when a browser can show it, else re-encoded; never silently smaller."""
-    stored_format = Image.open(io.BytesIO(image_bytes)).format
+    stored_format = Image.open(io.BytesIO(image_bytes), formats=WEB_IMAGE_FORMATS).format
     if stored_format in BROWSER_FORMATS and len(image_bytes) <= MAX_ZOOM_BYTES:
         return _data_uri(image_bytes, BROWSER_FORMATS[stored_format]), None
     # PNG keeps every pixel of formats a browser cannot show (TIFF, BMP, ...) when it fits.

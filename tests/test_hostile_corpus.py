@@ -403,8 +403,8 @@ def test_only_web_image_formats_are_decoded():
         for name, ext, data in [("eps", "jpg", eps), ("png_as_jpg", "jpg", png.getvalue()), ("gif_as_png", "png", gif.getvalue())]
     }
     assert decoded["png_as_jpg"] is None
-    assert decoded["eps"].startswith("corrupt_image: not a JPEG, PNG or WebP")
-    assert decoded["gif_as_png"].startswith("corrupt_image: not a JPEG, PNG or WebP")
+    assert decoded["eps"].startswith("corrupt_image: not a JPEG, PNG, WEBP image")
+    assert decoded["gif_as_png"].startswith("corrupt_image: not a JPEG, PNG, WEBP image")
 
 
 # --- the invariants over a corpus of all of the above -------------------------------------------------

@@ -305,8 +305,8 @@ def test_page_images_keep_the_stored_image_for_the_zoom_view(monkeypatch):
     bmp = io.BytesIO()
     Image.fromarray(pixels).save(bmp, format="BMP")
     shown = labelpage.page_images(bmp.getvalue(), DecodeLimits())
-    assert shown.full.startswith("data:image/png;") and shown.zoom_note == "re-encoded as PNG from BMP"
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(_bytes_of(shown.full)))), pixels)  # every pixel kept
+    # The page decodes what the scorer decodes and nothing more: BMP is not a web format.
+    assert shown.thumbnail is None and shown.error.startswith("corrupt_image: not a JPEG, PNG, WEBP image")
 
     monkeypatch.setattr(labelpage, "MAX_ZOOM_BYTES", 60_000)  # a noisy 600 px JPEG is larger than this
     reduced = labelpage.page_images(large_jpeg, DecodeLimits())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from clipguard.data.pairs import DecodeLimits, open_image
+from clipguard.data.pairs import WEB_IMAGE_FORMATS, DecodeLimits, open_image
 
 DEFAULT_MAX_IMAGE_BYTES = 64 << 20
 # PIL format -> the shard field clipguard's reader (clipguard.data.pairs.IMAGE_FIELDS) accepts.
@@ -24,6 +24,15 @@ class ImageFile:
     data: bytes | None = None
     reencoded: bool = False
     error: str | None = None
+
+
+# A dataset on the user's own disk is not a hostile shard: its few older raster formats are
+# decoded (and re-encoded to PNG); EPS and the like still never are.
+LOCAL_IMAGE_FORMATS = (*WEB_IMAGE_FORMATS, "BMP", "GIF", "TIFF")
+
+
+def local_image_limits() -> DecodeLimits:
+    return DecodeLimits(formats=LOCAL_IMAGE_FORMATS)
 
 
 def read_image_file(path: Path | None, limits: DecodeLimits, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> ImageFile:
@@ -53,7 +62,7 @@ def read_image_file(path: Path | None, limits: DecodeLimits, max_bytes: int = DE
 
 def _format_of(data: bytes) -> str | None:
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=LOCAL_IMAGE_FORMATS) as image:
             return image.format
     except Exception:  # noqa: BLE001 - open_image already accepted it; any failure means "not kept as is"
         return None

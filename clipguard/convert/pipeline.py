@@ -21,7 +21,7 @@ from typing import Any
 from clipguard.convert.coco import CocoInputs, read_coco
 from clipguard.convert.flickr30k import FlickrInputs, read_flickr30k
 from clipguard.convert.folder import FolderInputs, read_folder
-from clipguard.convert.images import DEFAULT_MAX_IMAGE_BYTES, ImageFile, read_image_file
+from clipguard.convert.images import DEFAULT_MAX_IMAGE_BYTES, ImageFile, local_image_limits, read_image_file
 from clipguard.convert.sources import CaptionChoice, ConvertError, ReaderCounts, SourcePair
 from clipguard.convert.vg import DEFAULT_MAX_CAPTION_CHARS, VgInputs, read_vg
 from clipguard.convert.writer import ConvertedShardWriter
@@ -58,7 +58,7 @@ class ConvertConfig:
     register: bool = True
     registry: Path | None = None  # None: clipguard.datasets.default_config_path()
     overwrite: bool = False
-    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    limits: DecodeLimits = field(default_factory=local_image_limits)
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
     @property

@@ -46,6 +46,9 @@ class DecodeLimits:
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
     # Members larger than this are never held in memory (scoring records them as errors).
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    # The PIL formats ever decoded. Shards are hostile: the web's three. Only a reader of the
+    # user's own files (convert) widens this.
+    formats: tuple[str, ...] = WEB_IMAGE_FORMATS
 
 
 @dataclass
@@ -116,10 +119,10 @@ def decode_pair(sample: RawSample, limits: DecodeLimits) -> Pair:
     return pair
 
 
-def decode_formats(field_name: str | None) -> tuple[str, ...]:
-    """The web formats, the one the extension names first."""
+def decode_formats(field_name: str | None, allowed: tuple[str, ...] = WEB_IMAGE_FORMATS) -> tuple[str, ...]:
+    """The allowed formats, the one the extension names first."""
     named = _FORMAT_OF_FIELD.get(field_name or "")
-    return tuple(dict.fromkeys([named, *WEB_IMAGE_FORMATS] if named else WEB_IMAGE_FORMATS))
+    return tuple(dict.fromkeys([named, *allowed] if named in allowed else allowed))
 
 
 def open_image(
@@ -130,9 +133,9 @@ def open_image(
             # We enforce our own pixel limit below, before decoding; PIL's would only warn.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
-                image = Image.open(io.BytesIO(data), formats=decode_formats(field_name))
+                image = Image.open(io.BytesIO(data), formats=decode_formats(field_name, limits.formats))
             except Image.UnidentifiedImageError:
-                return None, "corrupt_image: not a JPEG, PNG or WebP image (other formats are never decoded)"
+                return None, f"corrupt_image: not a {', '.join(limits.formats)} image (other formats are never decoded)"
             width, height = image.size
             if width * height > limits.max_pixels:
                 return None, f"image_too_large: {width}x{height} exceeds {limits.max_pixels} pixels"
