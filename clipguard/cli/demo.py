@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from clipguard.cli.common import compact_table, console, err_console, user_errors
-from clipguard.demo import DemoConfig, DemoResult, run_demo
+
+if TYPE_CHECKING:
+    from clipguard.demo import DemoConfig, DemoResult
 
 # The paper's numbers for the same rows (Flickr-PASCAL, Attack II sheep2aeroplane, ViT-B/32):
 # Table 3 (clean / poisoned), Table 16 (pre-training defence), Table 8 (post-training, lr 1e-4).
@@ -21,7 +23,14 @@ def demo(
     quick: Annotated[bool, typer.Option("--quick", help="The story on a budget, about 2.5 minutes on 2 CPU cores (the full demo: about 9): 2 epochs per fine-tune instead of 8, so 5% of the pairs poisoned instead of 0.5%.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the attack, sampling and training.")] = 0,
 ) -> None:
-    """Synthesize, poison, train, score, calibrate, filter, retrain, sterilize, evaluate."""
+    """Synthesize, poison, train, score, calibrate, filter, retrain, sterilize, evaluate.
+
+    \b
+    Example:
+      clipguard demo --quick --out demo-out/
+    """
+    from clipguard.demo import DemoConfig, run_demo
+
     config = DemoConfig.quick() if quick else DemoConfig()
     config = DemoConfig(**{**config.__dict__, "seed": seed})
     started = time.perf_counter()
