@@ -2,4 +2,6 @@
 
 from clipguard.cli.main import main
 
-main()
+# Guarded: worker processes started with "spawn" (side_by_side_pool) import this module again.
+if __name__ == "__main__":
+    main()

@@ -3,8 +3,8 @@
 On a terminal it draws rich bars. Anywhere else (CI logs, nohup, slurm, a pipe) rich would draw
 nothing until the end, so it writes a plain line instead, at most one every
 CLIPGUARD_PROGRESS_INTERVAL seconds (default 5): what is done, the rate and the ETA. A quiet
-thread repeats the last state when no update came for a whole interval, so a stage whose core
-reports nothing for minutes (a fine-tune in another process) still shows it is alive.
+thread repeats the running tasks' lines when no update came for two intervals, so a stage whose core
+reports nothing for minutes (evaluating five models) still shows it is alive.
 
     with ProgressReporter(err_console) as progress:
         task = progress.task("score", total=len(shards), steps="shards", unit="pairs")
@@ -53,7 +53,9 @@ class _TaskState:
     done: int | None = None
     rate_given: float | None = None
     note: str = ""
+    show_eta: bool = True
     finished: bool = False
+    changed: bool = False  # updated since its last line
 
     def elapsed(self, now: float) -> float:
         return max(now - self.started, 1e-9)
@@ -86,6 +88,9 @@ def _count(value: float) -> str:
 
 def describe(state: _TaskState, now: float) -> str:
     """One plain line: `score: 2/5 shards, 1,234 pairs, 98.7 pairs/s, elapsed 0:00:12, ETA 0:00:18`."""
+    if state.first_completed is None and state.done is None and state.total is None:
+        # A task nobody updates is an activity (a demo stage): say that it runs, and for how long.
+        return f"{state.name}: {'done' if state.finished else 'running'}, elapsed {_clock(state.elapsed(now))}"
     if state.total is not None:
         parts = [f"{_count(state.completed)}/{_count(state.total)} {state.steps}"]
     else:
@@ -100,7 +105,8 @@ def describe(state: _TaskState, now: float) -> str:
         parts.append(state.note)
     parts.append(f"elapsed {_clock(state.elapsed(now))}")
     if not state.finished:
-        parts.append(f"ETA {_clock(state.eta(now))}")
+        if state.show_eta:
+            parts.append(f"ETA {_clock(state.eta(now))}")
     elif state.total is not None and state.completed < state.total:
         parts.append("stopped")
     else:
@@ -140,7 +146,7 @@ class ProgressReporter:
         self.live = console.is_terminal if live is None else live
         self._tasks: list[ProgressTask] = []
         self._lock = threading.RLock()
-        self._last_line = 0.0
+        self._last_line = -math.inf  # the first update always gets a line
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._bars = self._make_bars() if self.live else None
@@ -180,9 +186,12 @@ class ProgressReporter:
                     task.state.finished = True
                     self._write(task, now)
 
-    def task(self, name: str, total: float | None = None, steps: str = "steps", unit: str = "pairs") -> ProgressTask:
+    def task(
+        self, name: str, total: float | None = None, steps: str = "steps", unit: str = "pairs", eta: bool = True,
+    ) -> ProgressTask:
+        """A new line of progress. `eta=False` where steps differ too much in length for one."""
         with self._lock:
-            state = _TaskState(name=name, total=total, steps=steps, unit=unit)
+            state = _TaskState(name=name, total=total, steps=steps, unit=unit, show_eta=eta)
             bar_id = self._bars.add_task(escape(name), total=total, detail="") if self._bars is not None else None
             task = ProgressTask(self, state, bar_id)
             self._tasks.append(task)
@@ -191,7 +200,7 @@ class ProgressReporter:
     def log(self, message: str) -> None:
         """A line of its own (above the bars on a terminal), not markup: it may quote data."""
         with self._lock:
-            self.console.print(message, markup=False, highlight=False)
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
     def _update(self, task: ProgressTask, completed, total, done, rate, note) -> None:
         with self._lock:
@@ -208,14 +217,22 @@ class ProgressReporter:
                 state.rate_given = rate
             if note is not None:
                 state.note = note
+            state.changed = True
+            if state.total is not None and state.completed >= state.total:
+                self._finish(task)  # its closing line now, not repeated while the command wraps up
+                return
             if self._bars is not None:
                 self._refresh_bar(task)
             elif now - self._last_line >= self.interval:
-                self._write(task, now)
+                # One line for every task that moved (fine-tunes side by side each get theirs).
+                for moved in [t for t in self._tasks if t.state.changed and not t.state.finished]:
+                    self._write(moved, now)
 
     def _finish(self, task: ProgressTask) -> None:
         with self._lock:
             state = task.state
+            if state.finished:
+                return
             if state.total is not None:
                 state.completed = state.total
             state.finished = True
@@ -237,14 +254,16 @@ class ProgressReporter:
 
     def _write(self, task: ProgressTask, now: float) -> None:
         self._last_line = now
+        task.state.changed = False
         self.console.print(describe(task.state, now), markup=False, highlight=False, soft_wrap=True)
         self.console.file.flush()  # a pipe is block-buffered: without this, lines arrive at the end
 
     def _beat(self) -> None:
-        """Repeat the newest unfinished task's line when nothing was written for an interval."""
+        """Repeat the running tasks' lines when nothing was written for two intervals (one would
+        race the updates of tasks that are moving)."""
         while not self._stop.wait(min(self.interval, 1.0)):
             with self._lock:
                 now = time.perf_counter()
-                running = [t for t in self._tasks if not t.state.finished]
-                if running and now - self._last_line >= self.interval:
-                    self._write(running[-1], now)
+                if now - self._last_line >= 2 * self.interval:
+                    for task in [t for t in self._tasks if not t.state.finished]:
+                        self._write(task, now)
