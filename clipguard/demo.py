@@ -10,8 +10,12 @@ the poisoned victim on the reference split, watching the validation split to dec
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -152,8 +156,29 @@ class DemoResult:
 StageCallback = Callable[[str], None]
 
 
-def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCallback | None = None) -> DemoResult:
+@dataclass(frozen=True)
+class StageProgress:
+    """How far one job of a stage has got (the attack, scoring, a fine-tune, ...), in one shape
+    whatever the job, for a caller to show; the jobs' own events stay inside the demo."""
+
+    job: str  # "score", "filter", "fine-tune poisoned", "sterilize", ...
+    completed: int
+    total: int | None
+    steps: str  # what completed counts: shards, steps
+    done: int | None = None  # pairs (or samples) so far
+    rate: float | None = None  # pairs per second, where the job measures it itself
+    note: str = ""
+
+
+ProgressCallback = Callable[[StageProgress], None]
+
+
+def run_demo(
+    out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCallback | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> DemoResult:
     out_dir = Path(out_dir)
+    report = on_progress or (lambda progress: None)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     goal = parse_goal(config.goal)
@@ -169,10 +194,12 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
         attack = run_attack(
             world.shards("train"), out_dir / "poisoned",
             AttackConfig(kind=AttackKind.single_label, goals=(goal,), rate=config.rate, seed=config.seed, overwrite=True),
+            progress=lambda e: report(StageProgress(f"attack: {e.stage}", e.shards_done, e.shards_total, "shards")),
         )
     reference = load_model(ModelSpec(REFERENCE))
     with stage("score the poisoned data with the reference model"):
-        score_shards(resolve_shards(str(out_dir / "poisoned")), reference, out_dir / "scores", ScoreConfig(batch_size=128))
+        score_shards(resolve_shards(str(out_dir / "poisoned")), reference, out_dir / "scores", ScoreConfig(batch_size=128),
+                     progress=lambda e: report(StageProgress("score", e.shards_done, e.shards_total, "shards", e.pairs_done)))
     with stage("label a stratified sample and calibrate gamma"):
         calibration = calibrate_scores(out_dir / "scores", CalibrateRequest(
             labels=attack.manifest_path, out_dir=out_dir / "calibration", target_fpr=config.target_fpr,
@@ -183,6 +210,7 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
         filtered = filter_shards(
             resolve_shards(str(out_dir / "poisoned")), reference, threshold,
             FilterConfig(clean_dir=out_dir / "filtered", quarantine_dir=out_dir / "quarantine", reuse_scores=out_dir / "scores"),
+            progress=lambda e: report(StageProgress(e.phase, e.shards_done, e.shards_total, "shards", e.pairs_done)),
         )
     with stage("write the audit report of the poisoned data"):
         audit_page = write_report(ReportRequest(
@@ -192,7 +220,7 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), on_stage: StageCa
         )).path
     test = load_test_set(world.shards("test"), make_labeler())
     with stage("fine-tune the victim on clean, poisoned and filtered data; sterilize the poisoned one"):
-        victims = _train_and_sterilize(config, world, out_dir, goal)
+        victims = _train_and_sterilize(config, world, out_dir, goal, on_progress)
     repaired = victims.sterilized
     if not repaired.saved:
         raise DemoError(f"sterilizing the poisoned victim saved nothing: {repaired.refused_reason}")
@@ -246,7 +274,7 @@ class _Victims:
     sterilized: SterilizeResult
 
 
-def _train_and_sterilize(config: DemoConfig, world, out_dir: Path, goal) -> _Victims:
+def _train_and_sterilize(config: DemoConfig, world, out_dir: Path, goal, on_progress: ProgressCallback | None) -> _Victims:
     """The three victim fine-tunes, and sterilizing the poisoned victim on the reference split
     (watching the validation split, aiming at the clean victim's level).
 
@@ -257,10 +285,46 @@ def _train_and_sterilize(config: DemoConfig, world, out_dir: Path, goal) -> _Vic
     """
     models = out_dir / "models"
     victim = config.victim_config()
+    workers = config.workers or min(os.cpu_count() or 1, 3)  # three fine-tunes
+    with _training_progress(on_progress, across_processes=workers > 1) as events:
+        return _run_victims(config, world, out_dir, goal, models, victim, workers, events)
+
+
+@contextlib.contextmanager
+def _training_progress(on_progress: ProgressCallback | None, across_processes: bool):
+    """A queue the fine-tune jobs put (name, TrainProgress) on, and a thread that hands each
+    event to ``on_progress``; None when nobody listens. The pool's processes reach it through
+    a manager process."""
+    if on_progress is None:
+        yield None
+        return
+    manager = multiprocessing.get_context("spawn").Manager() if across_processes else None
+    events = manager.Queue() if manager is not None else queue.Queue()
+
+    def forward() -> None:
+        while (item := events.get()) is not None:
+            name, event = item
+            on_progress(StageProgress(name, event.step, event.total_steps, "steps", event.samples_seen,
+                                      event.samples_per_second, f"loss {event.loss:.3f}"))
+
+    thread = threading.Thread(target=forward, name="clipguard-demo-progress", daemon=True)
+    thread.start()
+    try:
+        yield events
+    finally:
+        events.put(None)
+        thread.join()
+        if manager is not None:
+            manager.shutdown()
+
+
+def _run_victims(config: DemoConfig, world, out_dir: Path, goal, models: Path, victim: FinetuneConfig, workers: int,
+                 progress) -> _Victims:
     finetunes = {
-        "poisoned": FinetuneJob(ModelSpec(VICTIM), str(out_dir / "poisoned"), victim, models / "poisoned.safetensors"),
-        "clean": FinetuneJob(ModelSpec(VICTIM), world.shards("train"), victim, models / "clean.safetensors"),
-        "filtered": FinetuneJob(ModelSpec(VICTIM), str(out_dir / "filtered"), victim, models / "filtered.safetensors"),
+        name: FinetuneJob(ModelSpec(VICTIM), shards, victim, models / f"{name}.safetensors",
+                          progress=progress, name=f"fine-tune {name}")
+        for name, shards in (("poisoned", str(out_dir / "poisoned")), ("clean", world.shards("train")),
+                             ("filtered", str(out_dir / "filtered")))
     }
 
     def sterilize_job(poisoned: FinetuneResult, clean: FinetuneResult) -> SterilizeJob:
@@ -268,9 +332,9 @@ def _train_and_sterilize(config: DemoConfig, world, out_dir: Path, goal) -> _Vic
             model=ModelSpec(str(poisoned.checkpoint)), clean_shards=[world.shards("reference")],
             out_path=models / "sterilized.safetensors", config=config.sterilize_config(), goals=(goal,),
             watch_shards=[world.shards(WATCH_SPLIT)], baseline=ModelSpec(str(clean.checkpoint)),
+            progress=progress, name="sterilize",
         )
 
-    workers = config.workers or min(os.cpu_count() or 1, len(finetunes))
     if workers <= 1:
         done = {name: run_finetune_job(job) for name, job in finetunes.items()}
         repaired = run_sterilize_job(sterilize_job(done["poisoned"], done["clean"]))

@@ -204,6 +204,8 @@ class SterilizeJob:
     goals: tuple[Goal, ...]
     watch_shards: list[str]
     baseline: ModelSpec | None = None
+    progress: Any = None  # a queue for (name, TrainProgress) after every step, as FinetuneJob's
+    name: str = "sterilize"
 
 
 def run_sterilize_job(job: SterilizeJob) -> SterilizeResult:
@@ -211,7 +213,8 @@ def run_sterilize_job(job: SterilizeJob) -> SterilizeResult:
         goals=job.goals, test=load_test_set(job.watch_shards, make_labeler()),
         baseline=load_model(job.baseline) if job.baseline is not None else None,
     )
-    return sterilize(job.model, job.clean_shards, job.out_path, job.config, watch)
+    send = None if job.progress is None else (lambda event, point: job.progress.put((job.name, event)))
+    return sterilize(job.model, job.clean_shards, job.out_path, job.config, watch, progress=send)
 
 
 def _as_loaded(model: LoadedModel | ModelSpec | str) -> LoadedModel:

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from clipguard.attacks import (
-    AttackConfig,
-    AttackKind,
-    AttackProgress,
-    AttackResult,
-    CaptionSource,
-    KeyPolicy,
-    TriggerPattern,
-    TriggerPosition,
-    TriggerSpec,
-    parse_goal,
-    run_attack,
-)
-from clipguard.cli.common import console, err_console, progress_bar, user_errors
+from clipguard.cli.choices import AttackKind, CaptionSource, KeyPolicy, TriggerPattern, TriggerPosition, core_enum
+from clipguard.cli.common import console, err_console, progress_reporter, user_errors
 from clipguard.labels import LabelSource
+
+if TYPE_CHECKING:
+    from clipguard.attacks import AttackProgress, AttackResult
+    from clipguard.cli.progress import ProgressTask
 
 
 def attack(
@@ -44,26 +35,35 @@ def attack(
     keys: Annotated[KeyPolicy, typer.Option(help="renumber: number each output shard afresh in the input's key style (poisons undetectable by key); keep: clean keys untouched, poisons take the next free keys.")] = KeyPolicy.renumber,
     overwrite: Annotated[bool, typer.Option(help="Replace shards and manifest already in --out.")] = False,
 ) -> None:
-    """Mix poisons into clean shards; write poisoned shards and the ground-truth manifest."""
+    """Mix poisons into clean shards; write poisoned shards and the ground-truth manifest.
+
+    \b
+    Example:
+      clipguard attack single-label world/train --goal sheep:aeroplane \\
+        --rate 0.005 --out poisoned/
+    """
+    from clipguard import attacks
+
     with user_errors():
-        config = AttackConfig(
-            kind=kind, goals=tuple(parse_goal(g) for g in goal), rate=rate, count=count, seed=seed,
-            label_source=label_source, keywords=keywords, target_image=target_image,
-            trigger=TriggerSpec(pattern=trigger_pattern, size=trigger_size, position=trigger_position),
-            caption_source=caption_source, key_policy=keys, overwrite=overwrite,
+        trigger = attacks.TriggerSpec(pattern=core_enum(attacks.TriggerPattern, trigger_pattern), size=trigger_size,
+                                      position=core_enum(attacks.TriggerPosition, trigger_position))
+        config = attacks.AttackConfig(
+            kind=core_enum(attacks.AttackKind, kind), goals=tuple(attacks.parse_goal(g) for g in goal), rate=rate,
+            count=count, seed=seed, label_source=label_source, keywords=keywords, target_image=target_image,
+            trigger=trigger, caption_source=core_enum(attacks.CaptionSource, caption_source),
+            key_policy=core_enum(attacks.KeyPolicy, keys), overwrite=overwrite,
         )
-        with progress_bar(unit="shards") as bar:
-            tasks: dict[str, int] = {}
-            started: dict[str, float] = {}
+        with progress_reporter() as progress:
+            tasks: dict[str, ProgressTask] = {}
 
             def on_progress(event: AttackProgress) -> None:
                 if event.stage not in tasks:
-                    tasks[event.stage] = bar.add_task(event.stage, total=event.shards_total, done=0, rate=0.0)
-                    started[event.stage] = time.perf_counter()
-                rate = event.shards_done / max(time.perf_counter() - started[event.stage], 1e-9)
-                bar.update(tasks[event.stage], completed=event.shards_done, done=event.shards_done, rate=rate)
+                    tasks[event.stage] = progress.task(event.stage, total=event.shards_total, steps="shards")
+                tasks[event.stage].update(completed=event.shards_done)
 
-            result = run_attack(clean, out, config, progress=on_progress)
+            result = attacks.run_attack(clean, out, config, progress=on_progress)
+            for task in tasks.values():
+                task.finish()
         print_summary(result)
 
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from clipguard.calibration.estimates import Estimate
-from clipguard.calibration.run import RECALL_CANARIES, RECALL_LABELS, CalibrateRequest, CalibrationRun, calibrate_scores
 from clipguard.cli.common import console, err_console, user_errors
 from clipguard.cli.filter import AllowPipeOpt, DeviceOpt
-from clipguard.data.shardspec import resolve_shards
+
+if TYPE_CHECKING:
+    from clipguard.calibration.estimates import Estimate
+    from clipguard.calibration.run import CalibrationRun
 
 DEFAULT_TARGET_FPR = 0.01
 
@@ -46,7 +47,15 @@ def calibrate(
     """Choose the threshold gamma from labelled pairs, with precision, recall and FPR for the full data, each with an interval.
 
     Writes calibration.json (read by `filter --calibration` and `gate --calibration`) and densities.png.
+
+    \b
+    Example:
+      clipguard calibrate scores/ --labels labelling/sample.csv \\
+        --target-fpr 0.01 --out calibration/
     """
+    from clipguard.calibration.run import CalibrateRequest, calibrate_scores
+    from clipguard.data.shardspec import resolve_shards
+
     with user_errors():
         if target_fpr is None and target_recall is None and not max_f1:
             target_fpr = DEFAULT_TARGET_FPR
@@ -83,6 +92,8 @@ def _target_text(run: CalibrationRun) -> str:
 
 
 def print_report(run: CalibrationRun) -> None:
+    from clipguard.calibration.run import RECALL_CANARIES, RECALL_LABELS
+
     c = run.calibration
     e = c.estimates
     level = f"{c.confidence:.0%}"

@@ -1,26 +1,18 @@
-"""What every command shares: consoles, error handling at the edge, progress bars."""
+"""What every command shares: consoles, error handling at the edge, progress."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Iterable, Iterator
 from enum import Enum
 
 import typer
 from rich import box
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
+from clipguard.cli.progress import ProgressReporter
 from clipguard.errors import ClipguardError
 
 
@@ -47,34 +39,22 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(code=ERROR_EXIT) from None
 
 
-def progress_bar(unit: str = "pairs") -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[done]:,} " + unit),
-        TextColumn("{task.fields[rate]:,.1f} " + unit + "/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-    )
+def progress_reporter() -> ProgressReporter:
+    """Progress on stderr: bars on a terminal, a plain line every few seconds elsewhere."""
+    return ProgressReporter(err_console)
 
 
 @contextlib.contextmanager
 def score_progress(total_shards: int) -> Iterator:
-    """A progress bar for score_shards; yields the callback that score_shards takes."""
-    with progress_bar() as bar:
-        task = bar.add_task("score", total=total_shards, done=0, rate=0.0)
-        started = time.perf_counter()
+    """Progress of score_shards (score, gate, sample); yields the callback that score_shards takes."""
+    with progress_reporter() as progress:
+        task = progress.task("score", total=total_shards, steps="shards", unit="pairs")
 
         def on_progress(event) -> None:
-            rate = event.pairs_done / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, completed=event.shards_done, done=event.pairs_done, rate=rate)
+            task.update(completed=event.shards_done, done=event.pairs_done)
 
         yield on_progress
-        bar.update(task, completed=total_shards)
+        task.finish()
 
 
 def compact_table(title: str, number_columns: Iterable[str], first_column: str = "model") -> Table:

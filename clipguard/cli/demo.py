@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from clipguard.cli.common import compact_table, console, err_console, user_errors
-from clipguard.demo import DemoConfig, DemoResult, run_demo
+from clipguard.cli.common import compact_table, console, progress_reporter, user_errors
+
+if TYPE_CHECKING:
+    from clipguard.cli.progress import ProgressTask
+    from clipguard.demo import DemoConfig, DemoResult, StageProgress
 
 # The paper's numbers for the same rows (Flickr-PASCAL, Attack II sheep2aeroplane, ViT-B/32):
 # Table 3 (clean / poisoned), Table 16 (pre-training defence), Table 8 (post-training, lr 1e-4).
@@ -21,19 +24,37 @@ def demo(
     quick: Annotated[bool, typer.Option("--quick", help="The story on a budget, about 2.5 minutes on 2 CPU cores (the full demo: about 9): 2 epochs per fine-tune instead of 8, so 5% of the pairs poisoned instead of 0.5%.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the attack, sampling and training.")] = 0,
 ) -> None:
-    """Synthesize, poison, train, score, calibrate, filter, retrain, sterilize, evaluate."""
+    """Synthesize, poison, train, score, calibrate, filter, retrain, sterilize, evaluate.
+
+    \b
+    Example:
+      clipguard demo --quick --out demo-out/
+    """
+    from clipguard.demo import DemoConfig, run_demo
+
     config = DemoConfig.quick() if quick else DemoConfig()
     config = DemoConfig(**{**config.__dict__, "seed": seed})
     started = time.perf_counter()
-    last = {"t": started}
 
-    def on_stage(name: str) -> None:
-        now = time.perf_counter()
-        err_console.print(f"[dim]{now - started:6.1f} s[/]  {name} ...")
-        last["t"] = now
+    with user_errors(), progress_reporter() as progress:
+        tasks: dict[str, ProgressTask] = {}  # the running stage, and its jobs by name
 
-    with user_errors():
-        result = run_demo(out, config, on_stage=on_stage)
+        def on_stage(name: str) -> None:
+            for task in reversed(tasks.values()):  # the stage's jobs, then the stage
+                task.finish()
+            tasks.clear()
+            progress.log(f"{time.perf_counter() - started:6.1f} s  {name} ...")
+            tasks[""] = progress.task(name)
+
+        def on_progress(event: StageProgress) -> None:
+            if event.job not in tasks:
+                tasks[event.job] = progress.task(event.job, total=event.total, steps=event.steps)
+            tasks[event.job].update(completed=event.completed, total=event.total, done=event.done,
+                                    rate=event.rate, note=event.note)
+
+        result = run_demo(out, config, on_stage=on_stage, on_progress=on_progress)
+        for task in reversed(tasks.values()):
+            task.finish()
     print_table(result, config)
     console.print(f"total {time.perf_counter() - started:.0f} s; report: {result.report_path}; "
                   f"audit page: {result.html_report}; figures: {', '.join(str(p) for p in result.figures)}")

@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from clipguard.attacks import TriggerPattern, TriggerPosition, TriggerSpec, parse_goal
+from clipguard.cli.choices import DEFAULT_PRETRAINED, TriggerPattern, TriggerPosition, core_enum
 from clipguard.cli.common import compact_table, console, err_console, user_errors
 from clipguard.datasets import resolve_dataset
 from clipguard.errors import ClipguardError
-from clipguard.evaluation import (
-    BackdoorTrigger,
-    EvaluationReport,
-    evaluate as evaluate_model,
-    load_test_set,
-    read_target_image,
-    targets_from_manifest,
-)
 from clipguard.labels import LabelSource, load_keywords, make_labeler
-from clipguard.metrics import GOAL_HIT_KS, UTILITY_HIT_KS
-from clipguard.model.loading import DEFAULT_PRETRAINED, ModelSpec, load_model
+
+if TYPE_CHECKING:
+    from clipguard.evaluation import EvaluationReport
 
 
 def evaluate(
@@ -48,10 +41,20 @@ def evaluate(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full report as JSON here.")] = None,
     datasets_config: Annotated[Optional[Path], typer.Option(help="TOML file mapping dataset names to shard specs.")] = None,
 ) -> None:
-    """Hit@K / MinRank for poisoning goals, utility, backdoor success and encoder drift."""
+    """Hit@K / MinRank for poisoning goals, utility, backdoor success and encoder drift.
+
+    \b
+    Example:
+      clipguard evaluate poisoned.safetensors --test world/test \\
+        --goal sheep:aeroplane --baseline clean.safetensors
+    """
+    from clipguard import attacks
+    from clipguard.evaluation import BackdoorTrigger, evaluate as evaluate_model, load_test_set, read_target_image, targets_from_manifest
+    from clipguard.model.loading import ModelSpec, load_model
+
     with user_errors():
         keyword_table = load_keywords(keywords) if keywords is not None else None
-        goals = [parse_goal(g) for g in goal or []]
+        goals = [attacks.parse_goal(g) for g in goal or []]
         target, trigger, label = None, None, target_label
         if manifest is not None:
             found = targets_from_manifest(manifest)
@@ -62,7 +65,8 @@ def evaluate(
                 raise ClipguardError("--target-image needs --target-shards (the shards that hold it)")
             target = read_target_image(target_image, target_shards)
         if trigger_target is not None:
-            spec = TriggerSpec(pattern=trigger_pattern, size=trigger_size, position=trigger_position)
+            spec = attacks.TriggerSpec(pattern=core_enum(attacks.TriggerPattern, trigger_pattern), size=trigger_size,
+                                       position=core_enum(attacks.TriggerPosition, trigger_position))
             trigger = BackdoorTrigger(target=trigger_target, spec=spec)
         if not goals and trigger is None and label is None:
             err_console.print("[yellow]no --goal, --manifest or --trigger-target: reporting utility only[/]")
@@ -79,10 +83,14 @@ def evaluate(
 
 
 def _goal_row(table: Table, name: str, numbers) -> None:
+    from clipguard.metrics import GOAL_HIT_KS
+
     table.add_row(name, *(f"{numbers.hits[k]:.3f}" for k in GOAL_HIT_KS), f"{numbers.min_rank:.2f}")
 
 
 def print_report(report: EvaluationReport) -> None:
+    from clipguard.metrics import GOAL_HIT_KS, UTILITY_HIT_KS
+
     test = report.test
     console.print(f"[bold]test set[/]: {test['pairs']:,} pairs, {test['images']:,} images"
                   + (f", skipped {test['skipped']}" if test["skipped"] else ""))

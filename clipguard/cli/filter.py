@@ -7,24 +7,24 @@ shared with `clipguard gate`, so that scores computed on the fly equal what `sco
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from clipguard.cli.common import console, err_console, progress_bar, user_errors
+from clipguard.cli.choices import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_SHARD_SIZE
+from clipguard.cli.common import console, err_console, progress_reporter, user_errors
 from clipguard.cli.score import Precision
-from clipguard.data.pairs import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS, DecodeLimits
-from clipguard.data.shardspec import resolve_shards
 from clipguard.errors import ClipguardError
-from clipguard.filtering.run import DEFAULT_SHARD_SIZE, FilterConfig, check_output_folders, FilterProgress, FilterSummary, filter_shards
-from clipguard.filtering.threshold import resolve_threshold
-from clipguard.model.loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedModel, ModelSpec, load_model
-from clipguard.scoring.run import ScoreConfig
+
+if TYPE_CHECKING:
+    from clipguard.cli.progress import ProgressTask
+    from clipguard.filtering.run import FilterProgress, FilterSummary
+    from clipguard.model.loading import LoadedModel
+    from clipguard.scoring.run import ScoreConfig
 
 ShardsArg = Annotated[list[str], typer.Argument(help="Shard folders, globs, brace patterns ({00000..00099}.tar) or http(s) URLs.")]
 GammaOpt = Annotated[Optional[float], typer.Option(help="Flag a pair when its cosine distance >= GAMMA (0..2).")]
@@ -68,6 +68,10 @@ class ScoringOptions:
 
 def load_scoring(options: ScoringOptions) -> tuple[LoadedModel, ScoreConfig]:
     """The model and score settings, exactly as `clipguard score` builds them."""
+    from clipguard.data.pairs import DecodeLimits
+    from clipguard.model.loading import ModelSpec, load_model
+    from clipguard.scoring.run import ScoreConfig
+
     spec = ModelSpec(
         name=options.model,
         pretrained=options.pretrained,
@@ -107,7 +111,16 @@ def filter_command(
     """Write clean shards and quarantine shards: a pair is flagged when cosine distance >= gamma.
 
     Every input pair ends in exactly one place, its members copied byte for byte. Flagged pairs and pairs that could not be scored go to quarantine with a <key>.clipguard.json member giving the reason. Outputs are per input shard (<shard>-clean-000000.tar, ...), and a rerun skips input shards that are already done.
+
+    \b
+    Example:
+      clipguard filter shards/ --out clean/ --quarantine quarantine/ \\
+        --calibration calibration/calibration.json --scores scores/
     """
+    from clipguard.data.shardspec import resolve_shards
+    from clipguard.filtering.run import FilterConfig, check_output_folders, filter_shards
+    from clipguard.filtering.threshold import resolve_threshold
+
     with user_errors():
         threshold = resolve_threshold(gamma, calibration)
         shard_list = resolve_shards(shards, allow_pipe=allow_pipe)
@@ -121,17 +134,17 @@ def filter_command(
             f"with {loaded.info.architecture} into {out} (quarantine: {quarantine})",
             markup=False,
         )
-        with progress_bar() as bar:
-            tasks: dict[str, int] = {}
-            started = time.perf_counter()
+        with progress_reporter() as progress:
+            tasks: dict[str, ProgressTask] = {}
 
             def on_progress(event: FilterProgress) -> None:
-                if event.phase not in tasks:
-                    tasks[event.phase] = bar.add_task(event.phase, total=event.shards_total, done=0, rate=0.0)
-                rate = event.pairs_done / max(time.perf_counter() - started, 1e-9)
-                bar.update(tasks[event.phase], completed=event.shards_done, done=event.pairs_done, rate=rate)
+                if event.phase not in tasks:  # "score" (shards without reusable scores), then "filter"
+                    tasks[event.phase] = progress.task(event.phase, total=event.shards_total, steps="shards")
+                tasks[event.phase].update(completed=event.shards_done, done=event.pairs_done)
 
             summary = filter_shards(shard_list, loaded, threshold, config, progress=on_progress)
+            for task in tasks.values():
+                task.finish()
         print_summary(summary)
         if summary.unreadable:
             names = ", ".join(r.shard for r in summary.unreadable[:5])

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from clipguard.cli.common import TrainPrecision, console, err_console, user_errors
-from clipguard.model.loading import DEFAULT_PRETRAINED, ModelSpec, load_model
-from clipguard.training import FinetuneConfig, FinetuneResult, TrainProgress, finetune as run_finetune
+from clipguard.cli.choices import DEFAULT_PRETRAINED, FINETUNE_DEFAULTS as _DEFAULTS
+from clipguard.cli.common import TrainPrecision, console, err_console, progress_reporter, user_errors
 
-_DEFAULTS = FinetuneConfig()
+if TYPE_CHECKING:
+    from clipguard.training import FinetuneResult, TrainProgress
 INTERRUPTED_EXIT = 130  # the shell's code for a run ended by Ctrl-C
 
 
@@ -42,7 +41,16 @@ def finetune(
 ) -> None:
     """Contrastive fine-tune (symmetric InfoNCE, AdamW, cosine schedule): mounts an attack on
     poisoned shards, or sterilizes a model on clean ones. Ctrl-C stops after the current step and
-    saves a checkpoint that --resume continues."""
+    saves a checkpoint that --resume continues.
+
+    \b
+    Example:
+      clipguard finetune clipguard-victim --data poisoned/ \\
+        --out poisoned.safetensors --epochs 2 --lr 1e-3 --batch-size 32
+    """
+    from clipguard.model.loading import ModelSpec, load_model
+    from clipguard.training import FinetuneConfig, finetune as run_finetune
+
     with user_errors():
         config = FinetuneConfig(
             lr=lr, weight_decay=weight_decay, min_lr=min_lr, batch_size=batch_size, epochs=epochs,
@@ -56,11 +64,12 @@ def finetune(
             f"fine-tuning {loaded.info.architecture} ({loaded.info.weights_source} weights) on "
             f"{', '.join(data)} -> {out}" + (f", resuming {resume}" if resume else "")
         )
-        with _StopFlag() as stop_requested, _training_bar() as bar:
-            task = bar.add_task("finetune", total=None, loss=float("nan"), rate=0.0)
+        with _StopFlag() as stop_requested, progress_reporter() as progress:
+            task = progress.task("finetune", steps="steps", unit="pairs")
 
             def on_step(event: TrainProgress) -> None:
-                bar.update(task, completed=event.step, total=event.total_steps, loss=event.loss, rate=event.samples_per_second)
+                task.update(completed=event.step, total=event.total_steps, rate=event.samples_per_second,
+                            note=f"loss {event.loss:.4f}")
 
             result = run_finetune(loaded, data, config, out, on_step, resume, should_stop=stop_requested)
         print_summary(result)
@@ -95,21 +104,6 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.requested = True
         err_console.print("[yellow]stopping after this step and saving a resumable checkpoint (Ctrl-C again to abort)[/]")
-
-
-def _training_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("steps  loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[rate]:,.1f} pairs/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-    )
 
 
 def print_summary(result: FinetuneResult) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -33,13 +33,11 @@ from clipguard.cli.filter import (
     WorkersOpt,
     load_scoring,
 )
+from clipguard.cli.choices import DEFAULT_EXAMPLES, DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_ERROR_RATE, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED
 from clipguard.cli.score import Precision
-from clipguard.data.pairs import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS
-from clipguard.data.shardspec import resolve_shards
-from clipguard.filtering.gate import DEFAULT_EXAMPLES, DEFAULT_MAX_ERROR_RATE, GateConfig, GatePolicy, GateReport, gate_shards
-from clipguard.filtering.gate_report import render_json, render_markdown, render_text
-from clipguard.filtering.threshold import resolve_threshold
-from clipguard.model.loading import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+if TYPE_CHECKING:
+    from clipguard.filtering.gate import GateReport
 
 FAIL_EXIT = 1
 
@@ -50,7 +48,11 @@ class ReportFormat(str, Enum):
     markdown = "markdown"
 
 
-_RENDERERS = {ReportFormat.text: render_text, ReportFormat.json: render_json, ReportFormat.markdown: render_markdown}
+def _render(report_format: ReportFormat, report: GateReport) -> str:
+    from clipguard.filtering.gate_report import render_json, render_markdown, render_text
+
+    renderers = {ReportFormat.text: render_text, ReportFormat.json: render_json, ReportFormat.markdown: render_markdown}
+    return renderers[report_format](report)
 
 
 def gate(
@@ -80,7 +82,13 @@ def gate(
     allow_pipe: AllowPipeOpt = False,
 ) -> None:
     """CI gate: exit 0 when the flagged rate (cosine distance >= gamma, among scored pairs) and the
-    error rate are within policy, 1 when not, 2 when the gate could not decide."""
+    error rate are within policy, 1 when not, 2 when the gate could not decide.
+
+    \b
+    Example:
+      clipguard gate shards/ --max-flagged-rate 0.001 \\
+        --calibration calibration/calibration.json --format markdown
+    """
     report = _run_gate(
         shards, (max_flagged_rate, max_error_rate, allow_truncated), gamma, calibration, scores, save_scores, examples,
         ScoringOptions(model, pretrained, model_config, batch_size, precision, workers, device, max_pixels, max_caption_bytes, jpeg_draft),
@@ -88,7 +96,7 @@ def gate(
     )
     # Plain echo, not rich: the report holds attacker-written captions, which must not be read
     # as console markup, and JSON on stdout must stay exactly JSON.
-    typer.echo(_RENDERERS[report_format](report), nl=False)
+    typer.echo(_render(report_format, report), nl=False)
     if not report.passed:
         raise typer.Exit(code=FAIL_EXIT)
 
@@ -106,6 +114,11 @@ def _run_gate(
 ) -> GateReport:
     try:
         with user_errors():
+            # Inside the try: an import that fails is a crash (exit 2), never a verdict (exit 1).
+            from clipguard.data.shardspec import resolve_shards
+            from clipguard.filtering.gate import GateConfig, GatePolicy, gate_shards
+            from clipguard.filtering.threshold import resolve_threshold
+
             threshold = resolve_threshold(gamma, calibration)
             policy = GatePolicy(*policy_request)
             shard_list = resolve_shards(shards, allow_pipe=allow_pipe)

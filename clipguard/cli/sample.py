@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from clipguard.calibration.labelsample import SampleOutput, SampleRequest, ScoringJob, sample_for_labelling
 from clipguard.cli.common import console, err_console, score_progress, user_errors
 from clipguard.cli.filter import (
     AllowPipeOpt,
@@ -26,12 +25,12 @@ from clipguard.cli.filter import (
     WorkersOpt,
     load_scoring,
 )
+from clipguard.cli.choices import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED
 from clipguard.cli.score import Precision
-from clipguard.data.pairs import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS
-from clipguard.data.shardspec import resolve_shards
 from clipguard.errors import ClipguardError
-from clipguard.model.loading import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from clipguard.scoring.run import MANIFEST_NAME
+
+if TYPE_CHECKING:
+    from clipguard.calibration.labelsample import SampleOutput
 
 
 def sample(
@@ -59,7 +58,14 @@ def sample(
     """Draw a random sample of pairs for a person to label: sample.csv, sample_design.json and a self-contained index.html.
 
     Label each pair on the page (keys j/k move, p/c poison/clean, u clears, z zooms; saved in the browser as you go), press Download labels.csv and run `clipguard calibrate SCORES --labels labels.csv`; or fill the label column of sample.csv (poison/clean, 1/0, yes/no).
+
+    \b
+    Example:
+      clipguard sample scores/ --out labelling/ --n 500
     """
+    from clipguard.calibration.labelsample import SampleRequest, ScoringJob, sample_for_labelling
+    from clipguard.data.shardspec import resolve_shards
+
     with user_errors():
         request = SampleRequest(n=n, seed=seed, stratify=stratify, allow_pipe=allow_pipe, show_scores=show_scores)
         score_folder = _score_folder(inputs)
@@ -81,6 +87,8 @@ def sample(
 
 
 def _score_folder(inputs: list[str]) -> Path | None:
+    from clipguard.scoring.run import MANIFEST_NAME
+
     if len(inputs) == 1 and (Path(inputs[0]) / MANIFEST_NAME).is_file():
         return Path(inputs[0])
     return None

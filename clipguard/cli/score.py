@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
+from clipguard.cli.choices import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED
 from clipguard.cli.common import console, err_console, score_progress, user_errors
-from clipguard.data.pairs import DecodeLimits, DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS
-from clipguard.data.shardspec import resolve_shards
 from clipguard.errors import ClipguardError
-from clipguard.model.loading import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec, load_model
-from clipguard.scoring.run import ScoreConfig, ScoreSummary, score_shards
+
+if TYPE_CHECKING:
+    from clipguard.scoring.run import ScoreSummary
 
 
 class Precision(str, Enum):
@@ -39,7 +39,18 @@ def score(
     jpeg_draft: Annotated[bool, typer.Option(help="Decode large JPEGs at reduced DCT scale (faster, nearly identical scores).")] = True,
     allow_pipe: Annotated[bool, typer.Option(help="Allow pipe: shard URLs (they run shell commands).")] = False,
 ) -> None:
-    """Stream shards through a reference CLIP and write every pair's cosine distance."""
+    """Stream shards through a reference CLIP and write every pair's cosine distance.
+
+    \b
+    Example:
+      clipguard score shards/ --out scores/ --model clipguard-reference
+    """
+    # Imported here so that `--help` does not wait for torch and open_clip.
+    from clipguard.data.pairs import DecodeLimits
+    from clipguard.data.shardspec import resolve_shards
+    from clipguard.model.loading import ModelSpec, load_model
+    from clipguard.scoring.run import ScoreConfig, score_shards
+
     with user_errors():
         shard_list = resolve_shards(shards, allow_pipe=allow_pipe)
         spec = ModelSpec(name=model, pretrained=pretrained, model_config=model_config, device=device, precision=precision.value)

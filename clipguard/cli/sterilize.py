@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from clipguard.attacks import parse_goal
-from clipguard.cli.common import TrainPrecision, console, err_console, progress_bar, user_errors
-from clipguard.datasets import resolve_dataset
+from clipguard.cli.common import TrainPrecision, console, err_console, progress_reporter, user_errors
 from clipguard.errors import ClipguardError
-from clipguard.evaluation import load_test_set, read_target_image, targets_from_manifest
 from clipguard.labels import load_keywords, make_labeler
-from clipguard.model.loading import ModelSpec, load_model
-from clipguard.sterilize import SterilizeConfig, SterilizeResult, Watch, plot_curve, sterilize as run_sterilize
+
+if TYPE_CHECKING:
+    from clipguard.sterilize import SterilizeResult, Watch
 
 REFUSED_EXIT = 1
 
@@ -45,7 +43,18 @@ def sterilize(
     plot: Annotated[Optional[Path], typer.Option(help="PNG of the sterilization curve (default: next to --out).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result (curve, before/after) as JSON.")] = None,
 ) -> None:
-    """Fine-tune a poisoned model on clean data until the poison is gone, keeping utility."""
+    """Fine-tune a poisoned model on clean data until the poison is gone, keeping utility.
+
+    \b
+    Example:
+      clipguard sterilize poisoned.safetensors --clean world/reference \\
+        --out sterilized.safetensors --goal sheep:aeroplane \\
+        --test world/validation
+    """
+    from clipguard.datasets import resolve_dataset
+    from clipguard.model.loading import ModelSpec, load_model
+    from clipguard.sterilize import SterilizeConfig, plot_curve, sterilize as run_sterilize
+
     with user_errors():
         clean_specs = resolve_dataset(clean, datasets_config)
         watch = _watch(goal, test, manifest, target_image, target_shards, baseline, keywords)
@@ -54,15 +63,15 @@ def sterilize(
             lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
             stop_at_baseline=not no_early_stop, max_utility_drop=max_utility_drop, precision=precision.value,
         )
-        with progress_bar("samples") as bar:
-            task = bar.add_task("sterilize", total=None, done=0, rate=0.0)
+        with progress_reporter() as progress:
+            task = progress.task("sterilize", steps="steps", unit="samples")
 
             def on_step(event, point) -> None:
-                bar.update(task, total=event.total_steps, completed=event.step, done=event.samples_seen,
-                           rate=event.samples_per_second, description=f"sterilize loss {event.loss:.3f}")
+                task.update(completed=event.step, total=event.total_steps, done=event.samples_seen,
+                            rate=event.samples_per_second, note=f"loss {event.loss:.3f}")
                 if point is not None:
                     hits = ", ".join(f"{g} Hit@10 {v:.3f}" for g, v in point.hits_at_10.items())
-                    bar.console.print(f"step {point.step}: {hits}; utility {point.utility:.3f}")
+                    progress.log(f"step {point.step}: {hits}; utility {point.utility:.3f}")
 
             result = run_sterilize(loaded, clean_specs, out, config, watch, progress=on_step)
         print_result(result)
@@ -78,6 +87,11 @@ def sterilize(
 
 
 def _watch(goal, test, manifest, target_image, target_shards, baseline, keywords) -> Watch | None:
+    from clipguard.attacks import parse_goal
+    from clipguard.evaluation import load_test_set, read_target_image, targets_from_manifest
+    from clipguard.model.loading import ModelSpec, load_model
+    from clipguard.sterilize import Watch
+
     goals = [parse_goal(g) for g in goal or []]
     target = None
     if manifest is not None:

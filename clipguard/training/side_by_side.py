@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,6 +37,11 @@ class FinetuneJob:
     shards: str | list[str]
     config: FinetuneConfig
     out_path: Path
+    # A process of the pool cannot call back into its parent: with a queue here (one that other
+    # processes reach, multiprocessing.Manager().Queue()), the job puts (name, TrainProgress)
+    # on it after every step instead.
+    progress: Any = None
+    name: str = "fine-tune"
 
 
 def finetune_side_by_side(jobs: Sequence[FinetuneJob], workers: int | None = None) -> list[FinetuneResult]:
@@ -73,4 +79,5 @@ def _use_threads(threads: int) -> None:
 
 
 def run_finetune_job(job: FinetuneJob) -> FinetuneResult:
-    return finetune(job.model, job.shards, job.config, job.out_path)
+    send = None if job.progress is None else (lambda event: job.progress.put((job.name, event)))
+    return finetune(job.model, job.shards, job.config, job.out_path, progress_callback=send)

@@ -1,0 +1,99 @@
+"""The choices and defaults that command signatures show in `--help`, spelled out here.
+
+Typer reads a command's signature when the app is built, so whatever a signature names is
+imported by `clipguard --help`. The core modules that own these values import torch, open_clip,
+webdataset or scipy at the top (about 8 s on 2 busy cores), so the CLI keeps its own copy of the
+few enums and numbers it shows, and commands turn them into the core's types inside their body
+(`core_enum(AttackKind, kind)`). tests/test_cli_startup.py pins every value here to the core's,
+so a change there fails a test instead of drifting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import TypeVar
+
+# clipguard.model.loading
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"
+# clipguard.data.pairs
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_CAPTION_BYTES = 16_384
+# clipguard.filtering.run, clipguard.filtering.gate
+DEFAULT_SHARD_SIZE = 10_000
+DEFAULT_MAX_ERROR_RATE = 0.01
+DEFAULT_EXAMPLES = 5
+
+
+
+@dataclass(frozen=True)
+class FinetuneDefaults:
+    """clipguard.training.FinetuneConfig() defaults that `clipguard finetune` shows."""
+
+    epochs: int = 10
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    warmup_steps: int = 10
+    batch_size: int = 128
+    weight_decay: float = 0.2
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class WorldDefaults:
+    """clipguard.synth.WorldSpec() defaults that `clipguard synth` shows."""
+
+    train_images: int = 2000
+    test_images_per_class: int = 25
+    validation_images_per_class: int = 50
+    reference_images: int = 4000
+    captions_per_image: int = 2
+    image_size: int = 64
+    shard_size: int = 1000
+
+
+FINETUNE_DEFAULTS = FinetuneDefaults()
+WORLD_DEFAULTS = WorldDefaults()
+
+
+class AttackKind(str, Enum):  # clipguard.attacks.AttackKind
+    single_image = "single-image"
+    single_label = "single-label"
+    multi_label = "multi-label"
+    targeted = "targeted"
+    backdoor = "backdoor"
+
+
+class CaptionSource(str, Enum):  # clipguard.attacks.CaptionSource
+    data = "data"
+    templates = "templates"
+
+
+class KeyPolicy(str, Enum):  # clipguard.attacks.KeyPolicy
+    renumber = "renumber"
+    keep = "keep"
+
+
+class TriggerPattern(str, Enum):  # clipguard.attacks.TriggerPattern
+    checkerboard = "checkerboard"
+    noise = "noise"
+    white = "white"
+
+
+class TriggerPosition(str, Enum):  # clipguard.attacks.TriggerPosition
+    bottom_right = "bottom-right"
+    bottom_left = "bottom-left"
+    top_left = "top-left"
+    top_right = "top-right"
+    center = "center"
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def core_enum(core_type: type[E], choice: Enum) -> E:
+    """The core's member with the value of a CLI choice (the core compares members by identity)."""
+    return core_type(choice.value)
