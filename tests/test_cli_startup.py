@@ -103,6 +103,15 @@ def test_cli_choices_and_defaults_match_the_core():
     assert (choices.DEFAULT_MODEL, choices.DEFAULT_PRETRAINED) == (loading.DEFAULT_MODEL, loading.DEFAULT_PRETRAINED)
     assert (choices.DEFAULT_MAX_PIXELS, choices.DEFAULT_MAX_CAPTION_BYTES) == (pairs.DEFAULT_MAX_PIXELS, pairs.DEFAULT_MAX_CAPTION_BYTES)
     assert choices.DEFAULT_SHARD_SIZE == run.DEFAULT_SHARD_SIZE
+    from clipguard import convert
+    from clipguard.convert import pipeline as convert_pipeline
+    from clipguard.reporting import contents as report_contents
+
+    assert choices.DEFAULT_CONVERT_SHARD_SIZE == convert_pipeline.DEFAULT_SHARD_SIZE
+    assert choices.DEFAULT_WORST == report_contents.DEFAULT_WORST
+    for name in ("DatasetKind", "CaptionChoice"):
+        cli_choice, core_choice = getattr(choices, name), getattr(convert, name)
+        assert [m.value for m in cli_choice] == [m.value for m in core_choice]
     assert (choices.DEFAULT_MAX_ERROR_RATE, choices.DEFAULT_EXAMPLES) == (gate.DEFAULT_MAX_ERROR_RATE, gate.DEFAULT_EXAMPLES)
     for copy, core in [(choices.FINETUNE_DEFAULTS, FinetuneConfig()), (choices.WORLD_DEFAULTS, WorldSpec())]:
         for field in dataclasses.fields(copy):

@@ -91,6 +91,21 @@ class TriggerPosition(str, Enum):  # clipguard.attacks.TriggerPosition
     center = "center"
 
 
+class DatasetKind(str, Enum):  # clipguard.convert.DatasetKind
+    coco = "coco"
+    flickr30k = "flickr30k"
+    vg = "vg"
+    folder = "folder"
+
+
+class CaptionChoice(str, Enum):  # clipguard.convert.CaptionChoice
+    first = "first"
+    all = "all"
+
+
+DEFAULT_WORST = 12  # clipguard.reporting.contents.DEFAULT_WORST
+DEFAULT_CONVERT_SHARD_SIZE = 5000  # clipguard.convert.pipeline.DEFAULT_SHARD_SIZE
+
 E = TypeVar("E", bound=Enum)
 
 

@@ -7,12 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from clipguard.cli.choices import DEFAULT_MAX_ERROR_RATE, DEFAULT_WORST
 from clipguard.cli.common import console, user_errors
 from clipguard.cli.filter import AllowPipeOpt
-from clipguard.data.shardspec import resolve_shards
-from clipguard.filtering.gate import DEFAULT_MAX_ERROR_RATE
-from clipguard.reporting import ReportRequest, write_report
-from clipguard.reporting.contents import DEFAULT_WORST
 
 
 def report(
@@ -29,7 +26,16 @@ def report(
     max_error_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="With --max-flagged-rate: the largest share of pairs that may fail to score.")] = DEFAULT_MAX_ERROR_RATE,
     allow_pipe: AllowPipeOpt = False,
 ) -> None:
-    """Write one HTML page: verdict, model, distances with gamma, flagged rate by shard, the worst pairs as pictures."""
+    """Write one HTML page: verdict, model, distances with gamma, flagged rate by shard, the worst pairs as pictures.
+
+    \b
+    Example:
+      clipguard report scores/ --calibration calibration.json --out report.html
+    """
+    # Imported here so that `--help` does not wait for torch.
+    from clipguard.data.shardspec import resolve_shards
+    from clipguard.reporting import ReportRequest, write_report
+
     with user_errors():
         shard_urls = {s.name: s.url for s in resolve_shards(shards, allow_pipe=allow_pipe)} if shards else None
         written = write_report(ReportRequest(
