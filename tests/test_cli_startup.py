@@ -17,7 +17,7 @@ from clipguard.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["score", "sample", "calibrate", "attack", "evaluate", "filter", "gate", "finetune", "sterilize", "synth", "demo"]
-HEAVY = ("torch", "open_clip", "open_clip_train", "scipy", "webdataset", "matplotlib", "pyarrow")
+HEAVY = ("torch", "open_clip", "open_clip_train", "scipy", "webdataset", "matplotlib", "pyarrow", "PIL", "numpy")
 
 # Run in a fresh interpreter: this test process has torch loaded by its neighbours already.
 _HELP_PROBE = """
