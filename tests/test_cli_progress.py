@@ -31,15 +31,15 @@ def test_plain_lines_carry_done_rate_and_eta_and_a_closing_line():
     reporter, out = plain_reporter(interval=0)
     with reporter:
         task = reporter.task("score", total=4, steps="shards", unit="pairs")
-        for shard in range(4):
+        for shard in range(5):
             time.sleep(0.01)
             task.update(completed=shard, done=shard * 100)
-        task.finish()
+        task.finish()  # already closed by reaching its total: no second closing line
     lines = out.getvalue().splitlines()
     assert len(lines) == 5
     assert re.fullmatch(rf"score: 2/4 shards, 200 pairs, [\d,.]+ pairs/s, elapsed {CLOCK}, ETA {CLOCK}", lines[2])
     assert lines[0].endswith("ETA ?")  # nothing finished yet: no estimate rather than a wrong one
-    assert re.fullmatch(rf"score: 4/4 shards, 300 pairs, [\d,.]+ pairs/s, elapsed {CLOCK}, done", lines[-1])
+    assert re.fullmatch(rf"score: 4/4 shards, 400 pairs, [\d,.]+ pairs/s, elapsed {CLOCK}, done", lines[-1])
 
 
 def test_at_most_one_line_per_interval_then_the_closing_line():
@@ -68,12 +68,30 @@ def test_eta_of_a_resumed_run_counts_from_where_it_resumed():
 def test_a_silent_task_still_gets_a_line_every_interval():
     reporter, out = plain_reporter(interval=0.2)
     with reporter:
-        reporter.task("evaluate every model on the test split")
+        stage = reporter.task("evaluate every model on the test split")
         time.sleep(1.0)
+        stage.finish()
+        reporter.task("a stage that raised")
     lines = out.getvalue().splitlines()
     running = [line for line in lines if line.startswith("evaluate every model on the test split: running, elapsed")]
     assert len(running) >= 2, lines
-    assert lines[-1].startswith("evaluate every model on the test split: done")
+    assert lines[-2].startswith("evaluate every model on the test split: done, elapsed")
+    assert lines[-1].startswith("a stage that raised: stopped, elapsed")  # never finished
+
+
+def test_on_a_terminal_it_draws_bars_and_logs_text_literally():
+    out = io.StringIO()
+    reporter = ProgressReporter(Console(file=out, force_terminal=True, width=120), interval=0)
+    assert reporter.live
+    with reporter:
+        task = reporter.task("score", total=3, steps="shards")
+        for shard in range(4):
+            task.update(completed=shard, done=shard * 10)
+        reporter.log("caption [bold]x[/] from the data")
+    text = out.getvalue()
+    assert "3/3" in text and "30 pairs" in text and "pairs/s" in text
+    assert "caption [bold]x[/] from the data" in text  # attacker-written text is not markup
+    assert "score: " not in text  # no plain lines on a terminal
 
 
 @pytest.mark.parametrize("raw, expected", [("", DEFAULT_INTERVAL_S), ("0.5", 0.5), ("0", 0.0),
