@@ -171,15 +171,15 @@ def test_a_fine_tune_in_a_pool_process_sends_its_progress_through_a_queue(tmp_pa
     assert [(e.step, e.total_steps) for _, e in received] == [(1, 3), (2, 3), (3, 3)]
 
 
-@pytest.mark.slow  # a whole (tiny) demo in this process: about 35 s on 2 busy cores
+@pytest.mark.slow  # a whole (tiny) demo in this process
 def test_demo_shows_each_stage_and_each_training_job(tmp_path, monkeypatch):
     from clipguard.cli.main import app
     from clipguard.demo import DemoConfig
     from clipguard.synth import WorldSpec
 
-    tiny = WorldSpec(train_images=200, train_class_skew=0.0, reference_images=64, test_images_per_class=2,
-                     validation_images_per_class=2, shard_size=200)
-    config = DemoConfig(world=tiny, rate=0.02, victim_epochs=1, batch_size=16, labels=100, sterilize_steps=2,
+    tiny = WorldSpec(train_images=64, train_class_skew=0.0, reference_images=32, test_images_per_class=1,
+                     validation_images_per_class=1, shard_size=64)
+    config = DemoConfig(world=tiny, rate=0.05, victim_epochs=1, batch_size=16, labels=60, sterilize_steps=2,
                         sterilize_eval_every=1, workers=1)
     # `--quick` at a size a test can afford; the CLI path is the same (the sizes are the core's).
     monkeypatch.setattr(DemoConfig, "quick", classmethod(lambda cls: config))
