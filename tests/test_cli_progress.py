@@ -31,15 +31,15 @@ def test_plain_lines_carry_done_rate_and_eta_and_a_closing_line():
     reporter, out = plain_reporter(interval=0)
     with reporter:
         task = reporter.task("score", total=4, steps="shards", unit="pairs")
-        for shard in range(4):
+        for shard in range(5):
             time.sleep(0.01)
             task.update(completed=shard, done=shard * 100)
-        task.finish()
+        task.finish()  # already closed by reaching its total: no second closing line
     lines = out.getvalue().splitlines()
     assert len(lines) == 5
     assert re.fullmatch(rf"score: 2/4 shards, 200 pairs, [\d,.]+ pairs/s, elapsed {CLOCK}, ETA {CLOCK}", lines[2])
     assert lines[0].endswith("ETA ?")  # nothing finished yet: no estimate rather than a wrong one
-    assert re.fullmatch(rf"score: 4/4 shards, 300 pairs, [\d,.]+ pairs/s, elapsed {CLOCK}, done", lines[-1])
+    assert re.fullmatch(rf"score: 4/4 shards, 400 pairs, [\d,.]+ pairs/s, elapsed {CLOCK}, done", lines[-1])
 
 
 def test_at_most_one_line_per_interval_then_the_closing_line():
@@ -68,12 +68,30 @@ def test_eta_of_a_resumed_run_counts_from_where_it_resumed():
 def test_a_silent_task_still_gets_a_line_every_interval():
     reporter, out = plain_reporter(interval=0.2)
     with reporter:
-        reporter.task("evaluate every model on the test split")
+        stage = reporter.task("evaluate every model on the test split")
         time.sleep(1.0)
+        stage.finish()
+        reporter.task("a stage that raised")
     lines = out.getvalue().splitlines()
     running = [line for line in lines if line.startswith("evaluate every model on the test split: running, elapsed")]
     assert len(running) >= 2, lines
-    assert lines[-1].startswith("evaluate every model on the test split: done")
+    assert lines[-2].startswith("evaluate every model on the test split: done, elapsed")
+    assert lines[-1].startswith("a stage that raised: stopped, elapsed")  # never finished
+
+
+def test_on_a_terminal_it_draws_bars_and_logs_text_literally():
+    out = io.StringIO()
+    reporter = ProgressReporter(Console(file=out, force_terminal=True, width=120), interval=0)
+    assert reporter.live
+    with reporter:
+        task = reporter.task("score", total=3, steps="shards")
+        for shard in range(4):
+            task.update(completed=shard, done=shard * 10)
+        reporter.log("caption [bold]x[/] from the data")
+    text = out.getvalue()
+    assert "3/3" in text and "30 pairs" in text and "pairs/s" in text
+    assert "caption [bold]x[/] from the data" in text  # attacker-written text is not markup
+    assert "score: " not in text  # no plain lines on a terminal
 
 
 @pytest.mark.parametrize("raw, expected", [("", DEFAULT_INTERVAL_S), ("0.5", 0.5), ("0", 0.0),
@@ -153,15 +171,15 @@ def test_a_fine_tune_in_a_pool_process_sends_its_progress_through_a_queue(tmp_pa
     assert [(e.step, e.total_steps) for _, e in received] == [(1, 3), (2, 3), (3, 3)]
 
 
-@pytest.mark.slow  # a whole (tiny) demo in this process: about 35 s on 2 busy cores
+@pytest.mark.slow  # a whole (tiny) demo in this process
 def test_demo_shows_each_stage_and_each_training_job(tmp_path, monkeypatch):
     from clipguard.cli.main import app
     from clipguard.demo import DemoConfig
     from clipguard.synth import WorldSpec
 
-    tiny = WorldSpec(train_images=200, train_class_skew=0.0, reference_images=64, test_images_per_class=2,
-                     validation_images_per_class=2, shard_size=200)
-    config = DemoConfig(world=tiny, rate=0.02, victim_epochs=1, batch_size=16, labels=100, sterilize_steps=2,
+    tiny = WorldSpec(train_images=64, train_class_skew=0.0, reference_images=32, test_images_per_class=1,
+                     validation_images_per_class=1, shard_size=64)
+    config = DemoConfig(world=tiny, rate=0.05, victim_epochs=1, batch_size=16, labels=60, sterilize_steps=2,
                         sterilize_eval_every=1, workers=1)
     # `--quick` at a size a test can afford; the CLI path is the same (the sizes are the core's).
     monkeypatch.setattr(DemoConfig, "quick", classmethod(lambda cls: config))

@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from clipguard.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["score", "sample", "calibrate", "attack", "evaluate", "filter", "gate", "finetune", "sterilize", "synth", "demo"]
+# Every registered command, so that one added later is held to the same start-up and help rules.
+COMMANDS = sorted(typer.main.get_command(app).commands)
 HEAVY = ("torch", "open_clip", "open_clip_train", "scipy", "webdataset", "matplotlib", "pyarrow", "PIL", "numpy")
 
 # Run in a fresh interpreter: this test process has torch loaded by its neighbours already.
@@ -43,6 +45,8 @@ def _help(*args: str) -> str:
 
 
 def test_help_of_the_app_and_every_command_imports_no_heavy_module():
+    assert {"score", "sample", "calibrate", "attack", "evaluate", "filter", "gate", "finetune", "sterilize",
+            "synth", "demo"} <= set(COMMANDS)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80"}
     done = subprocess.run(
         [sys.executable, "-c", _HELP_PROBE, json.dumps(COMMANDS), json.dumps(HEAVY)],

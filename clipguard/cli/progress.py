@@ -53,8 +53,7 @@ class _TaskState:
     done: int | None = None
     rate_given: float | None = None
     note: str = ""
-    show_eta: bool = True
-    finished: bool = False
+    outcome: str | None = None  # "done" or "stopped" once the task has ended
     changed: bool = False  # updated since its last line
 
     def elapsed(self, now: float) -> float:
@@ -90,7 +89,7 @@ def describe(state: _TaskState, now: float) -> str:
     """One plain line: `score: 2/5 shards, 1,234 pairs, 98.7 pairs/s, elapsed 0:00:12, ETA 0:00:18`."""
     if state.first_completed is None and state.done is None and state.total is None:
         # A task nobody updates is an activity (a demo stage): say that it runs, and for how long.
-        return f"{state.name}: {'done' if state.finished else 'running'}, elapsed {_clock(state.elapsed(now))}"
+        return f"{state.name}: {state.outcome or 'running'}, elapsed {_clock(state.elapsed(now))}"
     if state.total is not None:
         parts = [f"{_count(state.completed)}/{_count(state.total)} {state.steps}"]
     else:
@@ -104,13 +103,7 @@ def describe(state: _TaskState, now: float) -> str:
     if state.note:
         parts.append(state.note)
     parts.append(f"elapsed {_clock(state.elapsed(now))}")
-    if not state.finished:
-        if state.show_eta:
-            parts.append(f"ETA {_clock(state.eta(now))}")
-    elif state.total is not None and state.completed < state.total:
-        parts.append("stopped")
-    else:
-        parts.append("done")
+    parts.append(state.outcome or f"ETA {_clock(state.eta(now))}")
     return f"{state.name}: " + ", ".join(parts)
 
 
@@ -133,8 +126,8 @@ class ProgressTask:
         self._reporter._update(self, completed, total, done, rate, note)
 
     def finish(self) -> None:
-        """Mark the task complete (its bar full) and write its closing line."""
-        self._reporter._finish(self)
+        """The work is done (an early stop included): write the closing line, as far as it got."""
+        self._reporter._finish(self, "done")
 
 
 class ProgressReporter:
@@ -179,19 +172,14 @@ class ProgressReporter:
         if self._bars is not None:
             self._bars.stop()
             return
-        with self._lock:  # a closing line for each task, as far as it got
-            now = time.perf_counter()
+        with self._lock:  # a closing line for each task the command did not finish: it stopped
             for task in self._tasks:
-                if not task.state.finished:
-                    task.state.finished = True
-                    self._write(task, now)
+                self._finish(task, "stopped")
 
-    def task(
-        self, name: str, total: float | None = None, steps: str = "steps", unit: str = "pairs", eta: bool = True,
-    ) -> ProgressTask:
-        """A new line of progress. `eta=False` where steps differ too much in length for one."""
+    def task(self, name: str, total: float | None = None, steps: str = "steps", unit: str = "pairs") -> ProgressTask:
+        """A new line of progress; one that is never updated reads as an activity ("running")."""
         with self._lock:
-            state = _TaskState(name=name, total=total, steps=steps, unit=unit, show_eta=eta)
+            state = _TaskState(name=name, total=total, steps=steps, unit=unit)
             bar_id = self._bars.add_task(escape(name), total=total, detail="") if self._bars is not None else None
             task = ProgressTask(self, state, bar_id)
             self._tasks.append(task)
@@ -219,23 +207,21 @@ class ProgressReporter:
                 state.note = note
             state.changed = True
             if state.total is not None and state.completed >= state.total:
-                self._finish(task)  # its closing line now, not repeated while the command wraps up
+                self._finish(task, "done")  # its closing line now, not repeated while the command wraps up
                 return
             if self._bars is not None:
                 self._refresh_bar(task)
             elif now - self._last_line >= self.interval:
                 # One line for every task that moved (fine-tunes side by side each get theirs).
-                for moved in [t for t in self._tasks if t.state.changed and not t.state.finished]:
+                for moved in [t for t in self._tasks if t.state.changed and t.state.outcome is None]:
                     self._write(moved, now)
 
-    def _finish(self, task: ProgressTask) -> None:
+    def _finish(self, task: ProgressTask, outcome: str) -> None:
         with self._lock:
             state = task.state
-            if state.finished:
+            if state.outcome is not None:
                 return
-            if state.total is not None:
-                state.completed = state.total
-            state.finished = True
+            state.outcome = outcome
             if self._bars is not None:
                 self._refresh_bar(task)
             else:
@@ -265,5 +251,5 @@ class ProgressReporter:
             with self._lock:
                 now = time.perf_counter()
                 if now - self._last_line >= 2 * self.interval:
-                    for task in [t for t in self._tasks if not t.state.finished]:
+                    for task in [t for t in self._tasks if t.state.outcome is None]:
                         self._write(task, now)
