@@ -27,3 +27,7 @@ class OneClassLabelsError(CalibrationError):
 
 class UnreachableTargetError(CalibrationError):
     """No threshold meets the requested false-positive rate or recall with the evidence at hand."""
+
+
+class MixedModelsError(ClipguardError):
+    """A score folder (or a set of score files) holds scores from more than one model."""

@@ -113,6 +113,9 @@ def test_cli_choices_and_defaults_match_the_core():
 
     assert choices.DEFAULT_CONVERT_SHARD_SIZE == convert_pipeline.DEFAULT_SHARD_SIZE
     assert choices.DEFAULT_WORST == report_contents.DEFAULT_WORST
+    from clipguard.scoring.run import EXECUTORS
+
+    assert tuple(m.value for m in choices.ExecutorKind) == EXECUTORS
     for name in ("DatasetKind", "CaptionChoice"):
         cli_choice, core_choice = getattr(choices, name), getattr(convert, name)
         assert [m.value for m in cli_choice] == [m.value for m in core_choice]

@@ -213,9 +213,11 @@ def test_sample_errors_are_clear(tmp_path, scores, shards):
     assert missing.exit_code == 2 and "does not exist" in missing.output
     partial = tmp_path / "partial"
     shutil.copytree(scores, partial)
-    manifest = json.loads((partial / "manifest.json").read_text())
-    manifest["complete"], manifest["shards_done"] = False, 2
-    (partial / "manifest.json").write_text(json.dumps(manifest))
+    # What a killed run leaves: a shard claimed (pending) but never finished.
+    claimed = sorted(partial.glob("*_stats.json"))[-1]
+    stats = json.loads(claimed.read_text())
+    stats["status"] = "pending"
+    claimed.write_text(json.dumps(stats))
     incomplete = runner.invoke(app, ["sample", str(partial), "-n", "5", "--out", str(tmp_path / "d")])
     assert incomplete.exit_code == 2 and "incomplete" in incomplete.output
 

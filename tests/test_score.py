@@ -19,7 +19,7 @@ from clipguard.data.shardspec import resolve_shards
 from clipguard.model.encoding import encode_texts, tokenize
 from clipguard.scoring.chunks import ShardChunks
 from clipguard.scoring.embedder import EmbeddingCache, ShardEmbedder
-from clipguard.scoring.run import ScoreConfig, score_shards
+from clipguard.scoring.run import load_manifest, ScoreConfig, score_shards
 from clipguard.scoring.scorefiles import read_scores
 from conftest import jpeg_bytes, simple_samples, write_shard
 
@@ -146,8 +146,10 @@ def test_a_killed_run_resumes_to_the_same_scores(tmp_path, three_shards, tiny_lo
         score_shards(spec, tiny_loaded, tmp_path / "killed", config, progress=die_in_second_shard)
     assert sorted(p.name for p in (tmp_path / "killed").glob("*.parquet")) == ["00000.parquet"]
     assert not list((tmp_path / "killed").glob("*.tmp"))
-    manifest = json.loads((tmp_path / "killed" / "manifest.json").read_text())
+    # The folder says what is done from its per-shard files, whatever the run got to write last.
+    manifest = load_manifest(tmp_path / "killed")
     assert manifest["complete"] is False and manifest["shards_done"] == 1
+    assert manifest["pending_shards"] == ["00001", "00002"]
 
     resumed = score_shards(spec, tiny_loaded, tmp_path / "killed", config)
     assert [r.skipped_on_resume for r in resumed.shards] == [True, False, False]

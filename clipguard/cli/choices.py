@@ -91,6 +91,11 @@ class TriggerPosition(str, Enum):  # clipguard.attacks.TriggerPosition
     center = "center"
 
 
+class ExecutorKind(str, Enum):  # clipguard.scoring.run.EXECUTORS
+    local = "local"
+    ray = "ray"
+
+
 class DatasetKind(str, Enum):  # clipguard.convert.DatasetKind
     coco = "coco"
     flickr30k = "flickr30k"

@@ -16,8 +16,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from clipguard.cli.choices import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_SHARD_SIZE
+from clipguard.cli.choices import ExecutorKind
 from clipguard.cli.common import console, err_console, progress_reporter, user_errors
-from clipguard.cli.score import Precision
+from clipguard.cli.score import ExecutorOpt, GpusPerWorkerOpt, Precision, RayAddressOpt
 from clipguard.errors import ClipguardError
 
 if TYPE_CHECKING:
@@ -64,13 +65,16 @@ class ScoringOptions:
     max_pixels: int
     max_caption_bytes: int
     jpeg_draft: bool
+    executor: ExecutorKind = ExecutorKind.local
+    ray_address: str | None = None
+    gpus_per_worker: float = 0.0
 
 
 def load_scoring(options: ScoringOptions) -> tuple[LoadedModel, ScoreConfig]:
     """The model and score settings, exactly as `clipguard score` builds them."""
     from clipguard.data.pairs import DecodeLimits
     from clipguard.model.loading import ModelSpec, load_model
-    from clipguard.scoring.run import ScoreConfig
+    from clipguard.scoring.run import ExecutorSpec, ScoreConfig
 
     spec = ModelSpec(
         name=options.model,
@@ -85,7 +89,11 @@ def load_scoring(options: ScoringOptions) -> tuple[LoadedModel, ScoreConfig]:
         max_caption_bytes=options.max_caption_bytes,
         draft_size=loaded.info.image_size if options.jpeg_draft else None,
     )
-    return loaded, ScoreConfig(batch_size=options.batch_size, workers=options.workers, limits=limits)
+    executor = ExecutorSpec(
+        kind=options.executor.value, address=options.ray_address, workers=max(options.workers, 1),
+        gpus_per_worker=options.gpus_per_worker,
+    )
+    return loaded, ScoreConfig(batch_size=options.batch_size, workers=options.workers, limits=limits, executor=executor)
 
 
 def filter_command(
@@ -106,6 +114,9 @@ def filter_command(
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     max_caption_bytes: MaxCaptionBytesOpt = DEFAULT_MAX_CAPTION_BYTES,
     jpeg_draft: JpegDraftOpt = True,
+    executor: ExecutorOpt = ExecutorKind.local,
+    ray_address: RayAddressOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = 0.0,
     allow_pipe: AllowPipeOpt = False,
 ) -> None:
     """Write clean shards and quarantine shards: a pair is flagged when cosine distance >= gamma.
@@ -126,7 +137,10 @@ def filter_command(
         shard_list = resolve_shards(shards, allow_pipe=allow_pipe)
         config = FilterConfig(clean_dir=out, quarantine_dir=quarantine, shard_size=shard_size, reuse_scores=scores)
         check_output_folders(shard_list, config)
-        options = ScoringOptions(model, pretrained, model_config, batch_size, precision, workers, device, max_pixels, max_caption_bytes, jpeg_draft)
+        options = ScoringOptions(
+            model, pretrained, model_config, batch_size, precision, workers, device, max_pixels, max_caption_bytes,
+            jpeg_draft, executor, ray_address, gpus_per_worker,
+        )
         loaded, score_config = load_scoring(options)
         config = dataclasses.replace(config, score=score_config)
         err_console.print(

@@ -34,7 +34,8 @@ from clipguard.cli.filter import (
     load_scoring,
 )
 from clipguard.cli.choices import DEFAULT_EXAMPLES, DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_ERROR_RATE, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED
-from clipguard.cli.score import Precision
+from clipguard.cli.choices import ExecutorKind
+from clipguard.cli.score import ExecutorOpt, GpusPerWorkerOpt, Precision, RayAddressOpt
 
 if TYPE_CHECKING:
     from clipguard.filtering.gate import GateReport
@@ -79,6 +80,9 @@ def gate(
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     max_caption_bytes: MaxCaptionBytesOpt = DEFAULT_MAX_CAPTION_BYTES,
     jpeg_draft: JpegDraftOpt = True,
+    executor: ExecutorOpt = ExecutorKind.local,
+    ray_address: RayAddressOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = 0.0,
     allow_pipe: AllowPipeOpt = False,
 ) -> None:
     """CI gate: exit 0 when the flagged rate (cosine distance >= gamma, among scored pairs) and the
@@ -91,7 +95,10 @@ def gate(
     """
     report = _run_gate(
         shards, (max_flagged_rate, max_error_rate, allow_truncated), gamma, calibration, scores, save_scores, examples,
-        ScoringOptions(model, pretrained, model_config, batch_size, precision, workers, device, max_pixels, max_caption_bytes, jpeg_draft),
+        ScoringOptions(
+            model, pretrained, model_config, batch_size, precision, workers, device, max_pixels, max_caption_bytes,
+            jpeg_draft, executor, ray_address, gpus_per_worker,
+        ),
         allow_pipe,
     )
     # Plain echo, not rich: the report holds attacker-written captions, which must not be read

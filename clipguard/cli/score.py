@@ -9,12 +9,18 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from clipguard.cli.choices import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED
+from clipguard.cli.choices import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED, ExecutorKind
 from clipguard.cli.common import console, err_console, score_progress, user_errors
 from clipguard.errors import ClipguardError
 
 if TYPE_CHECKING:
     from clipguard.scoring.run import ScoreSummary
+
+
+
+ExecutorOpt = Annotated[ExecutorKind, typer.Option(help="Where shards are scored: local (decode workers beside this process) or ray (one actor per --workers).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster to join ('auto', 'ray://host:10001'); default: start a local one.")]
+GpusPerWorkerOpt = Annotated[float, typer.Option(min=0.0, help="GPUs each Ray actor reserves (with --device cuda).")]
 
 
 class Precision(str, Enum):
@@ -31,12 +37,15 @@ def score(
     model_config: Annotated[Optional[Path], typer.Option(help="open_clip model-config JSON for a custom architecture.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Pairs per inference batch.")] = 64,
     precision: Annotated[Precision, typer.Option(help="Inference precision (bf16 is fast on CPUs with AMX/AVX512-BF16).")] = Precision.fp32,
-    workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes that decode while the model runs.")] = 1,
+    workers: Annotated[int, typer.Option(min=0, help="Local executor: DataLoader processes that decode while the model runs. Ray: the number of actors.")] = 1,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     save_embeddings: Annotated[bool, typer.Option(help="Also write fp16 image and text embeddings (.npy) per shard.")] = False,
     max_pixels: Annotated[int, typer.Option(help="Images whose header announces more pixels become error rows, undecoded.")] = DEFAULT_MAX_PIXELS,
     max_caption_bytes: Annotated[int, typer.Option(help="Captions are clipped to this many bytes.")] = DEFAULT_MAX_CAPTION_BYTES,
     jpeg_draft: Annotated[bool, typer.Option(help="Decode large JPEGs at reduced DCT scale (faster, nearly identical scores).")] = True,
+    executor: ExecutorOpt = ExecutorKind.local,
+    ray_address: RayAddressOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = 0.0,
     allow_pipe: Annotated[bool, typer.Option(help="Allow pipe: shard URLs (they run shell commands).")] = False,
 ) -> None:
     """Stream shards through a reference CLIP and write every pair's cosine distance.
@@ -44,12 +53,13 @@ def score(
     \b
     Example:
       clipguard score shards/ --out scores/ --model clipguard-reference
+      clipguard score s3://bucket/shards/ --out scores/ --executor ray --workers 8
     """
     # Imported here so that `--help` does not wait for torch and open_clip.
     from clipguard.data.pairs import DecodeLimits
     from clipguard.data.shardspec import resolve_shards
     from clipguard.model.loading import ModelSpec, load_model
-    from clipguard.scoring.run import ScoreConfig, score_shards
+    from clipguard.scoring.run import ExecutorSpec, ScoreConfig, score_shards
 
     with user_errors():
         shard_list = resolve_shards(shards, allow_pipe=allow_pipe)
@@ -60,7 +70,8 @@ def score(
             max_caption_bytes=max_caption_bytes,
             draft_size=loaded.info.image_size if jpeg_draft else None,
         )
-        config = ScoreConfig(batch_size=batch_size, workers=workers, save_embeddings=save_embeddings, limits=limits)
+        on = ExecutorSpec(kind=executor.value, address=ray_address, workers=max(workers, 1), gpus_per_worker=gpus_per_worker)
+        config = ScoreConfig(batch_size=batch_size, workers=workers, save_embeddings=save_embeddings, limits=limits, executor=on)
         err_console.print(
             f"scoring {len(shard_list)} shard(s) with {loaded.info.architecture} "
             f"({loaded.info.weights_source} weights, {precision.value}) into {out}"

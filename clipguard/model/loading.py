@@ -114,6 +114,7 @@ class LoadedModel:
     preprocess: Callable
     tokenizer: Callable
     info: ModelInfo
+    spec: ModelSpec | None = None  # what it was loaded from, so another process can load it too
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         context_length=int(getattr(model, "context_length", 77)),
         preprocess=_preprocess_description(model),
     )
-    return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, info=info)
+    return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, info=info, spec=spec)
 
 
 def _is_checkpoint_path(name: str) -> bool:

@@ -7,6 +7,7 @@ so a shard's scores never depend on which worker read it or what was read before
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -42,6 +43,8 @@ class Chunk:
     last: bool = False
     report: ShardReport | None = None  # set on the last chunk of a shard
     ok_index: list[int] = field(default_factory=list)  # row positions of the ok rows
+    read_seconds: float = 0.0  # reading tar members for this chunk's rows
+    decode_seconds: float = 0.0  # decoding, preprocessing and tokenizing them
 
 
 class ShardChunks(IterableDataset):
@@ -72,12 +75,14 @@ class ShardChunks(IterableDataset):
     def shard_chunks(self, shard: Shard) -> Iterator[Chunk]:
         report = ShardReport(shard=shard.name, url=shard.url)
         pending: list[Pair] = []
-        for sample in iter_samples(shard, report, self.limits.max_member_bytes):
-            pending.append(decode_pair(sample, self.limits))
+        clock = _StageClock()
+        samples = iter_samples(shard, report, self.limits.max_member_bytes)
+        while (sample := clock.timed_next("read", samples)) is not None:
+            pending.append(clock.timed("decode", decode_pair, sample, self.limits))
             if len(pending) == self.chunk_size:
-                yield self.make_chunk(shard, pending)
+                yield clock.stamp(clock.timed("decode", self.make_chunk, shard, pending))
                 pending = []
-        chunk = self.make_chunk(shard, pending)
+        chunk = clock.stamp(clock.timed("decode", self.make_chunk, shard, pending))
         chunk.last, chunk.report = True, report
         yield chunk
 
@@ -117,6 +122,28 @@ class ShardChunks(IterableDataset):
             tokens=tokenized.tokens if tokenized else None,
             ok_index=ok_index,
         )
+
+
+class _StageClock:
+    """Seconds spent reading and decoding since the last chunk, for the shard's stats."""
+
+    def __init__(self):
+        self.seconds = {"read": 0.0, "decode": 0.0}
+
+    def timed(self, stage: str, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+    def timed_next(self, stage: str, iterator):
+        return self.timed(stage, next, iterator, None)
+
+    def stamp(self, chunk: Chunk) -> Chunk:
+        chunk.read_seconds, chunk.decode_seconds = self.seconds["read"], self.seconds["decode"]
+        self.seconds = {"read": 0.0, "decode": 0.0}
+        return chunk
 
 
 def passthrough_collate(batch):

@@ -1,7 +1,14 @@
 """`score`: stream shards through a reference CLIP and write each pair's cosine distance.
 
 shards -> (workers: read, decode, preprocess, tokenize) -> chunks -> (main: embed with caches)
--> one Parquet per shard + manifest.json. Finished shards are skipped on rerun.
+-> one Parquet per shard + ``<shard>_stats.json`` (see `clipguard.scoring.stats`). Finished shards
+are skipped on rerun; ``manifest.json`` is the folder's summary, derived from the stats files.
+
+The unit of work is one shard: `score_shard` scores one, building its model from a `ModelSpec`
+(cached per process) where it is not handed one, so a worker anywhere can run it. Executors
+decide where shards run: ``local`` (the default: DataLoader workers decode while this process
+embeds) or ``ray`` (`clipguard.executors.ray`: one actor per worker, a shard per task). Both
+write the same bytes for the same shard.
 
 A shard whose source failed (cannot be opened, or the connection broke for good after retries,
 or nothing in it could be read) gets no score file: it is listed in the manifest's
@@ -13,14 +20,16 @@ another shard of the same name, and a shard rewritten in place is scored again.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import functools
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 import clipguard
@@ -28,7 +37,8 @@ from clipguard.data.pairs import DecodeLimits
 from clipguard.data.folderlock import exclusive_folder
 from clipguard.data.shardspec import Shard
 from clipguard.errors import ClipguardError
-from clipguard.model.loading import LoadedModel
+from clipguard.model.loading import LoadedModel, ModelSpec, load_model
+from clipguard.scoring import stats as shard_stats
 from clipguard.scoring.chunks import Chunk, ShardChunks, passthrough_collate
 from clipguard.scoring.embedder import EmbeddingCache, ShardEmbedder
 from clipguard.scoring.scorefiles import (
@@ -42,6 +52,26 @@ from clipguard.scoring.scorefiles import (
 )
 
 MANIFEST_NAME = "manifest.json"
+# Rebuilding the summary reads every stats file of the folder: not after each of 10^4 shards.
+MANIFEST_REFRESH_SECONDS = 10.0
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """Where shards are scored. ``workers`` is the number of Ray actors; the local executor's
+    decode workers are `ScoreConfig.workers`."""
+
+    kind: str = "local"
+    address: str | None = None  # a Ray cluster ("auto", "ray://host:10001"); None starts a local one
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in EXECUTORS:
+            raise ClipguardError(f"unknown executor {self.kind!r}; choose one of {', '.join(EXECUTORS)}")
+        if self.workers < 1:
+            raise ClipguardError("the executor needs at least one worker")
 
 
 @dataclass(frozen=True)
@@ -51,6 +81,10 @@ class ScoreConfig:
     save_embeddings: bool = False
     trim_text: bool = True
     limits: DecodeLimits = field(default_factory=DecodeLimits)
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)
+    # Threads for inference (None: torch's default here, one per Ray actor). Float sums depend on
+    # how a reduction is split: two runs give the same bytes only at the same thread count.
+    threads: int | None = None
 
 
 @dataclass
@@ -124,26 +158,87 @@ def _score_shards(
     start = time.perf_counter()
     run_meta = _run_metadata(loaded, config)
     finished, pending = _split_finished(shards, out_dir, run_meta, config)
+    for shard in pending:  # claimed: a run killed from here on leaves the folder incomplete
+        shard_stats.write_stats(out_dir, shard.name, {"status": shard_stats.PENDING, "run": run_meta, "result": {"shard": shard.name, "url": shard.url}})
+    _write_manifest(out_dir)
     results: dict[str, ShardResult] = {r.shard: r for r in finished}
-    _write_manifest(out_dir, run_meta, shards, results)
-
-    embedder = ShardEmbedder(loaded, config.batch_size, config.trim_text)
-    buffers: dict[str, _ShardBuffer] = {}
     pairs_done = 0
-    for chunk in _chunk_stream(pending, loaded, config):
-        # Chunks of one shard arrive in order; other workers' shards may interleave with them.
-        buffer = buffers.setdefault(chunk.shard.name, _ShardBuffer())
-        buffer.add(chunk, embedder)
-        pairs_done += len(chunk.rows)
-        if chunk.last:
-            results[chunk.shard.name] = _finish_shard(chunk, buffers.pop(chunk.shard.name), out_dir, run_meta, config)
-            _write_manifest(out_dir, run_meta, shards, results)
-        if progress:
-            done = sum(1 for s in shards if s.name in results)
-            progress(ScoreProgress(done, len(shards), pairs_done, chunk.shard.name))
 
+    def on_rows(shard_name: str, rows: int) -> None:
+        nonlocal pairs_done
+        pairs_done += rows
+        if progress:
+            progress(ScoreProgress(sum(1 for s in shards if s.name in results), len(shards), pairs_done, shard_name))
+
+    refreshed = time.perf_counter()
+    for result in _executor(config.executor).run(pending, loaded, out_dir, config, on_rows):
+        results[result.shard] = result
+        on_rows(result.shard, 0)
+        if time.perf_counter() - refreshed > MANIFEST_REFRESH_SECONDS:
+            _write_manifest(out_dir)  # for people watching; readers derive it from the stats files
+            refreshed = time.perf_counter()
+    _write_manifest(out_dir)
     ordered = [results[s.name] for s in shards]
     return _summarize(out_dir, ordered, time.perf_counter() - start, pairs_done)
+
+
+def _executor(spec: ExecutorSpec):
+    if spec.kind == "ray":
+        from clipguard.executors.ray import RayExecutor  # ray is an optional extra
+
+        return RayExecutor(spec)
+    return LocalExecutor()
+
+
+class LocalExecutor:
+    """Shards through DataLoader workers that decode while this process embeds."""
+
+    def run(
+        self, pending: list[Shard], loaded: LoadedModel, out_dir: Path, config: ScoreConfig,
+        on_rows: Callable[[str, int], None],
+    ) -> Iterator[ShardResult]:
+        run_meta = _run_metadata(loaded, config)
+        embedder = ShardEmbedder(loaded, config.batch_size, config.trim_text)
+        buffers: dict[str, _ShardBuffer] = {}
+        with inference_threads(config.threads):
+            for chunk in _chunk_stream(pending, loaded, config):
+                # Chunks of one shard arrive in order; other workers' shards may interleave with them.
+                buffer = buffers.setdefault(chunk.shard.name, _ShardBuffer())
+                buffer.add(chunk, embedder)
+                on_rows(chunk.shard.name, len(chunk.rows))
+                if chunk.last:
+                    yield _finish_shard(chunk, buffers.pop(chunk.shard.name), out_dir, run_meta, config)
+
+
+@contextlib.contextmanager
+def inference_threads(threads: int | None) -> Iterator[None]:
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def score_shard(shard: Shard, model: ModelSpec | LoadedModel, config: ScoreConfig, out_dir: Path) -> ShardResult:
+    """Score one shard into ``out_dir``: its Parquet file and stats file, each by atomic rename.
+    A `ModelSpec` is loaded once per process and kept for the next shard."""
+    loaded = model if isinstance(model, LoadedModel) else cached_model(model)
+    embedder = ShardEmbedder(loaded, config.batch_size, config.trim_text)
+    buffer = _ShardBuffer()
+    chunks = ShardChunks([shard], loaded.preprocess, loaded.tokenizer, config.batch_size, config.limits)
+    for chunk in chunks.shard_chunks(shard):
+        buffer.add(chunk, embedder)
+    return _finish_shard(chunk, buffer, Path(out_dir), _run_metadata(loaded, config), config)
+
+
+@functools.lru_cache(maxsize=2)
+def cached_model(spec: ModelSpec) -> LoadedModel:
+    """One model per worker process, built from what the driver asked for."""
+    return load_model(spec)
 
 
 def _chunk_stream(pending: list[Shard], loaded: LoadedModel, config: ScoreConfig):
@@ -169,9 +264,14 @@ class _ShardBuffer:
         self.text_embeddings: list[np.ndarray | None] = []
         # One cache per shard: a shard's scores must not depend on which shards came before it.
         self.cache = EmbeddingCache()
+        self.seconds = {"read_seconds": 0.0, "decode_seconds": 0.0, "infer_seconds": 0.0}
 
     def add(self, chunk: Chunk, embedder: ShardEmbedder) -> None:
+        self.seconds["read_seconds"] += chunk.read_seconds
+        self.seconds["decode_seconds"] += chunk.decode_seconds
+        started = time.perf_counter()
         embeddings = embedder.embed(chunk, self.cache)
+        self.seconds["infer_seconds"] += time.perf_counter() - started
         similarity = np.full(len(chunk.rows), np.nan, dtype=np.float32)
         if embeddings is not None:
             sims = (embeddings.image * embeddings.text).sum(dim=-1).numpy()
@@ -192,6 +292,18 @@ class _ShardBuffer:
 
 
 def _finish_shard(last: Chunk, buffer: _ShardBuffer, out_dir: Path, run_meta: dict, config: ScoreConfig) -> ShardResult:
+    started = time.perf_counter()
+    result = _write_shard(last, buffer, out_dir, run_meta, config)
+    status = shard_stats.FAILED if result.failed else shard_stats.COMPLETE
+    seconds = {**buffer.seconds, "write_seconds": time.perf_counter() - started}
+    shard_stats.write_stats(
+        out_dir, result.shard,
+        {"status": status, "result": asdict(result), "run": run_meta, "seconds": {k: round(v, 6) for k, v in seconds.items()}},
+    )
+    return result
+
+
+def _write_shard(last: Chunk, buffer: _ShardBuffer, out_dir: Path, run_meta: dict, config: ScoreConfig) -> ShardResult:
     rows = [row for chunk in buffer.chunks for row in chunk.rows]
     similarity = np.concatenate(buffer.similarities) if buffer.similarities else np.zeros(0, np.float32)
     report = last.report
@@ -269,50 +381,46 @@ def _run_metadata(loaded: LoadedModel, config: ScoreConfig) -> dict:
 def _split_finished(shards: list[Shard], out_dir: Path, run_meta: dict, config: ScoreConfig):
     finished, pending = [], []
     for shard in shards:
-        meta = read_metadata(score_path(out_dir, shard.name))
-        if meta is None:
+        recorded = _finished_record(out_dir, shard.name)
+        if recorded is None:
             pending.append(shard)
             continue
-        if meta.get("fingerprint") != run_meta["fingerprint"]:
+        if recorded.get("fingerprint") != run_meta["fingerprint"]:
             raise ClipguardError(
                 f"{out_dir} already holds scores for shard {shard.name} from a different model or "
                 "precision; score into a new --out folder"
             )
-        recorded = (meta.get("shard") or {}).get("source") or {}
-        if recorded.get("location") not in (None, shard.location):
+        source = (recorded.get("shard") or {}).get("source") or {}
+        if source.get("location") not in (None, shard.location):
             raise ClipguardError(
                 f"{out_dir} already holds scores for a different shard named {shard.name} (from "
-                f"{recorded.get('location')}, not {shard.location}); score into a new --out folder"
+                f"{source.get('location')}, not {shard.location}); score into a new --out folder"
             )
         stat = shard.local_stat()
-        if stat is not None and any(recorded.get(k) != v for k, v in stat.items()):
+        if stat is not None and any(source.get(k) != v for k, v in stat.items()):
             pending.append(shard)  # rewritten since it was scored: its old scores are stale
             continue
         if config.save_embeddings and not all(p.exists() for p in embedding_paths(out_dir, shard.name)):
             pending.append(shard)
             continue
-        finished.append(ShardResult(**{**meta["shard"], "skipped_on_resume": True}))
+        finished.append(ShardResult(**{**recorded["shard"], "skipped_on_resume": True}))
     return finished, pending
 
 
-def _write_manifest(out_dir: Path, run_meta: dict, shards: list[Shard], results: dict[str, ShardResult]) -> None:
-    done = [results[s.name] for s in shards if s.name in results and not results[s.name].failed]
-    failed = [results[s.name] for s in shards if s.name in results and results[s.name].failed]
-    manifest = {
-        **run_meta,
-        "complete": len(done) == len(shards),
-        "shards_total": len(shards),
-        "shards_done": len(done),
-        "pairs": sum(r.samples for r in done),
-        "ok": sum(r.ok for r in done),
-        "errors": sum(r.errors for r in done),
-        "truncated_shards": [r.shard for r in done if r.truncated],
-        "failed_shards": [
-            {"shard": r.shard, "url": r.url, "reason": r.read_error, "samples_read": r.samples} for r in failed
-        ],
-        "shards": [asdict(r) for r in done],
-    }
-    atomic_write_json(out_dir / MANIFEST_NAME, manifest)
+def _finished_record(out_dir: Path, shard_name: str) -> dict | None:
+    """The metadata of a finished shard's score file; None where it must be scored (again)."""
+    stats = shard_stats.read_stats(shard_stats.stats_path(out_dir, shard_name))
+    if stats is not None and stats["status"] != shard_stats.COMPLETE:
+        return None
+    return read_metadata(score_path(out_dir, shard_name))
+
+
+def _write_manifest(out_dir: Path) -> None:
+    """``manifest.json``: the folder summary, for people; readers derive it from the stats files."""
+    try:
+        atomic_write_json(out_dir / MANIFEST_NAME, shard_stats.folder_summary(out_dir))
+    except shard_stats.NotAScoreFolderError:
+        pass  # nothing claimed or scored yet (an empty shard list)
 
 
 def _summarize(out_dir: Path, results: list[ShardResult], wall: float, pairs_this_run: int) -> ScoreSummary:
@@ -342,8 +450,7 @@ def _summarize(out_dir: Path, results: list[ShardResult], wall: float, pairs_thi
 
 
 def load_manifest(out_dir: Path) -> dict:
-    path = Path(out_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise ClipguardError(f"{out_dir} has no {MANIFEST_NAME}; it is not a clipguard score folder")
-    return json.loads(path.read_text())
-
+    """The score folder's summary, derived from its per-shard files (one model, checked)."""
+    if not Path(out_dir).is_dir():
+        raise ClipguardError(f"{out_dir} is not a folder; it is not a clipguard score folder")
+    return shard_stats.folder_summary(out_dir)

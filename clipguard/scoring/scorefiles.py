@@ -114,6 +114,23 @@ def find_score_files(scores: Path) -> list[Path]:
     return sorted(p for p in scores.glob("*.parquet"))
 
 
+def check_one_model(files: list[Path]) -> None:
+    """Scores of two models are not one population: refuse them, naming a file of each."""
+    first_file, first = None, None
+    for path in files:
+        fingerprint = (read_metadata(path) or {}).get("fingerprint")
+        if first_file is None:
+            first_file, first = path, fingerprint
+        elif fingerprint != first:
+            from clipguard.errors import MixedModelsError
+            from clipguard.scoring.stats import describe_fingerprint
+
+            raise MixedModelsError(
+                f"score files from two models: {first_file} ({describe_fingerprint(first)}) and {path} "
+                f"({describe_fingerprint(fingerprint)}). Keep one model per score folder"
+            )
+
+
 def read_scores(scores: Path) -> ScoreTable:
     """Read one score file or a folder of them into columns."""
     files = find_score_files(scores)
@@ -121,6 +138,7 @@ def read_scores(scores: Path) -> ScoreTable:
         from clipguard.errors import ClipguardError
 
         raise ClipguardError(f"no score files (*.parquet) in {scores}; run `clipguard score` first")
+    check_one_model(files)
     table = pa.concat_tables(
         [pq.read_table(f, columns=["key", "shard", "cosine_distance", "status", "error"]) for f in files]
     )

@@ -1,0 +1,1 @@
+"""Where work runs: the local executor lives beside the scorer (clipguard.scoring.run); others here."""
