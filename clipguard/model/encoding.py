@@ -41,13 +41,13 @@ def encode_images(loaded: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
     """[batch, 3, H, W] preprocessed pixels -> [batch, dim] float32 unit vectors."""
     dtype = precision_dtype(loaded.info.precision)
     with torch.inference_mode():
-        features = loaded.model.encode_image(pixels.to(loaded.info.device, dtype))
+        features = loaded.model.encode_image(pixels.to(loaded.info.device, dtype, non_blocking=True))
     return F.normalize(features.float(), dim=-1).cpu()
 
 
 def encode_texts(loaded: LoadedModel, tokens: torch.Tensor, trim: bool = True) -> torch.Tensor:
     """[batch, context] tokens -> [batch, dim] float32 unit vectors."""
-    tokens = tokens.to(loaded.info.device)
+    tokens = tokens.to(loaded.info.device, non_blocking=True)
     with torch.inference_mode():
         if trim and supports_trimmed_text(loaded.model):
             features = encode_text_trimmed(loaded.model, tokens)

@@ -46,6 +46,15 @@ class Chunk:
     read_seconds: float = 0.0  # reading tar members for this chunk's rows
     decode_seconds: float = 0.0  # decoding, preprocessing and tokenizing them
 
+    def pin_memory(self) -> "Chunk":
+        """Called by a DataLoader with pin_memory=True: page-locked tensors copy to a GPU
+        asynchronously, overlapping the copy with the previous batch's inference."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        if self.tokens is not None:
+            self.tokens = self.tokens.pin_memory()
+        return self
+
 
 class ShardChunks(IterableDataset):
     """Yields chunks of up to ``chunk_size`` rows; every shard ends with a chunk marked last."""

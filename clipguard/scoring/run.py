@@ -249,7 +249,8 @@ def _chunk_stream(pending: list[Shard], loaded: LoadedModel, config: ScoreConfig
     if workers == 0:
         return iter(dataset)
     loader = DataLoader(
-        dataset, batch_size=None, num_workers=workers, collate_fn=passthrough_collate, prefetch_factor=4
+        dataset, batch_size=None, num_workers=workers, collate_fn=passthrough_collate, prefetch_factor=4,
+        pin_memory=loaded.info.device.startswith("cuda"),
     )
     return iter(loader)
 
