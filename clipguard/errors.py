@@ -27,3 +27,8 @@ class OneClassLabelsError(CalibrationError):
 
 class UnreachableTargetError(CalibrationError):
     """No threshold meets the requested false-positive rate or recall with the evidence at hand."""
+
+
+class StorageError(ClipguardError):
+    """An output folder (local or object store) that cannot be read or written: no credentials,
+    no right to write, a missing backend, or a store that kept failing after retries."""
