@@ -16,6 +16,7 @@ from conftest import simple_samples, write_shard
 from s3_server import s3_server  # noqa: F401 - the fixture
 
 SHARDS = 3
+BIG = 80  # samples in the shard that the cutting proxy serves
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +166,68 @@ def test_output_folders_refuse_what_they_cannot_be():
         OutputFolder.at("https://example.org/scores")
     with pytest.raises(StorageError, match="not installed|not known"):
         OutputFolder.at("nosuchscheme://bucket/scores")
+
+
+@pytest.fixture
+def cut_connections(s3_server, monkeypatch):  # noqa: F811
+    """S3 clients talk through a CuttingProxy; s3fs's own retries are off, so what recovers a
+    cut read is clipguard's reopen-at-the-byte-reached, not the backend."""
+    import s3fs
+
+    from cutting_proxy import CuttingProxy
+
+    proxies = []
+
+    def through(cut_after: int, cuts: float) -> CuttingProxy:
+        host, port = s3_server.endpoint.removeprefix("http://").split(":")
+        proxy = CuttingProxy(host, int(port), cut_after, cuts)
+        proxies.append(proxy)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+        s3fs.S3FileSystem.clear_instance_cache()
+        return proxy
+
+    yield through
+    s3fs.S3FileSystem.clear_instance_cache()  # the next test must not reuse a client of the proxy
+    for proxy in proxies:
+        proxy.close()
+
+
+@pytest.fixture(scope="module")
+def big_shard(s3_server, tmp_path_factory):  # noqa: F811
+    """A shard of most of a MB, so that cuts land after several 64 KiB blocks have been read."""
+    path = write_shard(tmp_path_factory.mktemp("big") / "00007.tar", simple_samples(7, BIG))
+    url = f"{s3_server.bucket('big')}/00007.tar"
+    s3_server.upload(path, url)
+    return path, url
+
+
+def test_a_cut_connection_is_resumed_at_the_byte_reached(big_shard, cut_connections, monkeypatch):
+    from clipguard.data import sources
+
+    path, url = big_shard
+    assert path.stat().st_size > 600_000
+    monkeypatch.setattr(sources, "FSSPEC_BLOCK_BYTES", 64 << 10)  # several blocks in a small shard
+    proxy = cut_connections(cut_after=150_000, cuts=1)
+    with sources.open_source(url, is_remote=True) as stream:
+        assert stream.read() == path.read_bytes()
+    assert proxy.cuts_made == 1
+    assert any(start > 0 for start in proxy.ranges), proxy.ranges  # a ranged GET, not a reread
+
+
+def test_a_store_that_keeps_cutting_is_a_failed_shard_after_the_retries(big_shard, cut_connections, monkeypatch):
+    from clipguard.data import sources
+
+    _, url = big_shard
+    monkeypatch.setattr(sources, "FSSPEC_BLOCK_BYTES", 64 << 10)
+    # s3fs asks for two blocks at a time (128 KiB); every second request is cut, so each try gets
+    # a little further and the fourth cut ends the read: 4 x 128 KiB in, most of the shard not.
+    cut_connections(cut_after=150_000, cuts=float("inf"))
+    shard = Shard(url=url, name="00007")
+    report = ShardReport(shard=shard.name, url=shard.url)
+    samples = list(iter_samples(shard, report))
+    assert report.source_failed and report.failed
+    assert "gave up after 4 tries" in report.read_error
+    # What was read before the last try is yielded; the sample cut in half says so.
+    assert 0 < len(samples) < BIG
+    assert all(not s.problems for s in samples[:-1]) and "source_read_failed" in samples[-1].problems

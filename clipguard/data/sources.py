@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 HTTP_TIMEOUT_S = 30
+# Object stores are read in ranged GETs of this size (s3fs's default is 50 MB): a cut costs at
+# most one block, and a resumed read starts at the block that failed.
+FSSPEC_BLOCK_BYTES = 8 << 20
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
@@ -235,7 +238,7 @@ class FsspecShardStream(io.RawIOBase):
         super().close()
 
     def _open(self):
-        handle = self.fs.open(self.path, "rb")
+        handle = self.fs.open(self.path, "rb", block_size=FSSPEC_BLOCK_BYTES, cache_type="readahead")
         if self.position:
             handle.seek(self.position)
         return handle
