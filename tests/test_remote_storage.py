@@ -231,3 +231,47 @@ def test_a_store_that_keeps_cutting_is_a_failed_shard_after_the_retries(big_shar
     # What was read before the last try is yielded; the sample cut in half says so.
     assert 0 < len(samples) < BIG
     assert all(not s.problems for s in samples[:-1]) and "source_read_failed" in samples[-1].problems
+
+
+def test_cli_scores_an_s3_folder_and_names_what_is_wrong(s3_server, s3_shards, tiny_checkpoint, tmp_path):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from clipguard.cli.main import app
+
+    _, run = s3_shards
+    runner = CliRunner()
+    model = ["--model", str(tiny_checkpoint)]
+    done = runner.invoke(app, ["score", f"{run}/", "--out", str(tmp_path / "scores"), *model])
+    assert done.exit_code == 0, done.output
+    assert len(read_scores(tmp_path / "scores").key) == SHARDS * 12
+    missing = runner.invoke(app, ["score", f"{run}/00009.tar", "--out", str(tmp_path / "o1"), *model])
+    assert missing.exit_code == 2 and "s3://shards/run/00009.tar does not exist" in missing.output
+    with s3_server.require_auth():
+        denied = runner.invoke(app, ["score", f"{run}/", "--out", str(tmp_path / "o2"), *model])
+    assert denied.exit_code == 2 and "access denied" in denied.output and "AWS_ACCESS_KEY_ID" in denied.output
+
+
+def test_object_store_reads_and_writes_retry_a_cut_connection(s3_server, cut_connections):  # noqa: F811
+    s3_server.bucket("flaky")
+    folder = OutputFolder.at("s3://flaky/out")
+    payload = bytes(range(256)) * 1000  # 256 KB
+    folder.write_bytes("big.bin", payload)
+    proxy = cut_connections(cut_after=100_000, cuts=1)
+    assert OutputFolder.at("s3://flaky/out").read_bytes("big.bin") == payload
+    assert proxy.cuts_made == 1
+    cut_connections(cut_after=100_000, cuts=float("inf"))
+    with pytest.raises(StorageError, match="gave up after 4 tries"):
+        OutputFolder.at("s3://flaky/out").read_bytes("big.bin")
+
+
+def test_a_scheme_without_its_backend_names_the_package():
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(ShardSpecError, match="gs:// needs a package that is not installed: install gcsfs"):
+        resolve_shards("gs://bucket/shards/")
+    with pytest.raises(StorageError, match="install gcsfs"):
+        OutputFolder.at("gs://bucket/scores")
