@@ -275,3 +275,10 @@ def test_a_scheme_without_its_backend_names_the_package():
         resolve_shards("gs://bucket/shards/")
     with pytest.raises(StorageError, match="install gcsfs"):
         OutputFolder.at("gs://bucket/scores")
+
+
+def test_hf_urls_in_offline_mode_say_so_at_once(monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("CLIPGUARD_HTTP_BACKOFF", "5")  # a retry would make this test slow
+    with pytest.raises(ShardSpecError, match="HF_HUB_OFFLINE"):
+        resolve_shards("hf://datasets/clipguard/none/*.tar")

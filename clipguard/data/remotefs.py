@@ -45,7 +45,7 @@ class Denied(PermissionError):
 
 
 class NoBackend(OSError):
-    """The scheme needs a package that is not installed."""
+    """The scheme cannot be used here: its package is not installed, or its backend is set offline."""
 
 
 def scheme_of(url: str) -> str | None:
@@ -111,6 +111,8 @@ def translate(exc: BaseException, url: str) -> OSError | None:
         )
     if isinstance(exc, ImportError):
         return NoBackend(f"{url}: {exc}")
+    if type(exc).__name__ == "OfflineModeIsEnabled":  # HF_HUB_OFFLINE=1: trying again cannot help
+        return NoBackend(f"{url}: {describe(exc)}")
     return None
 
 

@@ -35,7 +35,7 @@ def _expand(fs, spec: str) -> list[str]:
     for item in braceexpand.braceexpand(spec):
         if glob.has_magic(item.split("://", 1)[1]):
             urls.extend(_matches(fs, item))
-        elif item.endswith("/") or not item.endswith((".tar", ".tar.gz", ".tgz")) and _is_folder(fs, item):
+        elif item.endswith("/") or (not item.endswith((".tar", ".tar.gz", ".tgz")) and _is_folder(fs, item)):
             urls.extend(_folder(fs, item))
         else:
             urls.append(item)
