@@ -198,13 +198,13 @@ class FsspecShardStream(io.RawIOBase):
     def __init__(self, url: str, retry: HttpRetry):
         from clipguard.data import remotefs  # fsspec only for runs that use it
 
+        self.handle = None  # close() must work even when opening fails
         self.url = url
         self.retry = retry
         self.remotefs = remotefs
         self.fs, self.path = remotefs.filesystem(url)
         self.position = 0
         self.failures = 0
-        self.handle = None
         self.handle = remotefs.with_retries(self._open, url, retry)
         self.size: int | None = getattr(self.handle, "size", None)
 
