@@ -31,3 +31,8 @@ class UnreachableTargetError(CalibrationError):
 
 class MixedModelsError(ClipguardError):
     """A score folder (or a set of score files) holds scores from more than one model."""
+
+
+class StorageError(ClipguardError):
+    """An output folder (local or object store) that cannot be read or written: no credentials,
+    no right to write, a missing backend, or a store that kept failing after retries."""

@@ -1,4 +1,10 @@
-"""Resolve what the user typed (folders, globs, brace patterns, URLs) into an ordered shard list."""
+"""Resolve what the user typed (folders, globs, brace patterns, URLs) into an ordered shard list.
+
+Local paths and ``file://`` URLs are checked on disk; ``http(s)://`` URLs are only brace-expanded
+(an HTTP server cannot be listed); object-store URLs (``s3://``, ``gs://``, ``hf://`` ... through
+fsspec) are resolved like local paths: a folder prefix gives its ``*.tar`` objects, a glob its
+matches, each sorted, and a named object that is not there is an error before any work starts.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from pathlib import Path
 
 import braceexpand
 
+from clipguard.data.remotefs import is_fsspec_url
 from clipguard.errors import ShardSpecError
 
 REMOTE_SCHEMES = ("http://", "https://")
@@ -24,7 +31,8 @@ class Shard:
 
     @property
     def is_remote(self) -> bool:
-        return self.url.startswith(REMOTE_SCHEMES)
+        """Read over the network (http or an object store), not a file on this machine."""
+        return self.url.startswith(REMOTE_SCHEMES) or is_fsspec_url(self.url)
 
     @property
     def is_local(self) -> bool:
@@ -68,6 +76,10 @@ def _expand_one(spec: str, allow_pipe: bool) -> list[str]:
         return list(braceexpand.braceexpand(spec))
     if spec.startswith(REMOTE_SCHEMES):
         return list(braceexpand.braceexpand(spec))
+    if is_fsspec_url(spec):
+        from clipguard.data.remoteshards import expand_remote  # fsspec only for runs that use it
+
+        return expand_remote(spec)
     if spec.startswith("file://"):
         spec = spec[len("file://"):]
     path = Path(spec).expanduser()
@@ -95,7 +107,7 @@ def _dedupe(urls: list[str]) -> list[str]:
     """One entry per shard: ``x``, ``./x`` and ``d/../x`` name the same local file."""
     seen: dict[str, str] = {}
     for url in urls:
-        if url.startswith(REMOTE_SCHEMES) or url.startswith("pipe:"):
+        if url.startswith(REMOTE_SCHEMES) or url.startswith("pipe:") or is_fsspec_url(url):
             seen.setdefault(url, url)
         else:
             seen.setdefault(os.path.realpath(url), os.path.abspath(url))

@@ -13,6 +13,12 @@ Two ways a stream can lie, and what this module does about each:
   2 TB): tarfile skips a member by reading it 10 KiB at a time, so the cost grows with the
   claimed size. `EndStrictReader` raises `EOFError` once reads keep coming after the end, which
   tarfile passes up at once, so skipping costs O(bytes actually there).
+
+Object stores (`s3://`, `gs://`, `hf://`, ... through fsspec, see `remotefs.py`) get
+`FsspecShardStream`: the object's size is known when it is opened, so a read that ends before
+it, or fails on a transient error, reopens the object at the byte reached (a ranged GET) with
+the same `HttpRetry` policy, and gives up with `SourceReadError`. A missing object or an auth
+failure is not retried and says what to check.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 HTTP_TIMEOUT_S = 30
+# Object stores are read in ranged GETs of this size (s3fs's default is 50 MB): a cut costs at
+# most one block, and a resumed read starts at the block that failed.
+FSSPEC_BLOCK_BYTES = 8 << 20
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
@@ -51,8 +60,10 @@ class HttpRetry:
 
 def open_source(url: str, is_remote: bool, retry: HttpRetry | None = None) -> BinaryIO:
     """The shard's bytes as a buffered stream that raises at a short end instead of stopping."""
-    if is_remote:
+    if is_remote and url.startswith(("http://", "https://")):
         raw: io.RawIOBase = HttpShardStream(url, retry or HttpRetry())
+    elif is_remote:
+        raw = FsspecShardStream(url, retry or HttpRetry())
     elif url.startswith("pipe:"):
         process = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)  # noqa: S602
         raw = _RawFile(process.stdout)
@@ -179,6 +190,69 @@ class HttpShardStream(io.RawIOBase):
             response.close()
             raise _Transient(f"{type(exc).__name__}: {exc}") from None
         return response
+
+
+class FsspecShardStream(io.RawIOBase):
+    """An fsspec object read to its full size, reopened at the byte reached where a read fails."""
+
+    def __init__(self, url: str, retry: HttpRetry):
+        from clipguard.data import remotefs  # fsspec only for runs that use it
+
+        self.handle = None  # close() must work even when opening fails
+        self.url = url
+        self.retry = retry
+        self.remotefs = remotefs
+        self.fs, self.path = remotefs.filesystem(url)
+        self.position = 0
+        self.failures = 0
+        self.handle = remotefs.with_retries(self._open, url, retry)
+        self.size: int | None = getattr(self.handle, "size", None)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while True:
+            try:
+                n = self.handle.readinto(buffer)
+            except (TypeError, AttributeError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - backends raise their own classes; sorted here
+                final = self.remotefs.translate(exc, self.url)
+                if final is not None:
+                    raise final from None
+                self._reopen(self.remotefs.describe(exc))
+                continue
+            if n == 0 and len(buffer) and self.size is not None and self.position < self.size:
+                self._reopen(f"the object ended at byte {self.position} of {self.size}")
+                continue
+            self.position += n
+            return n
+
+    def close(self) -> None:
+        if self.handle is not None:
+            try:
+                self.handle.close()
+            except Exception:  # noqa: BLE001 - closing a read handle cannot lose data
+                pass
+        super().close()
+
+    def _open(self):
+        handle = self.fs.open(self.path, "rb", block_size=FSSPEC_BLOCK_BYTES, cache_type="readahead")
+        if self.position:
+            handle.seek(self.position)
+        return handle
+
+    def _reopen(self, why: str) -> None:
+        self.failures += 1
+        if self.failures >= self.retry.attempts:
+            raise SourceReadError(f"{self.url}: {why}; gave up after {self.failures} tries")
+        self.retry.wait(self.failures)
+        try:
+            self.handle.close()
+        except Exception:  # noqa: BLE001 - the old handle is broken already
+            pass
+        self.handle = self.remotefs.with_retries(self._open, self.url, self.retry)
 
 
 class _Transient(Exception):
