@@ -8,6 +8,15 @@ that contains one becomes an error row rather than disappearing.
 Each sample also keeps every member as it was in the tar (`Member`: the exact name, its bytes, in
 order, repeats included), so that `filter` can copy a sample byte for byte and name for name;
 ``fields`` is the decoding view (safe regular members only, the first of a repeated extension).
+
+The reader is three stages, each Iterator -> Iterator: `open_shards` (bytes, through
+`data/sources.py`) -> `tar_members` (names and sizes checked, bytes read, never extracted) ->
+`group_by_key`. A `ShardStart` and a `ShardEnd` mark each shard's members, so that its
+`ShardReport` (and, at a cut, the problem of the half sample) reaches whoever consumes the
+stream. A shard that cannot be read in full is recorded in its report, then handed to the
+stage's ``handler`` (`data/handlers.py`), which says whether the pipeline goes on.
+`data/stages.py` adds decoding, preprocessing, batching and tokenizing; `iter_samples` is the
+three stages for one shard with failures recorded, not raised.
 """
 
 from __future__ import annotations
