@@ -70,7 +70,8 @@ def test_group_by_key_forms_samples_counts_them_and_marks_the_cut_one():
 
 def test_group_by_key_never_joins_samples_across_shards():
     first, second = _report("one"), _report("two")
-    items = [ShardStart(first), _member("k.jpg"), ShardEnd(first), ShardStart(second), _member("k.txt"), ShardEnd(second)]
+    items = [ShardStart(first), _member("k.jpg"), ShardEnd(first)]
+    items += [ShardStart(second), _member("k.txt"), ShardEnd(second)]
     out = list(group_by_key(items))
     samples = [item for item in out if isinstance(item, RawSample)]
     assert [(s.shard, sorted(s.fields)) for s in samples] == [("one", ["jpg"]), ("two", ["txt"])]
@@ -180,6 +181,8 @@ def test_read_pairs_is_iter_samples_then_decode(tmp_path: Path):
     limits = DecodeLimits()
     expected = [decode_pair(raw, limits) for raw in iter_samples(shard, ShardReport.for_shard(shard))]
     got = list(without_shard_ends(read_pairs([shard], limits)))
-    strip = lambda pair: (pair.key, pair.caption, pair.image_sha256, pair.error, pair.image.tobytes() if pair.image else None)  # noqa: E731
-    assert [strip(d.pair) for d in got] == [strip(p) for p in expected]
+    def essentials(pair: Pair):
+        return pair.key, pair.caption, pair.image_sha256, pair.error, pair.image.tobytes() if pair.image else None
+
+    assert [essentials(d.pair) for d in got] == [essentials(p) for p in expected]
     assert got[1].pair.error.startswith("corrupt_image")

@@ -75,28 +75,29 @@ class ShardChunks(IterableDataset):
     def shard_chunks(self, shard: Shard) -> Iterator[Chunk]:
         # A failed shard is recorded in its report, which rides on the shard's last chunk.
         items = read_pairs([shard], self.limits, record_and_continue, self.preprocess)
-        for batch in tokenize_batches(batched(items, self.chunk_size), self.tokenize):
+        for batch in tokenize_batches(batched(items, self.chunk_size), self.tokenize_captions):
             yield chunk_of(shard, batch)
 
     def make_chunk(self, shard: Shard, pairs: list[Pair]) -> Chunk:
         """A chunk of pairs decoded elsewhere (canaries), through the same preprocess and tokenize."""
         items = list(preprocess_images([Decoded(pair) for pair in pairs], self.preprocess))
-        return chunk_of(shard, next(tokenize_batches([items], self.tokenize)))
+        return chunk_of(shard, next(tokenize_batches([items], self.tokenize_captions)))
 
-    def tokenize(self, captions: list[str]) -> TokenizedCaptions:
+    def tokenize_captions(self, captions: list[str]) -> TokenizedCaptions:
         return tokenize(self.tokenizer, captions)
 
 
 def chunk_of(shard: Shard, batch: TokenizedBatch) -> Chunk:
     ready = batch.ready
-    lengths = {id(item): (n, cut) for item, n, cut in zip(ready, batch.tokens.n_tokens, batch.tokens.truncated)} if ready else {}
+    tokens = batch.tokens
+    lengths = {id(item): (n, cut) for item, n, cut in zip(ready, tokens.n_tokens, tokens.truncated)} if ready else {}
     decoded = [item for item in batch.items if isinstance(item, Decoded)]
     end = batch.items[-1] if batch.items and isinstance(batch.items[-1], ShardEnd) else None
     return Chunk(
         shard=shard,
         rows=[_row(item, *lengths.get(id(item), (0, False))) for item in decoded],
         pixels=torch.stack([item.pixels for item in ready]) if ready else None,
-        tokens=batch.tokens.tokens if ready else None,
+        tokens=tokens.tokens if ready else None,
         last=end is not None,
         report=end.report if end is not None else None,
         ok_index=[position for position, item in enumerate(decoded) if item.ok],

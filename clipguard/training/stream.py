@@ -3,8 +3,9 @@
 Worker side (``TrainPairs``): each DataLoader worker owns whole shards, reads them through the
 shared reading stages (`clipguard.data.stages`), shuffles raw samples in a bounded buffer (raw
 bytes are small; preprocessed pixels are not), then decodes, preprocesses and tokenizes,
-yielding chunks of prepared pairs together with the samples that could not be used and why. Main side (``batches``): chunks -> batches of
-exactly ``batch_size``, counting every skipped sample in a ``BadSampleTally``.
+yielding chunks of prepared pairs together with the samples that could not be used and why.
+Main side (``batches``): chunks -> batches of exactly ``batch_size``, counting every skipped
+sample in a ``BadSampleTally``.
 
 Order is a pure function of (seed, epoch, worker count): the shard order is permuted per epoch,
 each worker's buffer has its own seeded generator, and the DataLoader returns worker outputs in a
@@ -24,7 +25,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipguard.data.handlers import record_and_continue
 from clipguard.data.pairs import DecodeLimits
 from clipguard.data.shardspec import Shard
-from clipguard.data.stages import TokenizedBatch, batched, prepare_pairs, read_shards, tokenize_batches, without_shard_ends
+from clipguard.data.stages import (
+    TokenizedBatch,
+    batched,
+    prepare_pairs,
+    read_shards,
+    tokenize_batches,
+    without_shard_ends,
+)
 from clipguard.data.tarstream import RawSample, ShardEnd
 from clipguard.training.config import BadSampleTally
 
