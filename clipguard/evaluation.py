@@ -33,9 +33,10 @@ from clipguard import metrics
 from clipguard.attacks.goals import Goal
 from clipguard.attacks.manifest import read_manifest
 from clipguard.attacks.trigger import TriggerSpec, stamp_image_bytes
-from clipguard.data.pairs import DecodeLimits, decode_pair, image_field, open_image
+from clipguard.data.handlers import CountFailures, record_and_continue
+from clipguard.data.pairs import DecodeLimits, image_field, open_image
 from clipguard.data.shardspec import Shard, resolve_shards
-from clipguard.data.tarstream import ShardReport, iter_samples
+from clipguard.data.stages import read_pairs, read_shards, without_shard_ends
 from clipguard.errors import ClipguardError
 from clipguard.labels import LabelCounts, Labeler, class_prompts, make_labeler
 from clipguard.model.encoding import encode_images, encode_texts, tokenize
@@ -118,28 +119,25 @@ def load_test_set(specs: list[str] | str | list[Shard], labeler: Labeler | None 
     images: list[bytes] = []
     image_index: dict[str, int] = {}
     image_pair_labels: list[set] = []
-    counts, skipped = LabelCounts(), Counter()
-    for shard in shards:
-        report = ShardReport(shard=shard.name, url=shard.url)
-        for raw in iter_samples(shard, report):
-            pair = decode_pair(raw, limits)
-            if not pair.ok or not pair.caption:
-                skipped[pair.error or "empty_caption"] += 1
-                continue
-            label = labeler.label(raw.fields, pair.caption)
-            counts.add(label)
-            if pair.image_sha256 not in image_index:
-                image_index[pair.image_sha256] = len(images)
-                images.append(raw.fields[image_field(raw)])
-                image_pair_labels.append(set())
-            position = image_index[pair.image_sha256]
-            image_pair_labels[position].add(label.name)
-            keys.append(raw.key)
-            captions.append(pair.caption)
-            labels.append(label.name)
-            pair_image.append(position)
-        if report.read_error:
-            skipped[f"shard_error: {report.read_error}"] += 1
+    counts, failures = LabelCounts(), CountFailures()
+    skipped = failures.counts  # unusable pairs and unreadable shards, by reason
+    for item in without_shard_ends(read_pairs(shards, limits, failures)):
+        if not item.ok:
+            skipped[item.pair.error] += 1
+            continue
+        pair, raw = item.pair, item.sample
+        label = labeler.label(raw.fields, pair.caption)
+        counts.add(label)
+        if pair.image_sha256 not in image_index:
+            image_index[pair.image_sha256] = len(images)
+            images.append(raw.fields[image_field(raw)])
+            image_pair_labels.append(set())
+        position = image_index[pair.image_sha256]
+        image_pair_labels[position].add(label.name)
+        keys.append(raw.key)
+        captions.append(pair.caption)
+        labels.append(label.name)
+        pair_image.append(position)
     if not keys:
         raise EvaluationError(f"the test shards hold no usable pair (skipped: {dict(skipped) or 'none'})")
     return TestSet(
@@ -237,9 +235,9 @@ class TargetImage:
 def read_target_image(key: str, shard_specs: list[str] | str) -> TargetImage:
     """The image of sample ``key`` in the given shards (the poisoned training shards)."""
     for shard in resolve_shards(shard_specs):
-        for raw in iter_samples(shard, ShardReport(shard=shard.name, url=shard.url)):
+        for raw in without_shard_ends(read_shards([shard], handler=record_and_continue)):
             if raw.key == key:
-                field_name = next((f for f in ("jpg", "jpeg", "png", "webp") if f in raw.fields), None)
+                field_name = image_field(raw)
                 if field_name is None:
                     raise EvaluationError(f"sample {key!r} in {shard.url} has no image")
                 return TargetImage(key=key, image=raw.fields[field_name], source=shard.url)

@@ -8,6 +8,15 @@ that contains one becomes an error row rather than disappearing.
 Each sample also keeps every member as it was in the tar (`Member`: the exact name, its bytes, in
 order, repeats included), so that `filter` can copy a sample byte for byte and name for name;
 ``fields`` is the decoding view (safe regular members only, the first of a repeated extension).
+
+The reader is three stages, each Iterator -> Iterator: `open_shards` (bytes, through
+`data/sources.py`) -> `tar_members` (names and sizes checked, bytes read, never extracted) ->
+`group_by_key`. A `ShardStart` and a `ShardEnd` mark each shard's members, so that its
+`ShardReport` (and, at a cut, the problem of the half sample) reaches whoever consumes the
+stream. A shard that cannot be read in full is recorded in its report, then handed to the
+stage's ``handler`` (`data/handlers.py`), which says whether the pipeline goes on.
+`data/stages.py` adds decoding, preprocessing, batching and tokenizing; `iter_samples` is the
+three stages for one shard with failures recorded, not raised.
 """
 
 from __future__ import annotations
@@ -16,13 +25,14 @@ import io
 import re
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
+from clipguard.data.handlers import Handler, ShardReadError, record_and_continue, reraise
 from clipguard.data.shardspec import Shard
-from clipguard.data.sources import HttpRetry, SourceReadError, open_source
+from clipguard.data.sources import HttpRetry, open_source
 
 DEFAULT_MAX_MEMBER_BYTES = 64 << 20
 _SPOOL_IN_MEMORY_BYTES = 8 << 20
@@ -41,6 +51,7 @@ class Member:
     spool: BinaryIO | None = None  # an oversized member kept for copying (keep_oversized)
     unsafe: str | None = None  # why this member must not be written under its own name
     link: str | None = None  # the target of a symbolic or hard link (never followed)
+    problem: str | None = None  # why its sample cannot be trusted (unsafe, too large), if any
 
     @property
     def has_bytes(self) -> bool:
@@ -59,6 +70,7 @@ class RawSample:
     fields: dict[str, bytes] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # reasons this sample cannot be trusted
     members: list[Member] = field(default_factory=list)  # every member, in tar order
+    shard: str = ""  # the name of the shard it came from
 
 
 @dataclass
@@ -74,6 +86,10 @@ class ShardReport:
     # The source itself failed (cannot open, connection lost after retries, disk error): the
     # shard is not finished, and a rerun must read it again. Distinct from a tar that is cut.
     source_failed: bool = False
+
+    @classmethod
+    def for_shard(cls, shard: Shard) -> ShardReport:
+        return cls(shard=shard.name, url=shard.url)
 
     @property
     def failed(self) -> bool:
@@ -123,62 +139,157 @@ def iter_samples(
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     keep_oversized: bool = False,
 ) -> Iterator[RawSample]:
-    """Yield samples in tar order. A truncated tar ends the stream with ``report.truncated``;
-    the sample cut in half is yielded with a problem, never dropped. With ``keep_oversized``
-    a member over ``max_member_bytes`` is kept in a temporary spool file for copying (never
-    decoded); otherwise only its size is known."""
+    """Yield samples in tar order, recording what went wrong in ``report``: the reading stages
+    for one shard, failures recorded and not raised. A truncated tar ends the stream with
+    ``report.truncated``; the sample cut in half is yielded with a problem, never dropped. With
+    ``keep_oversized`` a member over ``max_member_bytes`` is kept in a temporary spool file for
+    copying (never decoded); otherwise only its size is known."""
+    opened = open_shards([shard], record_and_continue, report_for=lambda _shard: report)
+    members = tar_members(opened, max_member_bytes, keep_oversized, record_and_continue)
+    yield from (item for item in group_by_key(members) if isinstance(item, RawSample))
+
+
+# ------------------------------------------------------------------------------------ stages
+# open_shards -> tar_members -> group_by_key, each Iterator -> Iterator. The shard marks
+# (ShardStart, ShardEnd) travel with the members so that each shard's report reaches the end of
+# the pipeline, failed shards included.
+
+
+@dataclass
+class OpenedShard:
+    shard: Shard
+    report: ShardReport
+    stream: BinaryIO | None  # None: the shard could not be opened (the report says why)
+
+
+@dataclass
+class ShardStart:
+    report: ShardReport
+
+
+@dataclass
+class ShardEnd:
+    report: ShardReport
+    cut: str | None = None  # the problem of the sample the end of the stream cut in two
+
+
+def open_shards(
+    shards: Iterable[Shard], handler: Handler = reraise, report_for: Callable[[Shard], ShardReport] | None = None
+) -> Iterator[OpenedShard]:
+    for shard in shards:
+        opened = _open(shard, (report_for or ShardReport.for_shard)(shard))
+        keep_going = opened.stream is not None or handler(ShardReadError(opened.report))
+        yield opened  # a shard that failed to open still reaches the end of the pipeline
+        if not keep_going:
+            return
+
+
+def _open(shard: Shard, report: ShardReport) -> OpenedShard:
     try:
-        stream = open_shard(shard)
+        return OpenedShard(shard, report, open_shard(shard))
     except OSError as exc:  # includes urllib's HTTPError and SourceReadError
         report.read_error = f"cannot open shard: {exc}"
         report.source_failed = True
-        return
+        return OpenedShard(shard, report, None)
+
+
+def tar_members(
+    opened: Iterable[OpenedShard],
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    keep_oversized: bool = False,
+    handler: Handler = reraise,
+) -> Iterator[ShardStart | Member | ShardEnd]:
+    """Each shard's members between its marks, bytes read (bounded), names checked, never
+    extracted. A stream that breaks ends its shard with a ShardEnd that says so."""
+    for item in opened:
+        yield ShardStart(item.report)
+        end = yield from _shard_members(item, max_member_bytes, keep_oversized)
+        yield end
+        if item.stream is not None and item.report.read_error and not handler(ShardReadError(item.report)):
+            return
+
+
+def group_by_key(items: Iterable[ShardStart | Member | ShardEnd]) -> Iterator[RawSample | ShardEnd]:
+    """WebDataset's grouping: consecutive members sharing a key form one sample."""
     current: RawSample | None = None
-    try:
-        with stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
-            for member in _members(archive, report):
-                key, ext = split_key(member.name)
-                key = printable_key(key)
-                if current is not None and current.key != key:
-                    report.samples += 1
-                    yield current
-                    current = None
-                if current is None:
-                    current = RawSample(key=key)
-                _add_member(current, archive, member, ext, report, max_member_bytes, keep_oversized)
-    except _Truncated as exc:
-        report.truncated = True
-        report.read_error = f"tar stream ended early: {exc}"
-        if current is not None:
-            current.problems.append("truncated_shard")
-    except SourceReadError as exc:
-        _source_failure(report, current, exc)
-    except (tarfile.ReadError, EOFError) as exc:
-        # The header of the very first member is unreadable: not a tar, or cut before it.
-        if "empty file" in str(exc):
-            return  # a zero-byte shard holds no samples; that is not an error
-        report.truncated = True
-        if current is None and report.samples == 0:
-            report.read_error = f"not a readable tar: {exc}"
+    report: ShardReport | None = None
+    for item in items:
+        if isinstance(item, ShardStart):
+            report = item.report
+        elif isinstance(item, ShardEnd):
+            yield from _close_shard(current, item)
+            current = None
         else:
-            report.read_error = f"tar stream failed: {exc}"
-            if current is not None:
-                current.problems.append("truncated_shard")
-    except OSError as exc:
-        _source_failure(report, current, exc)
+            key = printable_key(split_key(item.name)[0])
+            if current is not None and current.key != key:
+                yield _counted(current, report)
+                current = None
+            current = current or RawSample(key=key, shard=report.shard)
+            _add_member(current, item)
+
+
+def _close_shard(current: RawSample | None, end: ShardEnd) -> Iterator[RawSample | ShardEnd]:
     if current is not None:
-        report.samples += 1
-        yield current
+        if end.cut:
+            current.problems.append(end.cut)
+        yield _counted(current, end.report)
+    yield end
 
 
-def _source_failure(report: ShardReport, current: RawSample | None, exc: OSError) -> None:
-    report.source_failed = True
-    report.read_error = f"could not read the shard in full: {exc}"
-    if current is not None:
-        current.problems.append("source_read_failed")
+def _counted(sample: RawSample, report: ShardReport) -> RawSample:
+    report.samples += 1
+    return sample
 
 
-def _members(archive: tarfile.TarFile, report: ShardReport) -> Iterator[tarfile.TarInfo]:
+def _add_member(sample: RawSample, member: Member) -> None:
+    sample.members.append(member)
+    if member.problem is not None:
+        sample.problems.append(member.problem)
+    elif member.data is None:
+        return  # the stream ended inside it; the shard's end mark gives the sample its problem
+    elif member.ext in sample.fields:
+        # Two members with one key and extension: keeping either would hide the other.
+        sample.problems.append(f"duplicate_member: two '{member.ext}' members for key {sample.key}")
+    else:
+        sample.fields[member.ext] = member.data
+
+
+def _shard_members(
+    item: OpenedShard, max_member_bytes: int, keep_oversized: bool
+) -> Generator[Member, None, ShardEnd]:
+    if item.stream is None:
+        return ShardEnd(item.report)
+    seen = False
+    try:
+        with item.stream, tarfile.open(fileobj=item.stream, mode="r|*") as archive:
+            for info in _tar_infos(archive):
+                seen = True
+                yield from _read_member(archive, info, item.report, max_member_bytes, keep_oversized)
+    except (_Truncated, tarfile.ReadError, EOFError, OSError) as exc:
+        return _broken_end(item.report, exc, seen)
+    return ShardEnd(item.report)
+
+
+def _broken_end(report: ShardReport, exc: Exception, seen_member: bool) -> ShardEnd:
+    """Record why the stream ended early: the data is cut (truncated) or the source failed."""
+    if isinstance(exc, _Truncated):
+        report.truncated, report.read_error = True, f"tar stream ended early: {exc}"
+        return ShardEnd(report, "truncated_shard")
+    if isinstance(exc, OSError):  # SourceReadError, a disk error: a rerun must read it again
+        report.source_failed, report.read_error = True, f"could not read the shard in full: {exc}"
+        return ShardEnd(report, "source_read_failed")
+    # The header of the very first member is unreadable: not a tar, or cut before it.
+    if "empty file" in str(exc):
+        return ShardEnd(report)  # a zero-byte shard holds no samples; that is not an error
+    report.truncated = True
+    if not seen_member:
+        report.read_error = f"not a readable tar: {exc}"
+        return ShardEnd(report)
+    report.read_error = f"tar stream failed: {exc}"
+    return ShardEnd(report, "truncated_shard")
+
+
+def _tar_infos(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     while True:
         try:
             member = archive.next()
@@ -192,38 +303,42 @@ def _members(archive: tarfile.TarFile, report: ShardReport) -> Iterator[tarfile.
             yield member
 
 
-def _add_member(
-    sample: RawSample,
-    archive: tarfile.TarFile,
-    info: tarfile.TarInfo,
-    ext: str,
-    report: ShardReport,
-    max_member_bytes: int,
-    keep_oversized: bool,
-) -> None:
-    member = Member(name=info.name, ext=ext, size=info.size, unsafe=unsafe_name_reason(info.name))
-    sample.members.append(member)
+def _read_member(
+    archive: tarfile.TarFile, info: tarfile.TarInfo, report: ShardReport, max_member_bytes: int, keep_oversized: bool
+) -> Iterator[Member]:
+    member = _checked_member(info, report, max_member_bytes)
+    try:
+        _read_bytes(member, archive, info, max_member_bytes, keep_oversized)
+    except (_Truncated, OSError):
+        yield member  # the member the cut split stays in its sample, as far as it was read
+        raise
+    yield member
+
+
+def _checked_member(info: tarfile.TarInfo, report: ShardReport, max_member_bytes: int) -> Member:
+    """The member with its name checked; any reason it must not be decoded is reported."""
+    member = Member(name=info.name, ext=split_key(info.name)[1], size=info.size, unsafe=unsafe_name_reason(info.name))
     if member.unsafe is None and not info.isfile():
         member.unsafe = f"non-regular member ({_kind(info)})"
         member.link = info.linkname or None
     if member.unsafe is not None:
-        report.skipped_members.append({"member": printable_key(info.name), "reason": member.unsafe})
-        sample.problems.append(f"unsafe_member: {member.unsafe}")
-        if info.isfile() and info.size <= max_member_bytes:
-            member.data = _read_exactly(archive, info)  # kept for quarantine, never decoded
-        return
+        member.problem, reason = f"unsafe_member: {member.unsafe}", member.unsafe
+    elif info.size > max_member_bytes:
+        member.problem, reason = f"member_too_large: {member.ext} is {info.size} bytes", "member too large"
+    else:
+        return member
+    report.skipped_members.append({"member": printable_key(info.name), "reason": reason})
+    return member
+
+
+def _read_bytes(
+    member: Member, archive: tarfile.TarFile, info: tarfile.TarInfo, max_member_bytes: int, keep_oversized: bool
+) -> None:
     if info.size > max_member_bytes:
-        report.skipped_members.append({"member": printable_key(info.name), "reason": "member too large"})
-        sample.problems.append(f"member_too_large: {ext} is {info.size} bytes")
-        if keep_oversized:
+        if keep_oversized and member.unsafe is None:
             member.spool = _spool_exactly(archive, info)
-        return
-    member.data = _read_exactly(archive, info)
-    if ext in sample.fields:
-        # Two members with one key and extension: keeping either would hide the other.
-        sample.problems.append(f"duplicate_member: two '{ext}' members for key {sample.key}")
-        return
-    sample.fields[ext] = member.data
+    elif member.unsafe is None or info.isfile():
+        member.data = _read_exactly(archive, info)  # an unsafe member's bytes are kept for quarantine, never decoded
 
 
 def _read_exactly(archive: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:

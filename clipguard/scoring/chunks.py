@@ -1,4 +1,5 @@
-"""Worker-side stage: shards -> chunks of decoded, preprocessed, tokenized pairs.
+"""Worker side of scoring: shards -> chunks of decoded, preprocessed, tokenized pairs
+(the reading stages of `clipguard.data.stages`, batched per shard).
 
 Runs inside DataLoader workers so that JPEG decoding overlaps with inference in the main
 process. Each worker owns whole shards, and a shard is cut into chunks the same way every time,
@@ -14,10 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from clipguard.data.pairs import DecodeLimits, Pair, decode_pair
+from clipguard.data.handlers import record_and_continue
+from clipguard.data.pairs import DecodeLimits, Pair
 from clipguard.data.shardspec import Shard
-from clipguard.data.tarstream import ShardReport, iter_samples
-from clipguard.model.encoding import tokenize
+from clipguard.data.stages import Decoded, TokenizedBatch, batched, prepare_pairs, preprocess_images, read_shards, tokenize_batches
+from clipguard.data.tarstream import ShardEnd, ShardReport
+from clipguard.model.encoding import TokenizedCaptions, tokenize
 
 
 @dataclass
@@ -82,76 +85,78 @@ class ShardChunks(IterableDataset):
                 yield from self.shard_chunks(shard)
 
     def shard_chunks(self, shard: Shard) -> Iterator[Chunk]:
-        report = ShardReport(shard=shard.name, url=shard.url)
-        pending: list[Pair] = []
+        # A failed shard is recorded in its report, which rides on the shard's last chunk.
         clock = _StageClock()
-        samples = iter_samples(shard, report, self.limits.max_member_bytes)
-        while (sample := clock.timed_next("read", samples)) is not None:
-            pending.append(clock.timed("decode", decode_pair, sample, self.limits))
-            if len(pending) == self.chunk_size:
-                yield clock.stamp(clock.timed("decode", self.make_chunk, shard, pending))
-                pending = []
-        chunk = clock.stamp(clock.timed("decode", self.make_chunk, shard, pending))
-        chunk.last, chunk.report = True, report
-        yield chunk
+        raw = clock.timed(read_shards([shard], self.limits, record_and_continue))
+        items = prepare_pairs(raw, self.limits, self.preprocess)
+        resumed = time.perf_counter()
+        for batch in tokenize_batches(batched(items, self.chunk_size), self.tokenize_captions):
+            chunk = clock.stamp(chunk_of(shard, batch), time.perf_counter() - resumed)
+            yield chunk
+            resumed = time.perf_counter()  # the consumer's time between chunks is not ours
 
     def make_chunk(self, shard: Shard, pairs: list[Pair]) -> Chunk:
-        pixels, ok_pairs = [], []
-        for pair in pairs:
-            if pair.ok:
-                try:
-                    pixels.append(self.preprocess(pair.image))
-                    ok_pairs.append(pair)
-                except Exception as exc:  # a transform failing on odd modes must not end the run
-                    pair.error = f"preprocess_failed: {type(exc).__name__}: {str(exc)[:120]}"
-            pair.image = None  # PIL images are large and need not cross the process boundary
-        tokenized = tokenize(self.tokenizer, [p.caption for p in ok_pairs]) if ok_pairs else None
-        lengths = dict(zip((id(p) for p in ok_pairs), zip(tokenized.n_tokens, tokenized.truncated))) if ok_pairs else {}
-        rows, ok_index = [], []
-        for position, pair in enumerate(pairs):
-            n_tokens, truncated = lengths.get(id(pair), (0, False))
-            if pair.ok:
-                ok_index.append(position)
-            rows.append(
-                RowMeta(
-                    key=pair.key,
-                    error=pair.error,
-                    image_sha256=pair.image_sha256,
-                    caption=pair.caption,
-                    caption_tokens=n_tokens,
-                    caption_truncated=truncated,
-                    caption_invalid_utf8=pair.caption_invalid_utf8,
-                    caption_clipped=pair.caption_clipped,
-                )
-            )
-        return Chunk(
-            shard=shard,
-            rows=rows,
-            pixels=torch.stack(pixels) if pixels else None,
-            tokens=tokenized.tokens if tokenized else None,
-            ok_index=ok_index,
-        )
+        """A chunk of pairs decoded elsewhere (canaries), through the same preprocess and tokenize."""
+        items = list(preprocess_images([Decoded(pair) for pair in pairs], self.preprocess))
+        return chunk_of(shard, next(tokenize_batches([items], self.tokenize_captions)))
+
+    def tokenize_captions(self, captions: list[str]) -> TokenizedCaptions:
+        return tokenize(self.tokenizer, captions)
+
+
+def chunk_of(shard: Shard, batch: TokenizedBatch) -> Chunk:
+    ready = batch.ready
+    tokens = batch.tokens
+    lengths = {id(item): (n, cut) for item, n, cut in zip(ready, tokens.n_tokens, tokens.truncated)} if ready else {}
+    decoded = [item for item in batch.items if isinstance(item, Decoded)]
+    end = batch.items[-1] if batch.items and isinstance(batch.items[-1], ShardEnd) else None
+    return Chunk(
+        shard=shard,
+        rows=[_row(item, *lengths.get(id(item), (0, False))) for item in decoded],
+        pixels=torch.stack([item.pixels for item in ready]) if ready else None,
+        tokens=tokens.tokens if ready else None,
+        last=end is not None,
+        report=end.report if end is not None else None,
+        ok_index=[position for position, item in enumerate(decoded) if item.ok],
+    )
+
+
+def _row(item: Decoded, n_tokens: int, truncated: bool) -> RowMeta:
+    pair = item.pair
+    return RowMeta(
+        key=pair.key,
+        error=pair.error,
+        image_sha256=pair.image_sha256,
+        caption=pair.caption,
+        caption_tokens=n_tokens,
+        caption_truncated=truncated,
+        caption_invalid_utf8=pair.caption_invalid_utf8,
+        caption_clipped=pair.caption_clipped,
+    )
 
 
 class _StageClock:
-    """Seconds spent reading and decoding since the last chunk, for the shard's stats."""
+    """Seconds spent reading tar members, and the rest of a chunk's making (decoding,
+    preprocessing, tokenizing), for the shard's stats."""
 
     def __init__(self):
-        self.seconds = {"read": 0.0, "decode": 0.0}
+        self.read = 0.0
 
-    def timed(self, stage: str, fn, *args):
-        start = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.seconds[stage] += time.perf_counter() - start
+    def timed(self, items: Iterator) -> Iterator:
+        iterator = iter(items)
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                self.read += time.perf_counter() - started
+                return
+            self.read += time.perf_counter() - started
+            yield item
 
-    def timed_next(self, stage: str, iterator):
-        return self.timed(stage, next, iterator, None)
-
-    def stamp(self, chunk: Chunk) -> Chunk:
-        chunk.read_seconds, chunk.decode_seconds = self.seconds["read"], self.seconds["decode"]
-        self.seconds = {"read": 0.0, "decode": 0.0}
+    def stamp(self, chunk: Chunk, seconds: float) -> Chunk:
+        chunk.read_seconds, self.read = self.read, 0.0
+        chunk.decode_seconds = max(seconds - chunk.read_seconds, 0.0)
         return chunk
 
 

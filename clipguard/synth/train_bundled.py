@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipguard.data.pairs import DecodeLimits, decode_pair
+from clipguard.data.handlers import reraise
+from clipguard.data.pairs import DecodeLimits
 from clipguard.data.shardspec import resolve_shards
-from clipguard.data.tarstream import ShardReport, iter_samples
+from clipguard.data.stages import batched, read_pairs, tokenize_batches, without_shard_ends
 from clipguard.errors import ClipguardError
 from clipguard.metrics import retrieval_utility, roc_auc
 from clipguard.model.bundled import WEIGHTS_DIR
@@ -122,32 +123,20 @@ class ModelQuality:
 def embed_split(loaded: LoadedModel, shards: str | list[str], batch_size: int = 250) -> SplitEmbeddings:
     """Embed every pair of a synthetic split, keeping its image id and class from the json."""
     images, texts, image_ids, classes = [], [], [], []
-    pixels, captions = [], []
-
-    def flush() -> None:
-        if pixels:
-            images.append(encode_images(loaded, torch.stack(pixels)))
-            texts.append(encode_texts(loaded, loaded.tokenizer(captions)))
-            pixels.clear()
-            captions.clear()
-
-    limits = DecodeLimits()
-    for shard in resolve_shards(shards):
-        report = ShardReport(shard=shard.name, url=shard.url)
-        for sample in iter_samples(shard, report):
-            pair = decode_pair(sample, limits)
-            if not pair.ok or "json" not in sample.fields:
-                raise ClipguardError(f"{shard.url} {sample.key}: not a synthetic-world pair ({pair.error})")
-            meta = json.loads(sample.fields["json"])
-            pixels.append(loaded.preprocess(pair.image))
-            captions.append(pair.caption)
+    split = resolve_shards(shards)
+    url_of = {shard.name: shard.url for shard in split}
+    # Any shard that cannot be read in full ends the evaluation (reraise): a split is all or nothing.
+    items = without_shard_ends(read_pairs(split, DecodeLimits(), reraise, loaded.preprocess))
+    for batch in tokenize_batches(batched(items, batch_size), loaded.tokenizer):
+        for item in batch.items:
+            if not item.ok or "json" not in item.sample.fields:
+                where = f"{url_of[item.sample.shard]} {item.pair.key}"
+                raise ClipguardError(f"{where}: not a synthetic-world pair ({item.pair.error})")
+            meta = json.loads(item.sample.fields["json"])
             image_ids.append(meta["image_id"])
             classes.append(meta["class"])
-            if len(pixels) == batch_size:
-                flush()
-        if report.read_error:
-            raise ClipguardError(f"{shard.url}: {report.read_error}")
-    flush()
+        images.append(encode_images(loaded, torch.stack([item.pixels for item in batch.items])))
+        texts.append(encode_texts(loaded, batch.tokens))
     return SplitEmbeddings(torch.cat(images), torch.cat(texts), image_ids, classes)
 
 

@@ -1,10 +1,11 @@
 """Training data: shards -> shuffled, decoded, preprocessed pairs -> full batches.
 
-Worker side (``TrainPairs``): each DataLoader worker owns whole shards, reads them with the safe
-tar reader, shuffles raw samples in a bounded buffer (raw bytes are small; preprocessed pixels
-are not), then decodes, preprocesses and tokenizes, yielding chunks of prepared pairs together
-with the samples that could not be used and why. Main side (``batches``): chunks -> batches of
-exactly ``batch_size``, counting every skipped sample in a ``BadSampleTally``.
+Worker side (``TrainPairs``): each DataLoader worker owns whole shards, reads them through the
+shared reading stages (`clipguard.data.stages`), shuffles raw samples in a bounded buffer (raw
+bytes are small; preprocessed pixels are not), then decodes, preprocesses and tokenizes,
+yielding chunks of prepared pairs together with the samples that could not be used and why.
+Main side (``batches``): chunks -> batches of exactly ``batch_size``, counting every skipped
+sample in a ``BadSampleTally``.
 
 Order is a pure function of (seed, epoch, worker count): the shard order is permuted per epoch,
 each worker's buffer has its own seeded generator, and the DataLoader returns worker outputs in a
@@ -15,14 +16,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipguard.data.pairs import DecodeLimits, decode_pair
+from clipguard.data.handlers import record_and_continue
+from clipguard.data.pairs import DecodeLimits
 from clipguard.data.shardspec import Shard
-from clipguard.data.tarstream import RawSample, ShardReport, iter_samples
+from clipguard.data.stages import (
+    TokenizedBatch,
+    batched,
+    prepare_pairs,
+    read_shards,
+    tokenize_batches,
+    without_shard_ends,
+)
+from clipguard.data.tarstream import RawSample, ShardEnd
 from clipguard.training.config import BadSampleTally
 
 CHUNK_SIZE = 32  # prepared pairs per worker message: fewer, larger inter-process transfers
@@ -53,15 +64,6 @@ class Batch:
         return int(self.pixels.shape[0])
 
 
-@dataclass
-class _Entry:
-    """A raw sample with the shard it came from, or (sample None) a shard that failed to read."""
-
-    shard: str
-    sample: RawSample | None = None
-    shard_error: str | None = None
-
-
 def shard_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
     if not shuffle:
         return list(shards)
@@ -69,20 +71,20 @@ def shard_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> li
     return [shards[i] for i in permutation]
 
 
-def buffer_shuffle(entries: Iterable[_Entry], size: int, rng: np.random.Generator) -> Iterator[_Entry]:
+def buffer_shuffle(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
     """WebDataset-style shuffle: a sample leaves the buffer at a random slot when a new one enters.
-    Shard errors pass straight through; they have no place in the sample order."""
-    buffer: list[_Entry] = []
-    for entry in entries:
-        if entry.sample is None:
-            yield entry
+    Shard marks pass straight through; they have no place in the sample order."""
+    buffer: list[RawSample] = []
+    for item in items:
+        if not isinstance(item, RawSample):
+            yield item
             continue
         if len(buffer) < size:
-            buffer.append(entry)
+            buffer.append(item)
             continue
         slot = int(rng.integers(size))
         yield buffer[slot]
-        buffer[slot] = entry
+        buffer[slot] = item
     for slot in rng.permutation(len(buffer)):
         yield buffer[int(slot)]
 
@@ -113,55 +115,29 @@ class TrainPairs(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         shuffle = self.shuffle_buffer > 1
         mine = shard_order(self.shards, self.seed, self.epoch, shuffle)[worker::workers]
-        entries: Iterable[_Entry] = self._raw_entries(mine)
+        # Raw samples are shuffled (their bytes are small), then decoded: the reading stages with
+        # shuffling in between. Only the ends of shards that failed go on, to be counted.
+        items: Iterable[Any] = without_shard_ends(read_shards(mine, self.limits, record_and_continue), keep_failed=True)
         if shuffle:
             rng = np.random.default_rng([self.seed, self.epoch, _BUFFER_STREAM, worker])
-            entries = buffer_shuffle(entries, self.shuffle_buffer, rng)
-        pending: list[_Entry] = []
-        for entry in entries:
-            pending.append(entry)
-            if len(pending) == CHUNK_SIZE:
-                yield self.prepare(pending)
-                pending = []
-        if pending:
-            yield self.prepare(pending)
+            items = buffer_shuffle(items, self.shuffle_buffer, rng)
+        prepared = prepare_pairs(items, self.limits, self.preprocess)
+        for batch in tokenize_batches(batched(prepared, CHUNK_SIZE), self.tokenizer):
+            yield prepared_chunk(batch)
 
-    def _raw_entries(self, shards: list[Shard]) -> Iterator[_Entry]:
-        for shard in shards:
-            report = ShardReport(shard=shard.name, url=shard.url)
-            for sample in iter_samples(shard, report):
-                yield _Entry(shard.name, sample)
-            if report.read_error:
-                yield _Entry(shard.name, shard_error=report.read_error)
 
-    def prepare(self, entries: list[_Entry]) -> PreparedChunk:
-        pixels, captions = [], []
-        chunk = PreparedChunk(pixels=None, tokens=None)
-        for entry in entries:
-            if entry.sample is None:
-                chunk.shard_problems.append((entry.shard, entry.shard_error or "unknown"))
-                continue
-            image, caption, error = self._decode(entry.sample)
-            if error is not None:
-                chunk.skipped.append(Skipped(entry.shard, entry.sample.key, error))
-                continue
-            pixels.append(image)
-            captions.append(caption)
-        if pixels:
-            chunk.pixels = torch.stack(pixels)
-            chunk.tokens = self.tokenizer(captions)
-        return chunk
-
-    def _decode(self, sample: RawSample) -> tuple[torch.Tensor | None, str | None, str | None]:
-        pair = decode_pair(sample, self.limits)
-        if pair.error is not None:
-            return None, None, pair.error
-        if not pair.caption:
-            return None, None, "empty_caption"
-        try:
-            return self.preprocess(pair.image), pair.caption, None
-        except Exception as exc:  # a transform failing on an odd image must not end the run
-            return None, None, f"preprocess_failed: {type(exc).__name__}: {str(exc)[:120]}"
+def prepared_chunk(batch: TokenizedBatch) -> PreparedChunk:
+    chunk = PreparedChunk(pixels=None, tokens=None)
+    for item in batch.items:
+        if isinstance(item, ShardEnd):
+            chunk.shard_problems.append((item.report.shard, item.report.read_error or "unknown"))
+        elif not item.ok:
+            chunk.skipped.append(Skipped(item.sample.shard, item.pair.key, item.pair.error))
+    ready = batch.ready
+    if ready:
+        chunk.pixels = torch.stack([item.pixels for item in ready])
+        chunk.tokens = batch.tokens
+    return chunk
 
 
 def _passthrough(item):
@@ -218,8 +194,4 @@ def batches(
 def count_raw_samples(shards: list[Shard]) -> int:
     """Samples in the shards, undecoded: sizes the learning-rate schedule when epochs set its
     length. Unusable samples are included, so the estimate can only be too long, never too short."""
-    total = 0
-    for shard in shards:
-        report = ShardReport(shard=shard.name, url=shard.url)
-        total += sum(1 for _ in iter_samples(shard, report))
-    return total
+    return sum(1 for _ in without_shard_ends(read_shards(shards, handler=record_and_continue)))
