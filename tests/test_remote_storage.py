@@ -282,3 +282,66 @@ def test_hf_urls_in_offline_mode_say_so_at_once(monkeypatch):
     monkeypatch.setenv("CLIPGUARD_HTTP_BACKOFF", "5")  # a retry would make this test slow
     with pytest.raises(ShardSpecError, match="HF_HUB_OFFLINE"):
         resolve_shards("hf://datasets/clipguard/none/*.tar")
+
+
+def test_scores_are_written_to_s3_and_a_rerun_resumes_there(s3_server, s3_shards, tiny_checkpoint, tmp_path):  # noqa: F811
+    """Issue 14's round trip: shards from S3, scores to S3 (Parquet + stats + manifest), resume there."""
+    from typer.testing import CliRunner
+
+    from clipguard.cli.main import app
+    from clipguard.scoring.stats import folder_summary
+
+    local, prefix = s3_shards
+    bucket = s3_server.bucket("scores")
+    out = f"{bucket}/run1"
+    runner = CliRunner()
+    args = ["score", f"{prefix}/", "--out", out, "--model", str(tiny_checkpoint), "--workers", "0"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    folder = OutputFolder.at(out)
+    names = folder.list()
+    assert {f"{s:05d}.parquet" for s in range(SHARDS)} <= set(names) and "manifest.json" in names
+    summary = folder_summary(folder)
+    assert summary["complete"] and summary["pairs"] == 12 * SHARDS
+    # The same scores as the same shards scored locally into a folder.
+    local_out = tmp_path / "local"
+    assert runner.invoke(app, ["score", str(local), "--out", str(local_out), "--model", str(tiny_checkpoint), "--workers", "0"]).exit_code == 0
+    for s in range(SHARDS):
+        assert folder.read_bytes(f"{s:05d}.parquet") != b""
+        assert read_scores(folder.fetch(f"{s:05d}.parquet")).cosine_distance.tolist() == read_scores(local_out / f"{s:05d}.parquet").cosine_distance.tolist()
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0 and f"{SHARDS} already complete" in second.output
+
+
+def test_filter_writes_clean_and_quarantine_shards_to_s3_and_resumes(s3_server, s3_shards, tiny_checkpoint, tmp_path):  # noqa: F811
+    """Issue 14's round trip for filter: shards from S3, clean / quarantine shards and records to S3."""
+    import json
+    import tarfile
+
+    from typer.testing import CliRunner
+
+    from clipguard.cli.main import app
+
+    local, prefix = s3_shards
+    bucket = s3_server.bucket("filtered")
+    runner = CliRunner()
+    args = ["filter", f"{prefix}/", "--gamma", "0.5", "--out", f"{bucket}/clean", "--quarantine", f"{bucket}/quarantine",
+            "--model", str(tiny_checkpoint), "--workers", "0", "--shard-size", "5"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    clean, quarantine = OutputFolder.at(f"{bucket}/clean"), OutputFolder.at(f"{bucket}/quarantine")
+    manifest = json.loads(clean.read_bytes("filter_manifest.json"))
+    assert manifest["complete"] and manifest["totals"]["read"] == 12 * SHARDS
+    assert manifest["totals"]["read"] == manifest["totals"]["kept"] + manifest["totals"]["quarantined"]
+    assert manifest["clean_dir"] == clean.location and json.loads(quarantine.read_bytes("filter_manifest.json")) == manifest
+    samples = 0
+    for kind, folder in (("clean", clean), ("quarantine", quarantine)):
+        listed = {p["file"] for p in manifest["outputs"][kind]}
+        assert listed == set(folder.list(".tar"))
+        for name in listed:
+            with tarfile.open(folder.fetch(name)) as archive:
+                samples += len({m.name.split(".", 1)[0] for m in archive.getmembers() if not m.name.endswith(".clipguard.json")})
+    assert samples == 12 * SHARDS
+    assert {f"{s:05d}.parquet" for s in range(SHARDS)} <= set(OutputFolder.at(f"{bucket}/clean/scores").list())
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0 and f"{SHARDS} already done" in " ".join(second.output.split()), second.output

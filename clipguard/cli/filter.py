@@ -98,8 +98,8 @@ def load_scoring(options: ScoringOptions) -> tuple[LoadedModel, ScoreConfig]:
 
 def filter_command(
     shards: ShardsArg,
-    out: Annotated[Path, typer.Option("--out", help="Folder for clean shards, filter_manifest.json and per-shard records.")],
-    quarantine: Annotated[Path, typer.Option("--quarantine", help="Folder for quarantine shards (flagged and errored pairs, each with a reason).")],
+    out: Annotated[str, typer.Option("--out", help="Folder (or s3:// URL) for clean shards, filter_manifest.json and per-shard records.")],
+    quarantine: Annotated[str, typer.Option("--quarantine", help="Folder (or s3:// URL) for quarantine shards (flagged and errored pairs, each with a reason).")],
     gamma: GammaOpt = None,
     calibration: CalibrationOpt = None,
     scores: ScoresOpt = None,

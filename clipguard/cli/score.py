@@ -31,7 +31,7 @@ class Precision(str, Enum):
 
 def score(
     shards: Annotated[list[str], typer.Argument(help="Shard folders, globs, brace patterns ({00000..00099}.tar) or http(s) URLs.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for score files and manifest.json.")],
+    out: Annotated[str, typer.Option("--out", help="Folder (or s3:// / gs:// URL) for score files, stats and manifest.json.")],
     model: Annotated[str, typer.Option(help="open_clip architecture or bundled model name.")] = DEFAULT_MODEL,
     pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag (online), local weights file, or 'none' for random weights.")] = DEFAULT_PRETRAINED,
     model_config: Annotated[Optional[Path], typer.Option(help="open_clip model-config JSON for a custom architecture.")] = None,

@@ -2,8 +2,9 @@
 
 The steps do not know where they run: each task is `clipguard.scoring.run.score_shard`, the
 same function the local executor's path ends in, so a shard's files are the same bytes either
-way. Each actor writes its shard's Parquet and stats files straight into the output folder,
-which must therefore be one every worker can reach (a shared file system, or object storage).
+way (at the same inference thread count). Each actor writes its shard's Parquet and stats files
+straight into the output folder, which must therefore be one every worker can reach: a shared
+file system, or an object-store URL (each actor uploads what it wrote).
 A task that fails (an actor that dies, an exception) is retried on a live actor up to
 ``TASK_ATTEMPTS`` times; a shard still failing after that fails the run with its reason.
 
@@ -21,6 +22,7 @@ from clipguard.data.shardspec import Shard
 from clipguard.errors import ClipguardError
 
 if TYPE_CHECKING:
+    from clipguard.data.storage import OutputFolder
     from clipguard.model.loading import LoadedModel
     from clipguard.scoring.run import ExecutorSpec, ScoreConfig, ShardResult
 
@@ -42,7 +44,7 @@ class RayExecutor:
         self.spec = spec
 
     def run(
-        self, pending: list[Shard], loaded: "LoadedModel", out_dir: Path, config: "ScoreConfig",
+        self, pending: list[Shard], loaded: "LoadedModel", out_dir: "OutputFolder", config: "ScoreConfig",
         on_rows: Callable[[str, int], None],
     ) -> Iterator["ShardResult"]:
         if not pending:
@@ -54,7 +56,7 @@ class RayExecutor:
             ray.init(address=self.spec.address, num_cpus=None if self.spec.address else self.spec.workers,
                      include_dashboard=False, log_to_driver=False)
         try:
-            yield from self._run(ray, pending, model_spec, Path(out_dir).resolve(), config, on_rows)
+            yield from self._run(ray, pending, model_spec, out_dir.location, config, on_rows)
         finally:
             if started_here:
                 ray.shutdown()
@@ -62,7 +64,7 @@ class RayExecutor:
     def _run(self, ray, pending, model_spec, out_dir, config, on_rows):
         threads = config.threads or 1
         actor_class = ray.remote(num_cpus=threads, num_gpus=self.spec.gpus_per_worker, max_restarts=TASK_ATTEMPTS)(ScoreActor)
-        actors = [actor_class.remote(model_spec, _in_actor(config), str(out_dir)) for _ in range(min(self.spec.workers, len(pending)))]
+        actors = [actor_class.remote(model_spec, _in_actor(config), out_dir) for _ in range(min(self.spec.workers, len(pending)))]
         queue = list(pending)
         attempts: dict[str, int] = {}
         running: dict = {}  # object ref -> (actor, shard)
@@ -100,7 +102,7 @@ class ScoreActor:
         from clipguard.scoring.run import cached_model
 
         torch.set_num_threads(config.threads or 1)  # the CPUs Ray reserved for this actor
-        self.config, self.out_dir = config, Path(out_dir)
+        self.config, self.out_dir = config, out_dir  # a folder path or object-store URL
         self.loaded = cached_model(model_spec)
 
     def score(self, shard: Shard):

@@ -30,6 +30,7 @@ from typing import Any
 import clipguard
 from clipguard.data.folderlock import exclusive_folder
 from clipguard.data.shardspec import Shard
+from clipguard.data.storage import OutputFolder
 from clipguard.data.tarstream import Member, ShardReport, printable_key, unsafe_name_reason
 from clipguard.data.writer import TEMPORARY_SUFFIX, Payload, ShardSequenceWriter, WrittenShard, member_name
 from clipguard.errors import ClipguardError
@@ -51,8 +52,8 @@ QUARANTINE_TAG = "quarantine"
 
 @dataclass(frozen=True)
 class FilterConfig:
-    clean_dir: Path
-    quarantine_dir: Path
+    clean_dir: Path | str  # a folder, or an object-store URL (s3://...)
+    quarantine_dir: Path | str
     shard_size: int = DEFAULT_SHARD_SIZE
     reuse_scores: Path | None = None  # a score folder to reuse (read only)
     score: ScoreConfig = field(default_factory=ScoreConfig)
@@ -148,6 +149,10 @@ def filter_shards(
     check_threshold_model(threshold, fingerprint)
     if config.shard_size < 1:
         raise ClipguardError("--shard-size must be at least 1")
+    clean_out, quarantine_out = OutputFolder.at(config.clean_dir), OutputFolder.at(config.quarantine_dir)
+    if not (clean_out.is_local and quarantine_out.is_local):
+        mirror = RemoteMirror.start(clean_out, quarantine_out)
+        return _filter_shards(shards, loaded, threshold, config, progress, clean_out.staging, quarantine_out.staging, mirror)
     clean_dir, quarantine_dir = _prepare_dirs(shards, config)
     with exclusive_folder(clean_dir), exclusive_folder(quarantine_dir):
         return _filter_shards(shards, loaded, threshold, config, progress, clean_dir, quarantine_dir)
@@ -161,21 +166,22 @@ def _filter_shards(
     progress: FilterProgressCallback | None,
     clean_dir: Path,
     quarantine_dir: Path,
+    mirror: "RemoteMirror | None" = None,
 ) -> FilterSummary:
     start = time.perf_counter()
     fingerprint = loaded.info.fingerprint()
-    settings = _settings(threshold, fingerprint, config.shard_size, quarantine_dir)
+    settings = _settings(threshold, fingerprint, config.shard_size, mirror.quarantine.location if mirror else quarantine_dir)
     results: dict[str, InputShardResult] = {}
     pending: list[Shard] = []
     for shard in shards:
-        finished = _finished_result(shard, clean_dir, quarantine_dir, settings)
+        finished = _finished_result(shard, clean_dir, quarantine_dir, settings, mirror.present if mirror else None)
         if finished is not None:
             results[shard.name] = finished
         else:
             pending.append(shard)
 
     manifest_path = clean_dir / MANIFEST_NAME
-    context = _ManifestContext(manifest_path, clean_dir, quarantine_dir, threshold, fingerprint, config, shards)
+    context = _ManifestContext(manifest_path, clean_dir, quarantine_dir, threshold, fingerprint, config, shards, mirror)
     _write_manifest(context, results)
     if pending:
         sources = gather_scores(
@@ -186,9 +192,15 @@ def _filter_shards(
             config.score,
             progress=_score_progress_adapter(progress),
         )
+        if mirror is not None:
+            mirror.push_scores(clean_dir / SCORES_SUBDIR)
         pairs_done = 0
         for shard in pending:
+            if mirror is not None:
+                mirror.remove_outputs(shard.name)
             result = _filter_one(shard, sources, threshold, settings, clean_dir, quarantine_dir, config)
+            if mirror is not None:
+                mirror.push_shard(result)
             results[shard.name] = result
             _write_manifest(context, results)
             pairs_done += result.read
@@ -218,7 +230,10 @@ def _score_progress_adapter(progress: FilterProgressCallback | None):
 
 def check_output_folders(shards: list[Shard], config: FilterConfig) -> tuple[Path, Path]:
     """The resolved clean and quarantine folders, or an error if they would mix with each other
-    or with the inputs. Cheap, so callers can run it before loading a model."""
+    or with the inputs. Cheap, so callers can run it before loading a model. Object-store outputs
+    are checked when the run starts (`RemoteMirror.start`)."""
+    if not (OutputFolder.at(config.clean_dir).is_local and OutputFolder.at(config.quarantine_dir).is_local):
+        return config.clean_dir, config.quarantine_dir
     clean_dir = Path(config.clean_dir).expanduser().resolve()
     quarantine_dir = Path(config.quarantine_dir).expanduser().resolve()
     if clean_dir == quarantine_dir:
@@ -271,7 +286,8 @@ def record_path(clean_dir: Path, shard_name: str) -> Path:
 
 
 def _finished_result(
-    shard: Shard, clean_dir: Path, quarantine_dir: Path, settings: dict[str, Any]
+    shard: Shard, clean_dir: Path, quarantine_dir: Path, settings: dict[str, Any],
+    present: Callable[[str, dict], bool] | None = None,
 ) -> InputShardResult | None:
     path = record_path(clean_dir, shard.name)
     try:
@@ -291,6 +307,9 @@ def _finished_result(
             f"{clean_dir} already holds output for shard {shard.name} made with a different "
             f"{', '.join(changed)}; filter into a new --out folder (or delete that folder to redo it)"
         )
+    if present is not None:  # the parts live in an object store
+        parts_there = all(present(CLEAN_TAG, p) for p in result.clean) and all(present(QUARANTINE_TAG, p) for p in result.quarantine)
+        return result if parts_there else None
     parts = [(clean_dir, p) for p in result.clean] + [(quarantine_dir, p) for p in result.quarantine]
     if not all(_part_present(folder / p["file"], p["bytes"]) for folder, p in parts):
         return None
@@ -474,6 +493,7 @@ class _ManifestContext:
     fingerprint: dict[str, Any]
     config: FilterConfig
     shards: list[Shard]
+    mirror: "RemoteMirror | None" = None
 
 
 def _write_manifest(context: _ManifestContext, results: dict[str, InputShardResult]) -> None:
@@ -498,8 +518,8 @@ def _write_manifest(context: _ManifestContext, results: dict[str, InputShardResu
         "gamma_source": context.threshold.source,
         "model_fingerprint": context.fingerprint,
         "shard_size": context.config.shard_size,
-        "clean_dir": str(context.clean_dir),
-        "quarantine_dir": str(context.quarantine_dir),
+        "clean_dir": context.mirror.clean.location if context.mirror else str(context.clean_dir),
+        "quarantine_dir": context.mirror.quarantine.location if context.mirror else str(context.quarantine_dir),
         "scores_reused_from": str(context.config.reuse_scores) if context.config.reuse_scores else None,
         "shards_total": len(context.shards),
         "shards_done": sum(1 for r in done if not r.unreadable),
@@ -516,6 +536,8 @@ def _write_manifest(context: _ManifestContext, results: dict[str, InputShardResu
     atomic_write_json(context.path, manifest)
     # The same manifest beside the quarantine shards, so that folder explains itself too.
     atomic_write_json(context.quarantine_dir / MANIFEST_NAME, manifest)
+    if context.mirror is not None:
+        context.mirror.push_manifest(manifest)
 
 
 def _input_entry(result: InputShardResult) -> dict[str, Any]:
@@ -531,3 +553,56 @@ def output_paths(summary: FilterSummary) -> list[Path]:
     clean = [summary.clean_dir / p["file"] for r in summary.shards for p in r.clean]
     quarantine = [summary.quarantine_dir / p["file"] for r in summary.shards for p in r.quarantine]
     return clean + quarantine
+
+
+class RemoteMirror:
+    """Filter output in object stores: parts are written under local staging folders exactly as
+    for local output, then each finished input shard's parts are uploaded (each object appears
+    whole), then its record, which marks it finished. Resume reads the records back and checks
+    that every part they name is in the store."""
+
+    def __init__(self, clean: OutputFolder, quarantine: OutputFolder):
+        self.clean, self.quarantine = clean, quarantine
+
+    @classmethod
+    def start(cls, clean: OutputFolder, quarantine: OutputFolder) -> "RemoteMirror":
+        if clean.location == quarantine.location:
+            raise ClipguardError("--out and --quarantine must be different folders, or quarantined pairs would mix with clean ones")
+        mirror = cls(clean, quarantine)
+        for name in clean.list(RECORD_SUFFIX):  # what earlier runs finished
+            (clean.staging / name).write_bytes(clean.read_bytes(name))
+        quarantine.staging.mkdir(parents=True, exist_ok=True)
+        return mirror
+
+    def present(self, tag: str, part: dict) -> bool:
+        return (self.clean if tag == CLEAN_TAG else self.quarantine).exists(part["file"])
+
+    def remove_outputs(self, shard_name: str) -> None:
+        """Parts an unfinished attempt at this shard uploaded (a new attempt may make fewer)."""
+        for folder, tag in ((self.clean, CLEAN_TAG), (self.quarantine, QUARANTINE_TAG)):
+            pattern = re.compile(rf"^{re.escape(shard_name)}-{tag}-\d{{6,}}\.tar$")
+            for name in folder.list(".tar"):
+                if pattern.match(name):
+                    folder.remove(name)
+
+    def push_shard(self, result: InputShardResult) -> None:
+        for folder, parts in ((self.clean, result.clean), (self.quarantine, result.quarantine)):
+            for part in parts:
+                folder.publish(part["file"])
+        record = record_path(self.clean.staging, result.shard)
+        if record.is_file():
+            self.clean.write_bytes(record.name, record.read_bytes())
+
+    def push_scores(self, scores_dir: Path) -> None:
+        """The scores computed for this run, beside the clean shards as for local output."""
+        if not scores_dir.is_dir():
+            return
+        target = OutputFolder.at(f"{self.clean.location}/{SCORES_SUBDIR}")
+        for path in sorted(scores_dir.iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                target.write_bytes(path.name, path.read_bytes())
+
+    def push_manifest(self, manifest: dict[str, Any]) -> None:
+        data = (json.dumps(manifest, indent=2) + "\n").encode()
+        self.clean.write_bytes(MANIFEST_NAME, data)
+        self.quarantine.write_bytes(MANIFEST_NAME, data)

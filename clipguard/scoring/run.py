@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ import clipguard
 from clipguard.data.pairs import DecodeLimits
 from clipguard.data.folderlock import exclusive_folder
 from clipguard.data.shardspec import Shard
+from clipguard.data.storage import OutputFolder
 from clipguard.errors import ClipguardError
 from clipguard.model.loading import LoadedModel, ModelSpec, load_model
 from clipguard.scoring import stats as shard_stats
@@ -144,16 +146,21 @@ ProgressCallback = Callable[[ScoreProgress], None]
 def score_shards(
     shards: list[Shard],
     loaded: LoadedModel,
-    out_dir: Path,
+    out_dir: Path | str,
     config: ScoreConfig = ScoreConfig(),
     progress: ProgressCallback | None = None,
 ) -> ScoreSummary:
-    with exclusive_folder(Path(out_dir)):
-        return _score_shards(shards, loaded, Path(out_dir), config, progress)
+    """Score every shard not yet finished in ``out_dir`` (a local folder or an object-store URL)."""
+    folder = OutputFolder.at(out_dir)
+    if not folder.is_local:
+        # An object store has no lock; one run per prefix is the user's to keep.
+        return _score_shards(shards, loaded, folder, config, progress)
+    with exclusive_folder(folder.staging):
+        return _score_shards(shards, loaded, folder, config, progress)
 
 
 def _score_shards(
-    shards: list[Shard], loaded: LoadedModel, out_dir: Path, config: ScoreConfig, progress: ProgressCallback | None
+    shards: list[Shard], loaded: LoadedModel, out_dir: OutputFolder, config: ScoreConfig, progress: ProgressCallback | None
 ) -> ScoreSummary:
     start = time.perf_counter()
     run_meta = _run_metadata(loaded, config)
@@ -194,7 +201,7 @@ class LocalExecutor:
     """Shards through DataLoader workers that decode while this process embeds."""
 
     def run(
-        self, pending: list[Shard], loaded: LoadedModel, out_dir: Path, config: ScoreConfig,
+        self, pending: list[Shard], loaded: LoadedModel, out_dir: OutputFolder, config: ScoreConfig,
         on_rows: Callable[[str, int], None],
     ) -> Iterator[ShardResult]:
         run_meta = _run_metadata(loaded, config)
@@ -223,16 +230,18 @@ def inference_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def score_shard(shard: Shard, model: ModelSpec | LoadedModel, config: ScoreConfig, out_dir: Path) -> ShardResult:
-    """Score one shard into ``out_dir``: its Parquet file and stats file, each by atomic rename.
-    A `ModelSpec` is loaded once per process and kept for the next shard."""
+def score_shard(
+    shard: Shard, model: ModelSpec | LoadedModel, config: ScoreConfig, out_dir: Path | str | OutputFolder
+) -> ShardResult:
+    """Score one shard into ``out_dir`` (a folder or an object-store URL): its Parquet file and
+    stats file, each appearing whole. A `ModelSpec` is loaded once per process and kept."""
     loaded = model if isinstance(model, LoadedModel) else cached_model(model)
     embedder = ShardEmbedder(loaded, config.batch_size, config.trim_text)
     buffer = _ShardBuffer()
     chunks = ShardChunks([shard], loaded.preprocess, loaded.tokenizer, config.batch_size, config.limits)
     for chunk in chunks.shard_chunks(shard):
         buffer.add(chunk, embedder)
-    return _finish_shard(chunk, buffer, Path(out_dir), _run_metadata(loaded, config), config)
+    return _finish_shard(chunk, buffer, shard_stats.as_folder(out_dir), _run_metadata(loaded, config), config)
 
 
 @functools.lru_cache(maxsize=2)
@@ -292,9 +301,16 @@ class _ShardBuffer:
         self.similarities.append(similarity)
 
 
-def _finish_shard(last: Chunk, buffer: _ShardBuffer, out_dir: Path, run_meta: dict, config: ScoreConfig) -> ShardResult:
+def _finish_shard(last: Chunk, buffer: _ShardBuffer, out_dir: OutputFolder, run_meta: dict, config: ScoreConfig) -> ShardResult:
+    """Score file (and embeddings) first, each made visible whole; then the stats that mark the
+    shard finished, so a reader never sees stats whose score file is still to come."""
     started = time.perf_counter()
-    result = _write_shard(last, buffer, out_dir, run_meta, config)
+    result = _write_shard(last, buffer, out_dir.staging, run_meta, config)
+    if not result.failed:
+        written = [score_path(out_dir.staging, result.shard)]
+        written += list(embedding_paths(out_dir.staging, result.shard)) if config.save_embeddings else []
+        for path in written:
+            out_dir.publish(path.name)
     status = shard_stats.FAILED if result.failed else shard_stats.COMPLETE
     seconds = {**buffer.seconds, "write_seconds": time.perf_counter() - started}
     shard_stats.write_stats(
@@ -379,7 +395,7 @@ def _run_metadata(loaded: LoadedModel, config: ScoreConfig) -> dict:
     }
 
 
-def _split_finished(shards: list[Shard], out_dir: Path, run_meta: dict, config: ScoreConfig):
+def _split_finished(shards: list[Shard], out_dir: OutputFolder, run_meta: dict, config: ScoreConfig):
     finished, pending = [], []
     for shard in shards:
         recorded = _finished_record(out_dir, shard.name)
@@ -401,36 +417,42 @@ def _split_finished(shards: list[Shard], out_dir: Path, run_meta: dict, config: 
         if stat is not None and any(source.get(k) != v for k, v in stat.items()):
             pending.append(shard)  # rewritten since it was scored: its old scores are stale
             continue
-        if config.save_embeddings and not all(p.exists() for p in embedding_paths(out_dir, shard.name)):
+        if config.save_embeddings and not all(out_dir.exists(p.name) for p in embedding_paths(Path("."), shard.name)):
             pending.append(shard)
             continue
         finished.append(ShardResult(**{**recorded["shard"], "skipped_on_resume": True}))
     return finished, pending
 
 
-def _finished_record(out_dir: Path, shard_name: str) -> dict | None:
-    """The metadata of a finished shard's score file; None where it must be scored (again)."""
-    stats = shard_stats.read_stats(shard_stats.stats_path(out_dir, shard_name))
-    if stats is not None and stats["status"] != shard_stats.COMPLETE:
+def _finished_record(out_dir: OutputFolder, shard_name: str) -> dict | None:
+    """What a finished shard's files record (its fingerprint and result); None where it must be
+    scored (again). Read from the stats file, so an object store is asked for one small file."""
+    stats = shard_stats.read_stats(out_dir, shard_name)
+    score_file = score_path(Path("."), shard_name).name
+    if stats is None:  # a folder from before stats files: the score file's own metadata
+        return read_metadata(out_dir.fetch(score_file)) if out_dir.exists(score_file) else None
+    if stats["status"] != shard_stats.COMPLETE or not out_dir.exists(score_file):
         return None
-    return read_metadata(score_path(out_dir, shard_name))
+    return {"fingerprint": (stats.get("run") or {}).get("fingerprint"), "shard": stats.get("result") or {}}
 
 
-def _write_manifest(out_dir: Path) -> None:
+def _write_manifest(out_dir: OutputFolder) -> None:
     """``manifest.json``: the folder summary, for people; readers derive it from the stats files."""
     try:
-        atomic_write_json(out_dir / MANIFEST_NAME, shard_stats.folder_summary(out_dir))
+        summary = shard_stats.folder_summary(out_dir)
+        out_dir.write_bytes(MANIFEST_NAME, (json.dumps(summary, indent=2) + "\n").encode())
     except shard_stats.NotAScoreFolderError:
         pass  # nothing claimed or scored yet (an empty shard list)
 
 
-def _summarize(out_dir: Path, results: list[ShardResult], wall: float, pairs_this_run: int) -> ScoreSummary:
+def _summarize(folder: OutputFolder, results: list[ShardResult], wall: float, pairs_this_run: int) -> ScoreSummary:
     reasons: Counter = Counter()
     for r in results:
         if not r.failed:
             reasons.update(r.errors_by_reason)
     quantiles: dict[str, float] = {}
-    if any(r.samples and not r.failed for r in results):
+    out_dir = Path(folder.location) if folder.is_local else folder.location
+    if folder.is_local and any(r.samples and not r.failed for r in results):  # remote: not fetched back
         distances = read_scores(out_dir).cosine_distance
         distances = distances[~np.isnan(distances)]
         if len(distances):

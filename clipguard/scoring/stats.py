@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipguard.data.storage import OutputFolder
 from clipguard.errors import ClipguardError, MixedModelsError
-from clipguard.scoring.scorefiles import atomic_write_json, read_metadata
+from clipguard.scoring.scorefiles import read_metadata
 
 STATS_SUFFIX = "_stats.json"
 PENDING, COMPLETE, FAILED = "pending", "complete", "failed"
@@ -33,18 +34,34 @@ class NotAScoreFolderError(ClipguardError):
     """The folder holds no clipguard score files."""
 
 
+def as_folder(out: Path | str | OutputFolder) -> OutputFolder:
+    return out if isinstance(out, OutputFolder) else OutputFolder.at(out)
+
+
+def stats_name(shard_name: str) -> str:
+    return f"{shard_name}{STATS_SUFFIX}"
+
+
 def stats_path(out_dir: Path, shard_name: str) -> Path:
-    return Path(out_dir) / f"{shard_name}{STATS_SUFFIX}"
+    return Path(out_dir) / stats_name(shard_name)
 
 
-def write_stats(out_dir: Path, shard_name: str, stats: dict[str, Any]) -> None:
-    atomic_write_json(stats_path(out_dir, shard_name), stats)
+def write_stats(out: Path | OutputFolder, shard_name: str, stats: dict[str, Any]) -> None:
+    """Atomically, locally or in an object store (one PUT)."""
+    as_folder(out).write_bytes(stats_name(shard_name), (json.dumps(stats, indent=2) + "\n").encode())
 
 
-def read_stats(path: Path) -> dict[str, Any] | None:
+def read_stats(out: Path | OutputFolder, shard_name: str) -> dict[str, Any] | None:
     try:
-        stats = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        return parse_stats(as_folder(out).read_bytes(stats_name(shard_name)))
+    except FileNotFoundError:
+        return None
+
+
+def parse_stats(data: bytes) -> dict[str, Any] | None:
+    try:
+        stats = json.loads(data)
+    except ValueError:
         return None
     return stats if isinstance(stats, dict) and stats.get("status") in (PENDING, COMPLETE, FAILED) else None
 
@@ -57,35 +74,37 @@ class ShardEntry:
     status: str
     result: dict[str, Any]  # the ShardResult fields
     run: dict[str, Any]  # model, fingerprint and settings of the run that wrote it
-    where: Path  # the file the entry was read from
+    where: str  # the file the entry was read from
 
 
-def folder_entries(out_dir: Path) -> list[ShardEntry]:
+def folder_entries(out: Path | OutputFolder) -> list[ShardEntry]:
     """Every shard the folder knows, by name. A score file without a stats file (a folder made
     before stats files existed) counts as complete, described by its own metadata."""
-    out_dir = Path(out_dir)
+    folder = as_folder(out)
+    names = folder.list()
+    score_files = {n for n in names if n.endswith(".parquet")}
     entries: dict[str, ShardEntry] = {}
-    for path in sorted(out_dir.glob(f"*{STATS_SUFFIX}")):
-        stats = read_stats(path)
+    for file_name in (n for n in names if n.endswith(STATS_SUFFIX)):
+        stats = parse_stats(folder.read_bytes(file_name))
         if stats is None:
             continue
-        name = path.name[: -len(STATS_SUFFIX)]
+        name = file_name[: -len(STATS_SUFFIX)]
         status = stats["status"]
-        if status == COMPLETE and not (out_dir / f"{name}.parquet").is_file():
+        if status == COMPLETE and f"{name}.parquet" not in score_files:
             status = PENDING  # the stats outlived their score file: the shard must be scored again
-        entries[name] = ShardEntry(name, status, stats.get("result") or {}, stats.get("run") or {}, path)
-    for path in sorted(out_dir.glob("*.parquet")):
-        name = path.stem
+        entries[name] = ShardEntry(name, status, stats.get("result") or {}, stats.get("run") or {}, file_name)
+    for file_name in sorted(score_files):
+        name = file_name[: -len(".parquet")]
         if name in entries:
             continue
-        meta = read_metadata(path)
+        meta = read_metadata(folder.fetch(file_name))
         if meta is not None:
             run = {k: v for k, v in meta.items() if k != "shard"}
-            entries[name] = ShardEntry(name, COMPLETE, meta.get("shard") or {}, run, path)
+            entries[name] = ShardEntry(name, COMPLETE, meta.get("shard") or {}, run, file_name)
     return [entries[name] for name in sorted(entries)]
 
 
-def check_one_model(entries: list[ShardEntry], where: Path) -> dict[str, Any] | None:
+def check_one_model(entries: list[ShardEntry], where: Path | str) -> dict[str, Any] | None:
     """The one run metadata all complete shards share; an error naming files and models if not."""
     first: ShardEntry | None = None
     for entry in entries:
@@ -95,8 +114,8 @@ def check_one_model(entries: list[ShardEntry], where: Path) -> dict[str, Any] | 
             first = entry
         elif entry.run.get("fingerprint") != first.run.get("fingerprint"):
             raise MixedModelsError(
-                f"{where} mixes scores from two models: {first.where.name} was scored with "
-                f"{describe_model(first.run)}, {entry.where.name} with {describe_model(entry.run)}. "
+                f"{where} mixes scores from two models: {first.where} was scored with "
+                f"{describe_model(first.run)}, {entry.where} with {describe_model(entry.run)}. "
                 "Keep one model per score folder (score into separate --out folders)"
             )
     return first.run if first is not None else None
@@ -114,13 +133,13 @@ def describe_fingerprint(fingerprint: dict[str, Any] | None) -> str:
     )
 
 
-def folder_summary(out_dir: Path) -> dict[str, Any]:
+def folder_summary(out: Path | OutputFolder) -> dict[str, Any]:
     """The score folder's manifest, from its per-shard files alone."""
-    out_dir = Path(out_dir)
-    entries = folder_entries(out_dir)
+    folder = as_folder(out)
+    entries = folder_entries(folder)
     if not entries:
-        raise NotAScoreFolderError(f"{out_dir} holds no score files; it is not a clipguard score folder (run `clipguard score`)")
-    run = check_one_model(entries, out_dir) or next((e.run for e in entries if e.run), {})
+        raise NotAScoreFolderError(f"{folder} holds no score files; it is not a clipguard score folder (run `clipguard score`)")
+    run = check_one_model(entries, folder) or next((e.run for e in entries if e.run), {})
     done = [e for e in entries if e.status == COMPLETE]
     failed = [e for e in entries if e.status == FAILED]
     return {
