@@ -151,3 +151,15 @@ def test_a_missing_http_shard_fails_the_run_and_the_rerun_fetches_only_it(tmp_pa
         fetched = {name: server.requests[name] - before.get(name, 0) for name in server.requests}
         assert fetched == {"00000.tar": 0, "00001.tar": 0, "00002.tar": 0, "00003.tar": 1}
     assert load_manifest(tmp_path / "o")["complete"]
+
+
+def test_a_task_whose_actor_dies_is_retried_on_a_live_one(tmp_path, four_shards, saved_model, local_ray):
+    """The first read of this shard kills the Ray actor reading it (a real SIGKILL, no mock);
+    the shard is scored again on a restarted actor and the run completes."""
+    marker = tmp_path / "killed-once"
+    source = four_shards / "00000.tar"
+    command = f"pipe:if [ -e {marker} ]; then cat {source}; else touch {marker}; kill -9 $PPID; fi"
+    shards = resolve_shards([command], allow_pipe=True)
+    on_ray = ScoreConfig(batch_size=8, executor=ExecutorSpec(kind="ray", workers=1))
+    summary = score_shards(shards, saved_model, tmp_path / "o", on_ray)
+    assert marker.exists() and summary.pairs == 12 and not summary.failed

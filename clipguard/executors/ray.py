@@ -5,8 +5,9 @@ same function the local executor's path ends in, so a shard's files are the same
 way (at the same inference thread count). Each actor writes its shard's Parquet and stats files
 straight into the output folder, which must therefore be one every worker can reach: a shared
 file system, or an object-store URL (each actor uploads what it wrote).
-A task that fails (an actor that dies, an exception) is retried on a live actor up to
-``TASK_ATTEMPTS`` times; a shard still failing after that fails the run with its reason.
+A task whose actor dies is run again on the restarted actor, and a task that raises is handed to
+the next free actor, up to ``TASK_ATTEMPTS`` times each; a shard still failing after that fails
+the run with its reason.
 
 Ray is an optional extra (``pip install 'clipguard[ray]'``). Without ``address`` a local Ray
 instance is started with one CPU per worker.
@@ -63,7 +64,11 @@ class RayExecutor:
 
     def _run(self, ray, pending, model_spec, out_dir, config, on_rows):
         threads = config.threads or 1
-        actor_class = ray.remote(num_cpus=threads, num_gpus=self.spec.gpus_per_worker, max_restarts=TASK_ATTEMPTS)(ScoreActor)
+        # An actor that dies is restarted, and Ray itself runs its unfinished task again there;
+        # a task that raises comes back to the loop below, which hands it to the next free actor.
+        actor_class = ray.remote(
+            num_cpus=threads, num_gpus=self.spec.gpus_per_worker, max_restarts=TASK_ATTEMPTS, max_task_retries=TASK_ATTEMPTS,
+        )(ScoreActor)
         actors = [actor_class.remote(model_spec, _in_actor(config), out_dir) for _ in range(min(self.spec.workers, len(pending)))]
         queue = list(pending)
         attempts: dict[str, int] = {}
