@@ -163,3 +163,11 @@ def test_a_task_whose_actor_dies_is_retried_on_a_live_one(tmp_path, four_shards,
     on_ray = ScoreConfig(batch_size=8, executor=ExecutorSpec(kind="ray", workers=1))
     summary = score_shards(shards, saved_model, tmp_path / "o", on_ray)
     assert marker.exists() and summary.pairs == 12 and not summary.failed
+
+
+def test_cli_local_and_ray_at_one_thread_write_the_same_score_files(tmp_path, four_shards, tiny_checkpoint, local_ray):
+    base = [str(four_shards), "--model", str(tiny_checkpoint), "--threads", "1", "--batch-size", "8"]
+    assert runner.invoke(app, ["score", *base, "--out", str(tmp_path / "l"), "--workers", "0"]).exit_code == 0
+    ray = runner.invoke(app, ["score", *base, "--out", str(tmp_path / "r"), "--executor", "ray", "--workers", "2"])
+    assert ray.exit_code == 0, ray.output
+    assert parquet_bytes(tmp_path / "r") == parquet_bytes(tmp_path / "l")

@@ -46,6 +46,7 @@ def score(
     executor: ExecutorOpt = ExecutorKind.local,
     ray_address: RayAddressOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = 0.0,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Inference threads (default: torch's here, 1 per Ray actor). Runs give the same bytes at the same count.")] = None,
     allow_pipe: Annotated[bool, typer.Option(help="Allow pipe: shard URLs (they run shell commands).")] = False,
 ) -> None:
     """Stream shards through a reference CLIP and write every pair's cosine distance.
@@ -71,7 +72,9 @@ def score(
             draft_size=loaded.info.image_size if jpeg_draft else None,
         )
         on = ExecutorSpec(kind=executor.value, address=ray_address, workers=max(workers, 1), gpus_per_worker=gpus_per_worker)
-        config = ScoreConfig(batch_size=batch_size, workers=workers, save_embeddings=save_embeddings, limits=limits, executor=on)
+        config = ScoreConfig(
+            batch_size=batch_size, workers=workers, save_embeddings=save_embeddings, limits=limits, executor=on, threads=threads,
+        )
         err_console.print(
             f"scoring {len(shard_list)} shard(s) with {loaded.info.architecture} "
             f"({loaded.info.weights_source} weights, {precision.value}) into {out}"
