@@ -155,3 +155,13 @@ def test_img2dataset_to_keep_list_and_subset(tmp_path, img2dataset_exe, image_se
         else:
             assert tars == [] and not (out / "sizes.json").exists()
             assert manifest["copied_shards"] is False
+
+    # The gate's report names the top flagged pairs by uid and url too.
+    gated = runner.invoke(app, [
+        "gate", str(shards), "--scores", str(scores), "--gamma", repr(gamma), "--model", str(tiny_checkpoint),
+        "--workers", "0", "--format", "json", "--max-flagged-rate", "1",
+    ])
+    assert gated.stdout.strip(), gated.output
+    report = json.loads(gated.stdout)
+    flagged_uids = {r["uid"] for r in table if r["cosine_distance"] >= gamma}
+    assert report["top_flagged"] and all(e["uid"] in flagged_uids and by_url[e["url"]]["uid"] == e["uid"] for e in report["top_flagged"])
