@@ -39,7 +39,7 @@ from clipguard.errors import CalibrationError, NoLabelledSampleError
 if TYPE_CHECKING:
     from clipguard.labelpage import PageImages
 
-SAMPLE_COLUMNS = ("key", "shard", "caption", "distance", "inclusion_probability", "weight", "stratum", "label")
+SAMPLE_COLUMNS = ("key", "shard", "caption", "distance", "inclusion_probability", "weight", "stratum", "label", "uid", "url")
 POISON_VALUES = ("poison", "1", "yes", "true")
 CLEAN_VALUES = ("clean", "0", "no", "false")
 LABEL_HELP = "poison / clean (also 1 / 0, yes / no, true / false); leave empty if unsure"
@@ -63,6 +63,8 @@ class SampleRow:
     stratum: int
     images: "PageImages | None" = None  # thumbnail and zoom image for the page
     unavailable: str | None = None  # why the image or caption could not be read back
+    uid: str | None = None  # from the sample's metadata (img2dataset / DataComp), to join back to the source
+    url: str | None = None
 
     @property
     def weight(self) -> float:
@@ -112,7 +114,7 @@ def write_sample_csv(path: Path, rows: list[SampleRow]) -> None:
             writer.writerow([
                 row.key, row.shard, row.caption if row.caption is not None else "",
                 f"{row.distance:.6f}", f"{row.inclusion_probability:.6g}", f"{row.weight:.6g}",
-                row.stratum, "",
+                row.stratum, "", row.uid or "", row.url or "",
             ])
 
 

@@ -371,5 +371,11 @@ def _render_row(number: int, index: int, row: SampleRow, show_scores: bool) -> s
         f'{scores}<td class="actions"><button type="button" class="lab" data-value="poison">poison <kbd>p</kbd></button>'
         '<button type="button" class="lab" data-value="clean">clean <kbd>c</kbd></button>'
         '<button type="button" class="lab" data-value="">clear <kbd>u</kbd></button></td>'
-        f'<td class="key">{escape(row.shard)}<br>{escape(row.key)}</td></tr>'
+        f'<td class="key">{escape(row.shard)}<br>{escape(row.key)}{_source_lines(row)}</td></tr>'
     )
+
+
+def _source_lines(row) -> str:
+    """uid and url as text, never a link: the url is the scrape's, and may point anywhere."""
+    return "".join(f'<br><span class="{name}">{name} {escape(value)}</span>'
+                   for name, value in (("uid", row.uid), ("url", row.url)) if value)

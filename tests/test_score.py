@@ -40,6 +40,7 @@ def test_score_writes_one_parquet_per_shard_and_a_manifest(tmp_path, three_shard
     assert table.column_names == [
         "key", "shard", "cosine_similarity", "cosine_distance", "status", "error", "caption_tokens",
         "caption_truncated", "caption_invalid_utf8", "caption_clipped", "image_sha256",
+        "uid", "url", "source_status", "source_error",
     ]
     rows = table.to_pylist()
     assert [r["key"] for r in rows] == [f"00001{i:04d}" for i in range(20)]

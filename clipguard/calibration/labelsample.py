@@ -28,6 +28,7 @@ from clipguard.calibration.scored import PairId, ScoredPopulation, fetch_samples
 from clipguard.data.pairs import DecodeLimits, image_field, read_caption
 from clipguard.data.shardspec import Shard
 from clipguard.errors import CalibrationError
+from clipguard.data.sourcemeta import SourceMeta, meta_from_json
 from clipguard.labelling import LABEL_HELP, SampleRow, design_comment_line, write_sample_csv
 from clipguard.labelpage import PageSpec, page_images, render_sample_page
 from clipguard.model.loading import LoadedModel
@@ -168,8 +169,10 @@ def read_back_rows(population: ScoredPopulation, design: SampleDesign, allow_pip
                                           design.stratum_of_selected):
         caption, images, reason = None, None, fetched.missing.get(pair_id)
         sample = fetched.found.get(pair_id)
+        source = SourceMeta()
         if sample is not None:
             caption, _, _ = read_caption(sample, limits)
+            source = meta_from_json(sample.fields.get("json"))
             ext = image_field(sample)
             if ext is None:
                 reason = "the sample has no image field"
@@ -179,6 +182,7 @@ def read_back_rows(population: ScoredPopulation, design: SampleDesign, allow_pip
         rows.append(SampleRow(
             key=pair_id[1], shard=pair_id[0], caption=caption, distance=float(population.distances[index]),
             inclusion_probability=float(pi), stratum=int(stratum), images=images, unavailable=reason,
+            uid=source.uid, url=source.url,
         ))
     return rows
 

@@ -118,6 +118,9 @@ def filter_command(
     ray_address: RayAddressOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = 0.0,
     allow_pipe: AllowPipeOpt = False,
+    keep_list: Annotated[Optional[Path], typer.Option("--keep-list", dir_okay=False, help="Also write a Parquet of the kept pairs' key, uid, url and shard.")] = None,
+    subset_file: Annotated[Optional[Path], typer.Option("--subset-file", dir_okay=False, help="Also write DataComp's subset file: the kept uids as a sorted u8,u8 .npy for its resharder.")] = None,
+    copy_shards: Annotated[bool, typer.Option(help="Copy pairs into clean and quarantine tars; --no-copy-shards writes only the lists and the manifest.")] = True,
 ) -> None:
     """Write clean shards and quarantine shards: a pair is flagged when cosine distance >= gamma.
 
@@ -135,7 +138,12 @@ def filter_command(
     with user_errors():
         threshold = resolve_threshold(gamma, calibration)
         shard_list = resolve_shards(shards, allow_pipe=allow_pipe)
-        config = FilterConfig(clean_dir=out, quarantine_dir=quarantine, shard_size=shard_size, reuse_scores=scores)
+        if not copy_shards and keep_list is None and subset_file is None:
+            raise ClipguardError("--no-copy-shards writes no tars: ask for --keep-list and/or --subset-file")
+        config = FilterConfig(
+            clean_dir=out, quarantine_dir=quarantine, shard_size=shard_size, reuse_scores=scores,
+            keep_list=keep_list, subset_file=subset_file, copy_shards=copy_shards,
+        )
         check_output_folders(shard_list, config)
         options = ScoringOptions(
             model, pretrained, model_config, batch_size, precision, workers, device, max_pixels, max_caption_bytes,
@@ -186,6 +194,12 @@ def print_summary(summary: FilterSummary) -> None:
     table.add_row("quarantine shards", f"{parts_quarantine} in {escape(str(summary.quarantine_dir))}")
     truncated = [r.shard for r in summary.shards if r.truncated]
     table.add_row("truncated inputs", escape(", ".join(truncated)) or "none")
+    if any(r.scrape for r in summary.shards):
+        table.add_row("lost by the scrape", f"{summary.scrape_lost:,} (img2dataset failed downloads, not in the shards)")
+    if summary.keep_list is not None:
+        table.add_row("keep list", escape(str(summary.keep_list)))
+    if summary.subset_file is not None:
+        table.add_row("subset file", f"{summary.subset_uids:,} uids in {escape(str(summary.subset_file))}")
     table.add_row("manifest", escape(str(summary.manifest_path)))
     table.add_row("wall time", f"{summary.wall_seconds:.1f} s")
     console.print(table)

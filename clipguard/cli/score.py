@@ -99,6 +99,10 @@ def print_summary(summary: ScoreSummary) -> None:
     table.add_row("pairs", f"{summary.pairs:,} ({summary.ok:,} ok)")
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
     table.add_row("errors by reason", errors)
+    scrape = [r.scrape for r in summary.shards if r.scrape]
+    if scrape:  # img2dataset's failed downloads: lost before clipguard, never in the tars
+        lost = sum(s["failed"] for s in scrape)
+        table.add_row("lost by the scrape", f"{lost:,} of {sum(s['attempted'] for s in scrape):,} attempted (img2dataset)")
     truncated = [r.shard for r in summary.shards if r.truncated]
     table.add_row("truncated shards", ", ".join(truncated) or "none")
     failed = [r.shard for r in summary.failed]

@@ -22,10 +22,11 @@ import io
 import json
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
+from clipguard.data.sourcemeta import SourceMeta, meta_from_json
 from clipguard.data.tarstream import DEFAULT_MAX_MEMBER_BYTES, RawSample
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
@@ -60,6 +61,7 @@ class Pair:
     caption_invalid_utf8: bool = False
     caption_clipped: bool = False
     error: str | None = None  # None means the pair is usable
+    source: SourceMeta = field(default_factory=SourceMeta)  # uid / url / scraper's status, if recorded
 
     @property
     def ok(self) -> bool:
@@ -104,6 +106,7 @@ def decode_pair(sample: RawSample, limits: DecodeLimits) -> Pair:
         image_sha256=hashlib.sha256(image_bytes).hexdigest() if image_bytes is not None else None,
         caption_invalid_utf8=invalid_utf8,
         caption_clipped=clipped,
+        source=meta_from_json(sample.fields.get("json")),
     )
     if sample.problems:
         pair.error = sample.problems[0]

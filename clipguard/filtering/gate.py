@@ -23,6 +23,7 @@ from typing import Any
 
 from clipguard.data.pairs import DecodeLimits, read_caption
 from clipguard.data.shardspec import Shard
+from clipguard.data.sourcemeta import SourceMeta, meta_from_json
 from clipguard.data.tarstream import ShardReport
 from clipguard.errors import ClipguardError
 from clipguard.filtering.scores import ScoreSources, ShardScores, gather_scores, read_shard_scores, scored_samples
@@ -64,6 +65,8 @@ class FlaggedExample:
     position: int
     distance: float
     caption: str | None  # a one-line snippet; None where the caption could not be read
+    uid: str | None = None  # from the sample's metadata, to find it at its source
+    url: str | None = None
 
 
 @dataclass
@@ -190,13 +193,14 @@ def _top_flagged(tables: list[ShardScores], threshold: Threshold, count: int) ->
 
 def _verify_and_read_captions(
     shards: list[Shard], tables: list[ShardScores], sources: ScoreSources, examples: list[_Candidate]
-) -> dict[tuple[int, int], str | None]:
+) -> "_ReadBack":
     """Read back the shards whose scores were reused (checking that every row still matches its
     sample) and the shards that hold the examples shown (for their captions)."""
     wanted: dict[int, set[int]] = {}
     for candidate in examples:
         wanted.setdefault(candidate.shard_index, set()).add(candidate.position)
     captions: dict[tuple[int, int], str | None] = {}
+    sources_of: dict[tuple[int, int], SourceMeta] = {}
     limits = DecodeLimits()
     for index, (shard, table) in enumerate(zip(shards, tables)):
         if shard.name not in sources.reused and index not in wanted:
@@ -206,7 +210,16 @@ def _verify_and_read_captions(
             if scored.position in positions:
                 caption, _, _ = read_caption(scored.sample, limits)
                 captions[(index, scored.position)] = caption_snippet(caption)
-    return captions
+                sources_of[(index, scored.position)] = meta_from_json(scored.sample.fields.get("json"))
+    return _ReadBack(captions, sources_of)
+
+
+@dataclass
+class _ReadBack:
+    """What the gate read back from the shards for the examples it shows."""
+
+    captions: dict[tuple[int, int], str | None]
+    sources: dict[tuple[int, int], SourceMeta]
 
 
 def caption_snippet(caption: str | None, limit: int = CAPTION_SNIPPET_CHARS) -> str | None:
@@ -224,7 +237,7 @@ def _report(
     fingerprint: dict[str, Any],
     policy: GatePolicy,
     examples: list[_Candidate],
-    captions: dict[tuple[int, int], str | None],
+    captions: "_ReadBack",
     start: float,
 ) -> GateReport:
     shard_rows, reasons = [], Counter()
@@ -259,7 +272,9 @@ def _report(
                 key=tables[c.shard_index].keys[c.position],
                 position=c.position,
                 distance=c.distance,
-                caption=captions.get((c.shard_index, c.position)),
+                caption=captions.captions.get((c.shard_index, c.position)),
+                uid=caption_snippet(captions.sources.get((c.shard_index, c.position), SourceMeta()).uid),
+                url=caption_snippet(captions.sources.get((c.shard_index, c.position), SourceMeta()).url),
             )
             for c in examples
         ],

@@ -47,6 +47,7 @@ def render_text(report: GateReport) -> str:
         for example in report.top_flagged:
             caption = f'"{example.caption}"' if example.caption is not None else "(no caption)"
             lines.append(f"  {example.distance:.4f}  {_line(example.shard)}  {_line(example.key, KEY_CHARS)}  {caption}")
+            lines += [f"    {name} {_line(value)}" for name, value in (("uid", example.uid), ("url", example.url)) if value]
     return "\n".join(lines) + "\n"
 
 
@@ -75,10 +76,15 @@ def render_markdown(report: GateReport) -> str:
     if truncated:
         lines.append(f"- truncated shards: {_md(', '.join(truncated))}")
     if report.top_flagged:
-        lines += ["", "<details><summary>Top flagged pairs</summary>", "", "| distance | shard | key | caption |", "|---|---|---|---|"]
+        # uid / url columns only for data that records them, so other tables stay as they were.
+        sourced = any(e.uid or e.url for e in report.top_flagged)
+        extra = " uid | url |" if sourced else ""
+        lines += ["", "<details><summary>Top flagged pairs</summary>", "", f"| distance | shard | key | caption |{extra}",
+                  "|---|---|---|---|" + ("---|---|" if sourced else "")]
         for example in report.top_flagged:
             caption = _md(example.caption) if example.caption is not None else "*(no caption)*"
-            lines.append(f"| {example.distance:.4f} | {_md(example.shard)} | {_md(_line(example.key, KEY_CHARS))} | {caption} |")
+            source = f" {_md(example.uid or '')} | {_md(example.url or '')} |" if sourced else ""
+            lines.append(f"| {example.distance:.4f} | {_md(example.shard)} | {_md(_line(example.key, KEY_CHARS))} | {caption} |{source}")
         lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
 

@@ -34,6 +34,8 @@ from clipguard.data.storage import OutputFolder
 from clipguard.data.tarstream import Member, ShardReport, printable_key, unsafe_name_reason
 from clipguard.data.writer import TEMPORARY_SUFFIX, Payload, ShardSequenceWriter, WrittenShard, member_name
 from clipguard.errors import ClipguardError
+from clipguard.data.sourcemeta import ScrapeSidecar, meta_from_json, read_sidecar
+from clipguard.filtering import keeplist
 from clipguard.filtering.decide import Decision, Verdict, decide
 from clipguard.filtering.scores import ScoredSample, ScoreSources, gather_scores, read_shard_scores, scored_samples
 from clipguard.filtering.threshold import FLAG_RULE, Threshold, check_threshold_model, same_fingerprint
@@ -57,6 +59,13 @@ class FilterConfig:
     shard_size: int = DEFAULT_SHARD_SIZE
     reuse_scores: Path | None = None  # a score folder to reuse (read only)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    keep_list: Path | None = None  # a Parquet of kept key / uid / url / shard
+    subset_file: Path | None = None  # DataComp's subset .npy of kept uids
+    copy_shards: bool = True  # False: only the lists and the manifest, no tars
+
+    @property
+    def wants_lists(self) -> bool:
+        return self.keep_list is not None or self.subset_file is not None
 
 
 @dataclass
@@ -91,6 +100,7 @@ class InputShardResult:
         return self.flagged + self.errored
 
     failed: bool = False  # the source failed (see ShardReport.failed): no output was kept
+    scrape: dict | None = None  # img2dataset's report beside the shard: downloads the scrape lost
 
     @property
     def unreadable(self) -> bool:
@@ -134,6 +144,14 @@ class FilterSummary:
     def unreadable(self) -> list[InputShardResult]:
         return [r for r in self.shards if r.unreadable]
 
+    @property
+    def scrape_lost(self) -> int:
+        return sum((r.scrape or {}).get("failed", 0) for r in self.shards)
+
+    keep_list: Path | None = None
+    subset_file: Path | None = None
+    subset_uids: int = 0
+
 
 FilterProgressCallback = Callable[[FilterProgress], None]
 
@@ -171,10 +189,14 @@ def _filter_shards(
     start = time.perf_counter()
     fingerprint = loaded.info.fingerprint()
     settings = _settings(threshold, fingerprint, config.shard_size, mirror.quarantine.location if mirror else quarantine_dir)
+    if not config.copy_shards:
+        settings["copy_shards"] = False  # only when off, so records of earlier runs still match
     results: dict[str, InputShardResult] = {}
     pending: list[Shard] = []
     for shard in shards:
         finished = _finished_result(shard, clean_dir, quarantine_dir, settings, mirror.present if mirror else None)
+        if finished is not None and config.wants_lists and not keeplist.shard_kept_present(clean_dir, shard.name):
+            finished = None  # finished before lists were asked for: read it again for its list
         if finished is not None:
             results[shard.name] = finished
         else:
@@ -208,7 +230,7 @@ def _filter_shards(
                 done = sum(1 for s in shards if s.name in results)
                 progress(FilterProgress("filter", done, len(shards), pairs_done))
 
-    return FilterSummary(
+    summary = FilterSummary(
         clean_dir=clean_dir,
         quarantine_dir=quarantine_dir,
         manifest_path=manifest_path,
@@ -216,6 +238,32 @@ def _filter_shards(
         shards=[results[s.name] for s in shards],
         wall_seconds=time.perf_counter() - start,
     )
+    _write_lists(summary, config, mirror)
+    summary.wall_seconds = time.perf_counter() - start
+    return summary
+
+
+def _write_lists(summary: FilterSummary, config: FilterConfig, mirror: "RemoteMirror | None") -> None:
+    """The keep list and subset file over every readable shard, and sizes.json per folder."""
+    readable = [r.shard for r in summary.shards if not r.unreadable]
+    if config.wants_lists:
+        kept = keeplist.read_kept(summary.clean_dir, readable)
+        if config.keep_list is not None:
+            keeplist.write_keep_list(config.keep_list, kept)
+            summary.keep_list = Path(config.keep_list)
+        if config.subset_file is not None:
+            summary.subset_uids = keeplist.write_subset_file(config.subset_file, kept.column("uid").to_pylist())
+            summary.subset_file = Path(config.subset_file)
+    if not config.copy_shards:
+        return
+    for folder, tag, parts in (
+        (summary.clean_dir, CLEAN_TAG, [p for r in summary.shards for p in r.clean]),
+        (summary.quarantine_dir, QUARANTINE_TAG, [p for r in summary.shards for p in r.quarantine]),
+    ):
+        keeplist.write_sizes(folder, parts)
+        if mirror is not None:
+            target = mirror.clean if tag == CLEAN_TAG else mirror.quarantine
+            target.write_bytes(keeplist.SIZES_NAME, (folder / keeplist.SIZES_NAME).read_bytes())
 
 
 def _score_progress_adapter(progress: FilterProgressCallback | None):
@@ -344,17 +392,22 @@ def _filter_one(
     report = ShardReport(shard=shard.name, url=shard.url)
     verdicts: Counter = Counter()
     reasons: Counter = Counter()
+    sidecar = read_sidecar(shard)
+    kept_pairs: list[keeplist.KeptPair] = []
     try:
         for scored in scored_samples(shard, scores, report, True, limits.max_member_bytes):
             decision = decide(scored, threshold)
             verdicts[decision.verdict] += 1
             if decision.verdict is Verdict.kept:
-                clean.write(scored.sample.key, [(m.name, _payload(m)) for m in scored.sample.members])
+                kept_pairs.append(_kept_pair(scored, shard.name, sidecar))
+                if config.copy_shards:
+                    clean.write(scored.sample.key, [(m.name, _payload(m)) for m in scored.sample.members])
                 continue
             if decision.verdict is Verdict.errored:
                 reasons[_reason_class(decision.reason)] += 1
-            out_key, members = quarantine_sample(scored, decision, threshold, shard.name)
-            quarantine.write(out_key, members, allow_repeated_names=True)
+            if config.copy_shards:
+                out_key, members = quarantine_sample(scored, decision, threshold, shard.name)
+                quarantine.write(out_key, members, allow_repeated_names=True)
         read = sum(verdicts.values())
         if report.failed:
             # Not read in full (the source failed) or not at all: record nothing, so a rerun
@@ -385,12 +438,21 @@ def _filter_one(
         clean=[p.to_dict() for p in clean_parts],
         quarantine=[p.to_dict() for p in quarantine_parts],
         failed=report.failed,
+        scrape=sidecar.report.to_dict() if sidecar.report is not None else None,
     )
     assert result.kept + result.quarantined == result.read
     if not result.unreadable:
+        if config.wants_lists:  # before the record, which marks the shard finished
+            keeplist.write_shard_kept(clean_dir, shard.name, kept_pairs)
         record = {"source": shard.location, "settings": settings, "result": asdict(result)}
         atomic_write_json(record_path(clean_dir, shard.name), record)
     return result
+
+
+def _kept_pair(scored: ScoredSample, shard_name: str, sidecar: ScrapeSidecar) -> keeplist.KeptPair:
+    key = scored.sample.key
+    meta = meta_from_json(scored.sample.fields.get("json")).filled_from(sidecar.meta(key))
+    return keeplist.KeptPair(key=key, uid=meta.uid, url=meta.url, shard=shard_name)
 
 
 def _failed_result(shard: Shard, sources: ScoreSources, why: str) -> InputShardResult:
@@ -506,6 +568,9 @@ def _write_manifest(context: _ManifestContext, results: dict[str, InputShardResu
         "errored": sum(r.errored for r in done),
     }
     totals["quarantined"] = totals["flagged"] + totals["errored"]
+    if any(r.scrape for r in done):
+        # Not among "read": img2dataset failed to download them, so they never reached a shard.
+        totals["scrape_lost"] = sum((r.scrape or {}).get("failed", 0) for r in done)
     reasons: Counter = Counter()
     for r in done:
         reasons.update(r.errors_by_reason)
@@ -521,6 +586,9 @@ def _write_manifest(context: _ManifestContext, results: dict[str, InputShardResu
         "clean_dir": context.mirror.clean.location if context.mirror else str(context.clean_dir),
         "quarantine_dir": context.mirror.quarantine.location if context.mirror else str(context.quarantine_dir),
         "scores_reused_from": str(context.config.reuse_scores) if context.config.reuse_scores else None,
+        "copied_shards": context.config.copy_shards,
+        "keep_list": str(context.config.keep_list) if context.config.keep_list else None,
+        "subset_file": str(context.config.subset_file) if context.config.subset_file else None,
         "shards_total": len(context.shards),
         "shards_done": sum(1 for r in done if not r.unreadable),
         "unreadable_shards": [r.shard for r in done if r.unreadable],

@@ -18,6 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clipguard.data.handlers import record_and_continue
 from clipguard.data.pairs import DecodeLimits, Pair
 from clipguard.data.shardspec import Shard
+from clipguard.data.sourcemeta import ScrapeReport, ScrapeSidecar, SourceMeta, read_sidecar
 from clipguard.data.stages import Decoded, TokenizedBatch, batched, prepare_pairs, preprocess_images, read_shards, tokenize_batches
 from clipguard.data.tarstream import ShardEnd, ShardReport
 from clipguard.model.encoding import TokenizedCaptions, tokenize
@@ -35,6 +36,7 @@ class RowMeta:
     caption_truncated: bool = False
     caption_invalid_utf8: bool = False
     caption_clipped: bool = False
+    source: SourceMeta = field(default_factory=SourceMeta)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Chunk:
     ok_index: list[int] = field(default_factory=list)  # row positions of the ok rows
     read_seconds: float = 0.0  # reading tar members for this chunk's rows
     decode_seconds: float = 0.0  # decoding, preprocessing and tokenizing them
+    scrape: ScrapeReport | None = None  # img2dataset's account of the shard, on its last chunk
 
     def pin_memory(self) -> "Chunk":
         """Called by a DataLoader with pin_memory=True: page-locked tensors copy to a GPU
@@ -89,9 +92,11 @@ class ShardChunks(IterableDataset):
         clock = _StageClock()
         raw = clock.timed(read_shards([shard], self.limits, record_and_continue))
         items = prepare_pairs(raw, self.limits, self.preprocess)
+        sidecar = read_sidecar(shard)
         resumed = time.perf_counter()
         for batch in tokenize_batches(batched(items, self.chunk_size), self.tokenize_captions):
             chunk = clock.stamp(chunk_of(shard, batch), time.perf_counter() - resumed)
+            with_sidecar(chunk, sidecar)
             yield chunk
             resumed = time.perf_counter()  # the consumer's time between chunks is not ours
 
@@ -121,6 +126,15 @@ def chunk_of(shard: Shard, batch: TokenizedBatch) -> Chunk:
     )
 
 
+def with_sidecar(chunk: Chunk, sidecar: ScrapeSidecar) -> None:
+    """Fill what a sample's .json lacked from img2dataset's parquet, by key."""
+    if sidecar.by_key:
+        for row in chunk.rows:
+            row.source = row.source.filled_from(sidecar.meta(row.key))
+    if chunk.last:
+        chunk.scrape = sidecar.report
+
+
 def _row(item: Decoded, n_tokens: int, truncated: bool) -> RowMeta:
     pair = item.pair
     return RowMeta(
@@ -132,6 +146,7 @@ def _row(item: Decoded, n_tokens: int, truncated: bool) -> RowMeta:
         caption_truncated=truncated,
         caption_invalid_utf8=pair.caption_invalid_utf8,
         caption_clipped=pair.caption_clipped,
+        source=pair.source,
     )
 
 

@@ -108,6 +108,9 @@ class ShardResult:
     # this run (counted here, read again by a rerun).
     failed: bool = False
     source: dict | None = None
+    # img2dataset's report beside the shard (ScrapeReport.to_dict): downloads the scrape lost,
+    # which never reached the tar and so are not among this shard's samples.
+    scrape: dict | None = None
 
 
 @dataclass
@@ -340,6 +343,7 @@ def _write_shard(last: Chunk, buffer: _ShardBuffer, out_dir: Path, run_meta: dic
         skipped_members=report.skipped_members,
         failed=report.failed,
         source={"location": last.shard.location, **(last.shard.local_stat() or {})},
+        scrape=last.scrape.to_dict() if last.scrape is not None else None,
     )
     if result.failed:
         score_path(out_dir, last.shard.name).unlink(missing_ok=True)
@@ -360,6 +364,10 @@ def _write_shard(last: Chunk, buffer: _ShardBuffer, out_dir: Path, run_meta: dic
         "caption_invalid_utf8": [r.caption_invalid_utf8 for r in rows],
         "caption_clipped": [r.caption_clipped for r in rows],
         "image_sha256": [r.image_sha256 for r in rows],
+        "uid": [r.source.uid for r in rows],
+        "url": [r.source.url for r in rows],
+        "source_status": [r.source.source_status for r in rows],
+        "source_error": [r.source.source_error for r in rows],
     }
     write_score_table(score_path(out_dir, last.shard.name), columns, {**run_meta, "shard": asdict(result)})
     return result

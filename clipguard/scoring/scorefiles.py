@@ -30,6 +30,10 @@ SCORE_SCHEMA = pa.schema(
         ("caption_invalid_utf8", pa.bool_()),
         ("caption_clipped", pa.bool_()),
         ("image_sha256", pa.string()),
+        ("uid", pa.string()),
+        ("url", pa.string()),
+        ("source_status", pa.string()),
+        ("source_error", pa.string()),
     ]
 )
 METADATA_KEY = b"clipguard"

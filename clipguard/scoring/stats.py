@@ -157,5 +157,7 @@ def folder_summary(out: Path | OutputFolder) -> dict[str, Any]:
             for e in failed
         ],
         "pending_shards": [e.name for e in entries if e.status == PENDING],
+        # Downloads img2dataset recorded as failed: lost by the scrape, before clipguard saw them.
+        "scrape_lost": sum((e.result.get("scrape") or {}).get("failed", 0) for e in done),
         "shards": [e.result for e in done],
     }
