@@ -204,3 +204,19 @@ def test_cli_scores_embeddings_and_refuses_unclear_requests(tmp_path):
     assert neither.exit_code == 2 and "give SHARDS" in neither.output
     empty = runner.invoke(app, ["score", "--from-embeddings", str(tmp_path), "--out", str(tmp_path / "t")])
     assert empty.exit_code == 2 and "holds no clip-retrieval embeddings" in empty.output
+
+
+def test_blocks_shared_among_threads_give_the_one_thread_scores(monkeypatch):
+    from clipguard.scoring import from_embeddings
+
+    monkeypatch.setattr(from_embeddings, "BLOCK_ROWS", 64)  # 1000 rows: 16 blocks, the last one short
+    rng = np.random.default_rng(3)
+    image, text = unit(rng, 1000, 32).astype(np.float16), unit(rng, 1000, 32).astype(np.float16)
+    image[700] = 0.0
+    text[65, 3] = np.inf
+    one, one_errors = from_embeddings.pair_similarity(image, text, threads=1)
+    two, two_errors = from_embeddings.pair_similarity(image, text, threads=2)
+    assert np.array_equal(one, two, equal_nan=True) and one_errors == two_errors
+    assert [i for i, e in enumerate(two_errors) if e] == [65, 700] and np.isnan(two[[65, 700]]).all()
+    ok = np.isfinite(two)
+    assert np.allclose(two[ok], expected_similarity(image, text)[ok], atol=1e-6)

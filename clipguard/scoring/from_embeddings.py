@@ -22,10 +22,13 @@ so a folder never mixes these scores with those of a real model.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,8 +46,10 @@ from clipguard.scoring.scorefiles import SCORE_SCHEMA, score_path, write_score_t
 
 LAYOUTS = ("clip-retrieval", "datacomp")
 DATACOMP_MODELS = ("b32", "l14")
-# Rows per block of a memory-mapped file: 2^16 rows x 768 dims x 4 bytes x 2 sides ~ 400 MB in float32 at most.
-BLOCK_ROWS = 1 << 16
+MANIFEST_NAME = "manifest.json"  # clipguard.scoring.run.MANIFEST_NAME
+# Rows per block of a memory-mapped file, converted to float32 into buffers reused across blocks:
+# 8192 x 768 dims x 4 bytes ~ 25 MB a side, near the CPU's caches; bigger blocks were no faster here.
+BLOCK_ROWS = 1 << 13
 _PART_NUMBER = re.compile(r"img_emb_(.+)\.npy$")
 
 
@@ -196,8 +201,6 @@ def score_from_embeddings(
 
 
 def _score_parts(parts, source: EmbeddingSource, out: OutputFolder, progress) -> EmbeddingScoreSummary:
-    from clipguard.scoring.run import _write_manifest  # the same manifest as shard scoring writes
-
     start = time.perf_counter()
     run_meta = run_metadata(source)
     results: list[PartResult] = []
@@ -222,6 +225,13 @@ def _score_parts(parts, source: EmbeddingSource, out: OutputFolder, progress) ->
         out_dir=out.location, parts=results, pairs=sum(r.samples for r in results), ok=sum(r.ok for r in results),
         errors_by_reason=dict(reasons), wall_seconds=time.perf_counter() - start, pairs_scored_this_run=scored,
     )
+
+
+def _write_manifest(out: OutputFolder) -> None:
+    """The folder summary for people, as shard scoring writes it (not imported from
+    `clipguard.scoring.run`: that imports torch, seconds that scoring vectors does not need)."""
+    summary = shard_stats.folder_summary(out)
+    out.write_bytes(MANIFEST_NAME, (json.dumps(summary, indent=2) + "\n").encode())
 
 
 def run_metadata(source: EmbeddingSource) -> dict:
@@ -337,25 +347,42 @@ def _check_aligned(part: EmbeddingPart, image: np.ndarray, text: np.ndarray, met
         )
 
 
-def pair_similarity(image: np.ndarray, text: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
-    """Cosine similarity per row (NaN for a bad row) and the reason of each bad row (None if ok)."""
+def pair_similarity(image: np.ndarray, text: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, list[str | None]]:
+    """Cosine similarity per row (NaN for a bad row) and the reason of each bad row (None if ok).
+
+    The float16 -> float32 conversion is most of the time (memory-bound); numpy lets go of the
+    GIL there and in einsum, so blocks are shared among ``threads`` (default: the usable cores),
+    each with its own buffers and writing its own rows."""
     n = len(image)
     similarity = np.empty(n, dtype=np.float32)
     bad = np.zeros(n, dtype=np.uint8)  # bit 1: image vector bad, bit 2: text vector bad
-    for start in range(0, n, BLOCK_ROWS):
-        stop = min(start + BLOCK_ROWS, n)
-        a = np.asarray(image[start:stop], dtype=np.float32)
-        b = np.asarray(text[start:stop], dtype=np.float32)
-        dot = np.einsum("ij,ij->i", a, b)
-        a_norm = np.einsum("ij,ij->i", a, a)
-        b_norm = np.einsum("ij,ij->i", b, b)
-        a_bad = ~(np.isfinite(a_norm) & (a_norm > 0))
-        b_bad = ~(np.isfinite(b_norm) & (b_norm > 0))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            sims = dot / np.sqrt(a_norm * b_norm)
-        sims[a_bad | b_bad] = np.nan
-        similarity[start:stop] = sims
-        bad[start:stop] = a_bad.astype(np.uint8) | (b_bad.astype(np.uint8) << 1)
+    starts = list(range(0, n, BLOCK_ROWS))
+    threads = max(1, min(threads or len(os.sched_getaffinity(0)), len(starts)))
+
+    def blocks(mine: list[int]) -> None:
+        a_buffer = np.empty((min(BLOCK_ROWS, n), image.shape[1]), dtype=np.float32)
+        b_buffer = np.empty_like(a_buffer)
+        for start in mine:
+            stop = min(start + BLOCK_ROWS, n)
+            a, b = a_buffer[: stop - start], b_buffer[: stop - start]
+            a[...] = image[start:stop]  # float16 -> float32 in place: no allocation per block
+            b[...] = text[start:stop]
+            dot = np.einsum("ij,ij->i", a, b)
+            a_norm = np.einsum("ij,ij->i", a, a)
+            b_norm = np.einsum("ij,ij->i", b, b)
+            a_bad = ~(np.isfinite(a_norm) & (a_norm > 0))
+            b_bad = ~(np.isfinite(b_norm) & (b_norm > 0))
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                sims = dot / np.sqrt(a_norm * b_norm)
+            sims[a_bad | b_bad] = np.nan
+            similarity[start:stop] = sims
+            bad[start:stop] = a_bad.astype(np.uint8) | (b_bad.astype(np.uint8) << 1)
+
+    if threads == 1:
+        blocks(starts)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(blocks, [starts[i::threads] for i in range(threads)]))
     error: list[str | None] = [None] * n
     for row in np.flatnonzero(bad):
         error[row] = f"bad_embedding: {_bad_vector_reason(image[row], 'image')}" if bad[row] & 1 else \
@@ -380,7 +407,7 @@ def _score_columns(part: EmbeddingPart, metadata: pa.Table, similarity: np.ndarr
         "shard": shard,
         "cosine_similarity": cosine,
         "cosine_distance": distance,
-        "status": pa.array(np.where(invalid, "error", "ok").astype(object), type=pa.string()),
+        "status": pc.if_else(pa.array(invalid), "error", "ok"),
         "error": pa.array(error, type=pa.string()) if invalid.any() else pa.nulls(n, pa.string()),
         "caption_tokens": pa.nulls(n, pa.int32()),
         "caption_truncated": pa.nulls(n, pa.bool_()),
