@@ -220,3 +220,9 @@ def test_blocks_shared_among_threads_give_the_one_thread_scores(monkeypatch):
     assert [i for i, e in enumerate(two_errors) if e] == [65, 700] and np.isnan(two[[65, 700]]).all()
     ok = np.isfinite(two)
     assert np.allclose(two[ok], expected_similarity(image, text)[ok], atol=1e-6)
+
+
+def test_save_embeddings_into_an_object_store_is_refused_before_any_work(tmp_path, tiny_loaded):
+    shard = resolve_shards(str(write_shard(tmp_path / "00000.tar", simple_samples(0, 2))))
+    with pytest.raises(ClipguardError, match="local --out"):
+        score_shards(shard, tiny_loaded, "s3://bucket/scores", ScoreConfig(save_embeddings=True))
