@@ -157,8 +157,14 @@ def test_a_rewritten_input_file_is_scored_again(tmp_path):
     write_datacomp_shard(pool, "00000000", 10, 0)
     score_from_embeddings(EmbeddingSource(pool, "datacomp"), tmp_path / "out")
     write_datacomp_shard(pool, "00000000", 12, 5)
-    again = score_from_embeddings(EmbeddingSource(pool, "datacomp"), tmp_path / "out")
+    seen = []
+    again = score_from_embeddings(EmbeddingSource(pool, "datacomp"), tmp_path / "out", progress=seen.append)
     assert [p.skipped_on_resume for p in again.parts] == [False] and again.pairs == 12
+    assert [(e.shards_done, e.shards_total, e.pairs_done) for e in seen] == [(1, 1, 12)]
+    # Another pool's file of the same name is not taken for this one's.
+    write_datacomp_shard(tmp_path / "other", "00000000", 12, 5)
+    with pytest.raises(ClipguardError, match="a different 00000000"):
+        score_from_embeddings(EmbeddingSource(tmp_path / "other", "datacomp"), tmp_path / "out")
 
 
 def test_misaligned_and_missing_inputs_are_clear_errors(tmp_path, scored_with_embeddings):

@@ -103,12 +103,14 @@ def score(
 
 
 def _score_embeddings(folder: Path, layout: EmbeddingLayout, embedding_model: str | None, out: str) -> None:
-    from clipguard.scoring.from_embeddings import EmbeddingSource, score_from_embeddings
+    from clipguard.scoring.from_embeddings import EmbeddingSource, find_parts, score_from_embeddings
 
     with user_errors():
         source = EmbeddingSource(folder=folder, layout=layout.value, embedding_model=embedding_model)
-        err_console.print(f"scoring {layout.value} embeddings ({source.model_label}) in {folder} into {out}")
-        summary = score_from_embeddings(source, out)
+        files = len(find_parts(source))
+        err_console.print(f"scoring {files} file(s) of {layout.value} embeddings ({source.model_label}) in {folder} into {out}")
+        with score_progress(files) as on_progress:
+            summary = score_from_embeddings(source, out, progress=on_progress)
         table = Table(title=f"clipguard score --from-embeddings -> {summary.out_dir}", show_header=False)
         table.add_column("what", style="bold")
         table.add_column("value")

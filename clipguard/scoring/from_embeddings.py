@@ -73,7 +73,7 @@ class EmbeddingPart:
     def source(self) -> dict:
         """Where the part came from, and its files' sizes and mtimes: a rewritten file is scored again."""
         return {
-            "location": str(self.image.parent.parent if self.text is not None else self.image.parent),
+            "location": str((self.image.parent.parent if self.text is not None else self.image.parent).resolve()),
             "files": {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in self.files},
         }
 
@@ -143,7 +143,18 @@ class EmbeddingSource:
         }
 
 
-ProgressCallback = Callable[[int, int, str], None]  # parts done, parts total, part name
+@dataclass
+class EmbeddingProgress:
+    """After each input file; the fields `clipguard.scoring.run.ScoreProgress` has, so the CLI's
+    score progress bar draws either."""
+
+    shards_done: int
+    shards_total: int
+    pairs_done: int
+    shard: str
+
+
+ProgressCallback = Callable[[EmbeddingProgress], None]
 
 
 def find_parts(source: EmbeddingSource) -> list[EmbeddingPart]:
@@ -206,17 +217,15 @@ def _score_parts(parts, source: EmbeddingSource, out: OutputFolder, progress) ->
     results: list[PartResult] = []
     scored = 0
     for done, part in enumerate(parts):
-        finished = _finished(out, part, run_meta)
-        if finished is not None:
-            results.append(finished)
-            continue
-        shard_stats.write_stats(out, part.name, {"status": shard_stats.PENDING, "run": run_meta,
-                                                 "result": {"shard": part.name, "url": str(part.image)}})
-        result = score_part(part, source, out, run_meta)
+        result = _finished(out, part, run_meta)
+        if result is None:
+            shard_stats.write_stats(out, part.name, {"status": shard_stats.PENDING, "run": run_meta,
+                                                     "result": {"shard": part.name, "url": str(part.image)}})
+            result = score_part(part, source, out, run_meta)
+            scored += result.samples
         results.append(result)
-        scored += result.samples
         if progress:
-            progress(done + 1, len(parts), part.name)
+            progress(EmbeddingProgress(done + 1, len(parts), scored, part.name))
     _write_manifest(out)
     reasons: Counter = Counter()
     for r in results:
@@ -254,6 +263,12 @@ def _finished(out: OutputFolder, part: EmbeddingPart, run_meta: dict) -> PartRes
             "score these embeddings into a new --out folder"
         )
     recorded = stats.get("result") or {}
+    location = (recorded.get("source") or {}).get("location")
+    if location not in (None, part.source()["location"]):
+        raise ClipguardError(
+            f"{out} already holds scores for a different {part.name} (from {location}, not "
+            f"{part.source()['location']}); score into a new --out folder"
+        )
     if recorded.get("source") != part.source():
         return None  # rewritten (or another folder's part of the same name): score it again
     return PartResult(**{**recorded, "skipped_on_resume": True})
