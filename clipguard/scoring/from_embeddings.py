@@ -288,7 +288,7 @@ def score_part(part: EmbeddingPart, source: EmbeddingSource, out: OutputFolder, 
     started = time.perf_counter()
     reasons = Counter(e.split(":", 1)[0] for e in error if e is not None)
     result = PartResult(
-        shard=part.name, url=str(part.image), score_file=f"{part.name}.parquet", samples=len(similarity),
+        shard=part.name, url=str(part.image.resolve()), score_file=f"{part.name}.parquet", samples=len(similarity),
         ok=len(similarity) - sum(reasons.values()), errors=sum(reasons.values()), errors_by_reason=dict(reasons),
         source=part.source(),
     )
