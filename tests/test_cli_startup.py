@@ -116,6 +116,9 @@ def test_cli_choices_and_defaults_match_the_core():
     from clipguard.scoring.run import EXECUTORS
 
     assert tuple(m.value for m in choices.ExecutorKind) == EXECUTORS
+    from clipguard.scoring.from_embeddings import LAYOUTS
+
+    assert tuple(m.value for m in choices.EmbeddingLayout) == LAYOUTS
     for name in ("DatasetKind", "CaptionChoice"):
         cli_choice, core_choice = getattr(choices, name), getattr(convert, name)
         assert [m.value for m in cli_choice] == [m.value for m in core_choice]

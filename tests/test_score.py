@@ -157,9 +157,9 @@ def test_a_killed_run_resumes_to_the_same_scores(tmp_path, three_shards, tiny_lo
     assert resumed.pairs == 60 and resumed.pairs_scored_this_run == 40
     assert distances(tmp_path / "clean") == distances(tmp_path / "killed")
     for name in ("00000", "00001", "00002"):
-        for kind in ("image", "text"):
-            a = np.load(tmp_path / "clean" / f"{name}.{kind}.npy")
-            b = np.load(tmp_path / "killed" / f"{name}.{kind}.npy")
+        for kind in ("img_emb", "text_emb"):
+            a = np.load(tmp_path / "clean" / kind / f"{kind}_{name}.npy")
+            b = np.load(tmp_path / "killed" / kind / f"{kind}_{name}.npy")
             assert a.dtype == np.float16 and np.array_equal(a, b)
 
 
@@ -168,14 +168,20 @@ def test_saved_embeddings_follow_row_order(tmp_path, tiny_loaded):
     samples.insert(2, {"__key__": "broken", "jpg": b"nope", "txt": "bad image"})
     shard = write_shard(tmp_path / "s.tar", samples)
     score_shards(resolve_shards(str(shard)), tiny_loaded, tmp_path / "out", ScoreConfig(batch_size=4, save_embeddings=True))
-    rows = pq.read_table(tmp_path / "out" / "s.parquet").to_pylist()
-    image = np.load(tmp_path / "out" / "s.image.npy").astype(np.float32)
-    text = np.load(tmp_path / "out" / "s.text.npy").astype(np.float32)
-    assert len(image) == len(text) == len(rows) == 6
-    assert np.isnan(image[2]).all() and rows[2]["status"] == "error"
-    for i, row in enumerate(rows):
-        if row["status"] == "ok":
-            assert abs(float(image[i] @ text[i]) - row["cosine_similarity"]) < 5e-3
+    out = tmp_path / "out"
+    rows = pq.read_table(out / "s.parquet").to_pylist()
+    image = np.load(out / "img_emb" / "img_emb_s.npy").astype(np.float32)
+    text = np.load(out / "text_emb" / "text_emb_s.npy").astype(np.float32)
+    metadata = pq.read_table(out / "metadata" / "metadata_s.parquet").to_pylist()
+    left_out = pq.read_table(out / "embeddings_left_out" / "left_out_s.parquet").to_pylist()
+    # clip-retrieval's layout: the error row is left out of the vectors and listed beside them.
+    assert rows[2]["status"] == "error" and len(rows) == 6
+    assert len(image) == len(text) == len(metadata) == 5 and np.isfinite(image).all()
+    assert [m["key"] for m in metadata] == [r["key"] for r in rows if r["status"] == "ok"]
+    assert [(o["key"], o["error"]) for o in left_out] == [("broken", rows[2]["error"])]
+    by_key = {r["key"]: r for r in rows}
+    for i, meta in enumerate(metadata):
+        assert abs(float(image[i] @ text[i]) - by_key[meta["key"]]["cosine_similarity"]) < 5e-3
 
 
 def test_jpeg_draft_mode_keeps_scores_close(tmp_path, tiny_loaded):

@@ -96,6 +96,11 @@ class ExecutorKind(str, Enum):  # clipguard.scoring.run.EXECUTORS
     ray = "ray"
 
 
+class EmbeddingLayout(str, Enum):  # clipguard.scoring.from_embeddings.LAYOUTS
+    clip_retrieval = "clip-retrieval"
+    datacomp = "datacomp"
+
+
 class DatasetKind(str, Enum):  # clipguard.convert.DatasetKind
     coco = "coco"
     flickr30k = "flickr30k"

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
@@ -46,10 +47,12 @@ from clipguard.scoring.embedder import EmbeddingCache, ShardEmbedder
 from clipguard.scoring.scorefiles import (
     atomic_write_json,
     embedding_paths,
+    left_out_path,
     read_metadata,
     read_scores,
     score_path,
     write_embeddings,
+    write_parquet,
     write_score_table,
 )
 
@@ -165,6 +168,7 @@ def score_shards(
 def _score_shards(
     shards: list[Shard], loaded: LoadedModel, out_dir: OutputFolder, config: ScoreConfig, progress: ProgressCallback | None
 ) -> ScoreSummary:
+    _check_embeddings_destination(out_dir, config)
     start = time.perf_counter()
     run_meta = _run_metadata(loaded, config)
     finished, pending = _split_finished(shards, out_dir, run_meta, config)
@@ -238,6 +242,7 @@ def score_shard(
 ) -> ShardResult:
     """Score one shard into ``out_dir`` (a folder or an object-store URL): its Parquet file and
     stats file, each appearing whole. A `ModelSpec` is loaded once per process and kept."""
+    _check_embeddings_destination(shard_stats.as_folder(out_dir), config)
     loaded = model if isinstance(model, LoadedModel) else cached_model(model)
     embedder = ShardEmbedder(loaded, config.batch_size, config.trim_text)
     buffer = _ShardBuffer()
@@ -310,10 +315,7 @@ def _finish_shard(last: Chunk, buffer: _ShardBuffer, out_dir: OutputFolder, run_
     started = time.perf_counter()
     result = _write_shard(last, buffer, out_dir.staging, run_meta, config)
     if not result.failed:
-        written = [score_path(out_dir.staging, result.shard)]
-        written += list(embedding_paths(out_dir.staging, result.shard)) if config.save_embeddings else []
-        for path in written:
-            out_dir.publish(path.name)
+        out_dir.publish(score_path(out_dir.staging, result.shard).name)  # embeddings: local only, in place
     status = shard_stats.FAILED if result.failed else shard_stats.COMPLETE
     seconds = {**buffer.seconds, "write_seconds": time.perf_counter() - started}
     shard_stats.write_stats(
@@ -373,18 +375,40 @@ def _write_shard(last: Chunk, buffer: _ShardBuffer, out_dir: Path, run_meta: dic
     return result
 
 
+def _check_embeddings_destination(out_dir: OutputFolder, config: ScoreConfig) -> None:
+    if config.save_embeddings and not out_dir.is_local:
+        raise ClipguardError(
+            f"--save-embeddings writes clip-retrieval's folders (img_emb/, text_emb/, metadata/) into a local "
+            f"--out, not {out_dir}; score into a local folder and copy it up"
+        )
+
+
 def _save_shard_embeddings(out_dir: Path, name: str, buffer: _ShardBuffer, n_rows: int) -> None:
-    image_path, text_path = embedding_paths(out_dir, name)
+    """clip-retrieval's layout for this shard: only the ok rows, so that an index built from
+    img_emb/ holds one vector per scored pair; the error rows are listed beside it."""
+    image_path, text_path, metadata_path = embedding_paths(out_dir, name)
     dims = [e.shape[1] for e in buffer.image_embeddings if e is not None]
     dim = dims[0] if dims else 0
+    rows = [row for chunk in buffer.chunks for row in chunk.rows]
+    ok = np.array([row.error is None for row in rows], dtype=bool)
     for path, parts in ((image_path, buffer.image_embeddings), (text_path, buffer.text_embeddings)):
-        blocks = [
-            p if p is not None else np.full((len(c.rows), dim), np.nan, np.float32)
-            for p, c in zip(parts, buffer.chunks)
-        ]
+        blocks = [p if p is not None else np.full((len(c.rows), dim), np.nan, np.float32) for p, c in zip(parts, buffer.chunks)]
         array = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)
         assert len(array) == n_rows
-        write_embeddings(path, array)
+        write_embeddings(path, array[ok])
+    kept = [row for row in rows if row.error is None]
+    write_parquet(metadata_path, pa.table({
+        "key": pa.array([r.key for r in kept], pa.string()),
+        "shard": pa.array([name] * len(kept), pa.string()),
+        "caption": pa.array([r.caption for r in kept], pa.string()),
+        "image_sha256": pa.array([r.image_sha256 for r in kept], pa.string()),
+    }))
+    left_out = [row for row in rows if row.error is not None]
+    write_parquet(left_out_path(out_dir, name), pa.table({
+        "key": pa.array([r.key for r in left_out], pa.string()),
+        "shard": pa.array([name] * len(left_out), pa.string()),
+        "error": pa.array([r.error for r in left_out], pa.string()),
+    }))
 
 
 def _reason_class(error: str) -> str:
@@ -425,7 +449,7 @@ def _split_finished(shards: list[Shard], out_dir: OutputFolder, run_meta: dict, 
         if stat is not None and any(source.get(k) != v for k, v in stat.items()):
             pending.append(shard)  # rewritten since it was scored: its old scores are stale
             continue
-        if config.save_embeddings and not all(out_dir.exists(p.name) for p in embedding_paths(Path("."), shard.name)):
+        if config.save_embeddings and not all(p.is_file() for p in embedding_paths(Path(out_dir.location), shard.name)):
             pending.append(shard)
             continue
         finished.append(ShardResult(**{**recorded["shard"], "skipped_on_resume": True}))

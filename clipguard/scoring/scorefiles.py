@@ -43,9 +43,28 @@ def score_path(out_dir: Path, shard_name: str) -> Path:
     return Path(out_dir) / f"{shard_name}.parquet"
 
 
-def embedding_paths(out_dir: Path, shard_name: str) -> tuple[Path, Path]:
+def embedding_paths(out_dir: Path, shard_name: str) -> tuple[Path, Path, Path]:
+    """`--save-embeddings` in clip-retrieval's layout, the shard's name as its number: image and
+    text vectors and their metadata, rows aligned, error rows left out (see `left_out_path`)."""
     out_dir = Path(out_dir)
-    return out_dir / f"{shard_name}.image.npy", out_dir / f"{shard_name}.text.npy"
+    return (
+        out_dir / "img_emb" / f"img_emb_{shard_name}.npy",
+        out_dir / "text_emb" / f"text_emb_{shard_name}.npy",
+        out_dir / "metadata" / f"metadata_{shard_name}.parquet",
+    )
+
+
+def left_out_path(out_dir: Path, shard_name: str) -> Path:
+    """The rows `embedding_paths` leave out (key, shard, error): outside ``metadata/``, whose
+    files clip-retrieval's readers expect aligned with the vectors."""
+    return Path(out_dir) / "embeddings_left_out" / f"left_out_{shard_name}.parquet"
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
 
 
 def temporary_path(path: Path) -> Path:
@@ -67,6 +86,10 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 
 def write_score_table(path: Path, columns: dict[str, list], metadata: dict[str, Any]) -> None:
+    rows = len(next(iter(columns.values()))) if columns else 0
+    # A writer that knows nothing of a column (every column after "status" may be null) leaves it null.
+    columns = {name: columns[name] if name in columns else pa.nulls(rows, SCORE_SCHEMA.field(name).type)
+               for name in SCORE_SCHEMA.names}
     table = pa.Table.from_pydict(columns, schema=SCORE_SCHEMA)
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
     tmp = temporary_path(path)
@@ -75,6 +98,7 @@ def write_score_table(path: Path, columns: dict[str, list], metadata: dict[str, 
 
 
 def write_embeddings(path: Path, embeddings: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     with open(tmp, "wb") as handle:
         np.save(handle, embeddings.astype(np.float16), allow_pickle=False)
