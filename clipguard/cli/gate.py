@@ -7,6 +7,9 @@ not read as 1, so unexpected exceptions also exit 2, with their traceback on std
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from clipguard.cli.common import ERROR_EXIT, err_console, score_progress, user_errors
+from clipguard.errors import ClipguardError
 from clipguard.cli.filter import (
     AllowPipeOpt,
     BatchSizeOpt,
@@ -33,9 +37,9 @@ from clipguard.cli.filter import (
     WorkersOpt,
     load_scoring,
 )
-from clipguard.cli.choices import DEFAULT_EXAMPLES, DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_ERROR_RATE, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED
+from clipguard.cli.choices import DEFAULT_EXAMPLES, DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_ERROR_RATE, DEFAULT_MAX_PIXELS
 from clipguard.cli.choices import ExecutorKind
-from clipguard.cli.score import ExecutorOpt, GpusPerWorkerOpt, Precision, RayAddressOpt
+from clipguard.cli.score import ExecutorOpt, GpusPerWorkerOpt, RayAddressOpt
 
 if TYPE_CHECKING:
     from clipguard.filtering.gate import GateReport
@@ -70,11 +74,11 @@ def gate(
     save_scores: Annotated[Optional[Path], typer.Option(file_okay=False, help="Keep the scores computed here in this folder (default: a temporary folder).")] = None,
     report_format: Annotated[ReportFormat, typer.Option("--format", help="text for a CI log, json for machines (stdout only), markdown for a PR comment or $GITHUB_STEP_SUMMARY.")] = ReportFormat.text,
     examples: Annotated[int, typer.Option(min=0, help="Show this many flagged pairs with the highest distance.")] = DEFAULT_EXAMPLES,
-    model: ModelOpt = DEFAULT_MODEL,
-    pretrained: PretrainedOpt = DEFAULT_PRETRAINED,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
     model_config: ModelConfigOpt = None,
     batch_size: BatchSizeOpt = 64,
-    precision: PrecisionOpt = Precision.fp32,
+    precision: PrecisionOpt = None,
     workers: WorkersOpt = 1,
     device: DeviceOpt = "cpu",
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -99,7 +103,7 @@ def gate(
             model, pretrained, model_config, batch_size, precision, workers, device, max_pixels, max_caption_bytes,
             jpeg_draft, executor, ray_address, gpus_per_worker,
         ),
-        allow_pipe,
+        allow_pipe, report_format,
     )
     # Plain echo, not rich: the report holds attacker-written captions, which must not be read
     # as console markup, and JSON on stdout must stay exactly JSON.
@@ -118,9 +122,10 @@ def _run_gate(
     examples: int,
     options: ScoringOptions,
     allow_pipe: bool,
+    report_format: ReportFormat = ReportFormat.text,
 ) -> GateReport:
     try:
-        with user_errors():
+        with user_errors(), _json_errors(report_format):
             # Inside the try: an import that fails is a crash (exit 2), never a verdict (exit 1).
             from clipguard.data.shardspec import resolve_shards
             from clipguard.filtering.gate import GateConfig, GatePolicy, gate_shards
@@ -129,7 +134,7 @@ def _run_gate(
             threshold = resolve_threshold(gamma, calibration)
             policy = GatePolicy(*policy_request)
             shard_list = resolve_shards(shards, allow_pipe=allow_pipe)
-            loaded, score_config = load_scoring(options)
+            loaded, score_config = load_scoring(options, scores, calibration)
             config = GateConfig(policy=policy, reuse_scores=scores, save_scores=save_scores, examples=examples, score=score_config)
             err_console.print(
                 f"gating {len(shard_list)} shard(s) at gamma {threshold.gamma:.4f} ({threshold.source}) "
@@ -141,7 +146,25 @@ def _run_gate(
             return report
     except typer.Exit:
         raise
-    except Exception:
+    except Exception as exc:
         err_console.print("[bold red]error:[/] the gate crashed; this is a bug in clipguard, not a verdict")
         err_console.print_exception()
+        if report_format is ReportFormat.json:
+            _echo_json_error(f"the gate crashed ({type(exc).__name__}: {exc}); this is a bug in clipguard, not a verdict")
         raise typer.Exit(code=ERROR_EXIT) from None
+
+
+@contextlib.contextmanager
+def _json_errors(report_format: ReportFormat) -> Iterator[None]:
+    """With --format json, a run that cannot decide still prints JSON on stdout, so that a CI step
+    that posts or parses stdout gets the reason and the exit code instead of nothing."""
+    try:
+        yield
+    except ClipguardError as exc:
+        if report_format is ReportFormat.json:
+            _echo_json_error(str(exc))
+        raise
+
+
+def _echo_json_error(message: str) -> None:
+    typer.echo(json.dumps({"error": message, "exit_code": ERROR_EXIT}, indent=2))
