@@ -129,6 +129,8 @@ def test_gate_json_errors_print_an_error_object_on_stdout(world, tmp_path):
     assert result.exit_code == 2
     error = json.loads(result.stdout)
     assert error["exit_code"] == 2 and "no top-level \"gamma\"" in error["error"]
+    missing = invoke("gate", world / "shards", "--calibration", tmp_path / "nowhere.json", "--max-flagged-rate", 0.1, "--format", "json")
+    assert missing.exit_code == 2 and "cannot read calibration file" in json.loads(missing.stdout)["error"]
     # Text and markdown keep stdout empty on an error: only a report goes there.
     text = invoke("gate", world / "shards", "--calibration", bad, "--max-flagged-rate", 0.1)
     assert text.exit_code == 2 and text.stdout == ""

@@ -21,7 +21,6 @@ from clipguard.errors import ClipguardError
 from clipguard.cli.filter import (
     AllowPipeOpt,
     BatchSizeOpt,
-    CalibrationOpt,
     DeviceOpt,
     GammaOpt,
     JpegDraftOpt,
@@ -31,7 +30,6 @@ from clipguard.cli.filter import (
     ModelOpt,
     PrecisionOpt,
     PretrainedOpt,
-    ScoresOpt,
     ScoringOptions,
     ShardsArg,
     WorkersOpt,
@@ -45,6 +43,16 @@ if TYPE_CHECKING:
     from clipguard.filtering.gate import GateReport
 
 FAIL_EXIT = 1
+# Checked by the gate itself, not by the option parser: a missing file must still give the JSON
+# error object with --format json (the parser's usage error would leave stdout empty).
+GateCalibrationOpt = Annotated[
+    Optional[Path],
+    typer.Option(dir_okay=False, help="calibration.json from `clipguard calibrate` (its gamma, checked against --model)."),
+]
+GateScoresOpt = Annotated[
+    Optional[Path],
+    typer.Option(file_okay=False, help="A `clipguard score` folder to reuse (read only); it must come from the same model. Shards it lacks are scored now."),
+]
 
 
 class ReportFormat(str, Enum):
@@ -64,13 +72,13 @@ def gate(
     shards: ShardsArg,
     max_flagged_rate: Annotated[float, typer.Option(help="Fail when more than this fraction of scored pairs is flagged (0.001 = 0.1%).")],
     gamma: GammaOpt = None,
-    calibration: CalibrationOpt = None,
+    calibration: GateCalibrationOpt = None,
     max_error_rate: Annotated[
         float,
         typer.Option(help="Fail when more than this fraction of all pairs could not be scored (corrupt image, missing caption, unsafe member); such pairs are never counted as flagged."),
     ] = DEFAULT_MAX_ERROR_RATE,
     allow_truncated: Annotated[bool, typer.Option(help="Gate a truncated shard on the pairs before the cut instead of failing it (pairs after the cut were never vetted).")] = False,
-    scores: ScoresOpt = None,
+    scores: GateScoresOpt = None,
     save_scores: Annotated[Optional[Path], typer.Option(file_okay=False, help="Keep the scores computed here in this folder (default: a temporary folder).")] = None,
     report_format: Annotated[ReportFormat, typer.Option("--format", help="text for a CI log, json for machines (stdout only), markdown for a PR comment or $GITHUB_STEP_SUMMARY.")] = ReportFormat.text,
     examples: Annotated[int, typer.Option(min=0, help="Show this many flagged pairs with the highest distance.")] = DEFAULT_EXAMPLES,
@@ -131,6 +139,8 @@ def _run_gate(
             from clipguard.filtering.gate import GateConfig, GatePolicy, gate_shards
             from clipguard.filtering.threshold import resolve_threshold
 
+            if scores is not None and not scores.is_dir():
+                raise ClipguardError(f"--scores {scores} is not a folder; give a `clipguard score` folder")
             threshold = resolve_threshold(gamma, calibration)
             policy = GatePolicy(*policy_request)
             shard_list = resolve_shards(shards, allow_pipe=allow_pipe)
