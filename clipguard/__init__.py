@@ -1,10 +1,40 @@
 """clipguard: find poisoned image-text pairs in WebDataset shards, and measure attacks and defences."""
 
-import os
+import os as _os
 
 # Spinning OpenMP threads are ruinous on small shared machines: five tiny training steps took
 # 27.7 s with the default wait policy on 2 busy cores and 0.45 s with passive waiting. It must
 # be set before torch starts its thread pool, so it is set on import of the package.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+# The public API, loaded on first use: `import clipguard` (and so `clipguard --help`) must not
+# wait for torch, which the scoring functions need. `clipguard.audit` joins these when the
+# audit command lands.
+_PUBLIC = {
+    "score_pairs": "clipguard.scoring.inmemory",
+    "PairScores": "clipguard.scoring.inmemory",
+    "score": "clipguard.api",
+    "sample": "clipguard.api",
+    "calibrate": "clipguard.api",
+    "filter": "clipguard.api",
+    "ModelSpec": "clipguard.model.loading",
+    "ClipguardError": "clipguard.errors",
+}
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clipguard' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

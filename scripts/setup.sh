@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   .venv/bin/pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check -e '.[test,ray,s3]'
+.venv/bin/pip install --quiet --disable-pip-version-check -e '.[test,ray,ray-data,s3]'
 # The labelling page's browser tests drive headless Chromium. Install it only where that can work
 # (root, apt-get, not there yet) and never fail the set-up over it: without it those tests skip.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \

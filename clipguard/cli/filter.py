@@ -40,11 +40,14 @@ ScoresOpt = Annotated[
         help="A `clipguard score` folder to reuse (read only); it must come from the same model. Shards it lacks are scored now.",
     ),
 ]
-ModelOpt = Annotated[str, typer.Option(help="open_clip architecture or bundled model name (the scoring model).")]
-PretrainedOpt = Annotated[Optional[str], typer.Option(help="Pretrained tag (online), local weights file, or 'none' for random weights.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    help=f"open_clip architecture or bundled model name (the scoring model). Default: the model that the "
+    f"--scores folder or --calibration file records, else {DEFAULT_MODEL}.")]
+PretrainedOpt = Annotated[Optional[str], typer.Option(
+    help=f"Pretrained tag (online), local weights file, or 'none' for random weights (default with --model: {DEFAULT_PRETRAINED}).")]
 ModelConfigOpt = Annotated[Optional[Path], typer.Option(help="open_clip model-config JSON for a custom architecture.")]
 BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Pairs per inference batch.")]
-PrecisionOpt = Annotated[Precision, typer.Option(help="Inference precision (bf16 is fast on CPUs with AMX/AVX512-BF16).")]
+PrecisionOpt = Annotated[Optional[Precision], typer.Option(help="Inference precision (bf16 is fast on CPUs with AMX/AVX512-BF16). Default: the recorded model's, else fp32.")]
 WorkersOpt = Annotated[int, typer.Option(min=0, help="DataLoader worker processes that decode while the model runs.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda.")]
 MaxPixelsOpt = Annotated[int, typer.Option(help="Images whose header announces more pixels become error rows, undecoded.")]
@@ -55,11 +58,11 @@ AllowPipeOpt = Annotated[bool, typer.Option(help="Allow pipe: shard URLs (they r
 
 @dataclass(frozen=True)
 class ScoringOptions:
-    model: str
+    model: str | None  # None: the model the scores or calibration record (else the default)
     pretrained: str | None
     model_config: Path | None
     batch_size: int
-    precision: Precision
+    precision: Precision | None
     workers: int
     device: str
     max_pixels: int
@@ -70,20 +73,25 @@ class ScoringOptions:
     gpus_per_worker: float = 0.0
 
 
-def load_scoring(options: ScoringOptions) -> tuple[LoadedModel, ScoreConfig]:
-    """The model and score settings, exactly as `clipguard score` builds them."""
+def load_scoring(
+    options: ScoringOptions, scores: Path | None = None, calibration: Path | None = None,
+) -> tuple[LoadedModel, ScoreConfig]:
+    """The model and score settings, exactly as `clipguard score` builds them. Without --model or
+    --pretrained the model is the one the score folder (first) or calibration file records."""
     from clipguard.data.pairs import DecodeLimits
-    from clipguard.model.loading import ModelSpec, load_model
+    from clipguard.model.loading import load_model
+    from clipguard.scoring.recorded import ModelRequest, model_spec_for_run, recorded_model
     from clipguard.scoring.run import ExecutorSpec, ScoreConfig
 
-    spec = ModelSpec(
+    request = ModelRequest(
         name=options.model,
         pretrained=options.pretrained,
         model_config=options.model_config,
         device=options.device,
-        precision=options.precision.value,
+        precision=options.precision.value if options.precision is not None else None,
     )
-    loaded = load_model(spec)
+    recorded = None if request.names_a_model else recorded_model(scores, calibration)
+    loaded = load_model(model_spec_for_run(request, recorded))
     limits = DecodeLimits(
         max_pixels=options.max_pixels,
         max_caption_bytes=options.max_caption_bytes,
@@ -104,11 +112,11 @@ def filter_command(
     calibration: CalibrationOpt = None,
     scores: ScoresOpt = None,
     shard_size: Annotated[int, typer.Option(min=1, help="At most this many samples per output shard.")] = DEFAULT_SHARD_SIZE,
-    model: ModelOpt = DEFAULT_MODEL,
-    pretrained: PretrainedOpt = DEFAULT_PRETRAINED,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
     model_config: ModelConfigOpt = None,
     batch_size: BatchSizeOpt = 64,
-    precision: PrecisionOpt = Precision.fp32,
+    precision: PrecisionOpt = None,
     workers: WorkersOpt = 1,
     device: DeviceOpt = "cpu",
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -149,7 +157,7 @@ def filter_command(
             model, pretrained, model_config, batch_size, precision, workers, device, max_pixels, max_caption_bytes,
             jpeg_draft, executor, ray_address, gpus_per_worker,
         )
-        loaded, score_config = load_scoring(options)
+        loaded, score_config = load_scoring(options, scores, calibration)
         config = dataclasses.replace(config, score=score_config)
         err_console.print(
             f"filtering {len(shard_list)} shard(s) at gamma {threshold.gamma:.4f} ({threshold.source}) "

@@ -7,6 +7,9 @@ not read as 1, so unexpected exceptions also exit 2, with their traceback on std
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -14,10 +17,10 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from clipguard.cli.common import ERROR_EXIT, err_console, score_progress, user_errors
+from clipguard.errors import ClipguardError
 from clipguard.cli.filter import (
     AllowPipeOpt,
     BatchSizeOpt,
-    CalibrationOpt,
     DeviceOpt,
     GammaOpt,
     JpegDraftOpt,
@@ -27,20 +30,29 @@ from clipguard.cli.filter import (
     ModelOpt,
     PrecisionOpt,
     PretrainedOpt,
-    ScoresOpt,
     ScoringOptions,
     ShardsArg,
     WorkersOpt,
     load_scoring,
 )
-from clipguard.cli.choices import DEFAULT_EXAMPLES, DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_ERROR_RATE, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED
+from clipguard.cli.choices import DEFAULT_EXAMPLES, DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_ERROR_RATE, DEFAULT_MAX_PIXELS
 from clipguard.cli.choices import ExecutorKind
-from clipguard.cli.score import ExecutorOpt, GpusPerWorkerOpt, Precision, RayAddressOpt
+from clipguard.cli.score import ExecutorOpt, GpusPerWorkerOpt, RayAddressOpt
 
 if TYPE_CHECKING:
     from clipguard.filtering.gate import GateReport
 
 FAIL_EXIT = 1
+# Checked by the gate itself, not by the option parser: a missing file must still give the JSON
+# error object with --format json (the parser's usage error would leave stdout empty).
+GateCalibrationOpt = Annotated[
+    Optional[Path],
+    typer.Option(dir_okay=False, help="calibration.json from `clipguard calibrate` (its gamma, checked against --model)."),
+]
+GateScoresOpt = Annotated[
+    Optional[Path],
+    typer.Option(file_okay=False, help="A `clipguard score` folder to reuse (read only); it must come from the same model. Shards it lacks are scored now."),
+]
 
 
 class ReportFormat(str, Enum):
@@ -60,21 +72,21 @@ def gate(
     shards: ShardsArg,
     max_flagged_rate: Annotated[float, typer.Option(help="Fail when more than this fraction of scored pairs is flagged (0.001 = 0.1%).")],
     gamma: GammaOpt = None,
-    calibration: CalibrationOpt = None,
+    calibration: GateCalibrationOpt = None,
     max_error_rate: Annotated[
         float,
         typer.Option(help="Fail when more than this fraction of all pairs could not be scored (corrupt image, missing caption, unsafe member); such pairs are never counted as flagged."),
     ] = DEFAULT_MAX_ERROR_RATE,
     allow_truncated: Annotated[bool, typer.Option(help="Gate a truncated shard on the pairs before the cut instead of failing it (pairs after the cut were never vetted).")] = False,
-    scores: ScoresOpt = None,
+    scores: GateScoresOpt = None,
     save_scores: Annotated[Optional[Path], typer.Option(file_okay=False, help="Keep the scores computed here in this folder (default: a temporary folder).")] = None,
     report_format: Annotated[ReportFormat, typer.Option("--format", help="text for a CI log, json for machines (stdout only), markdown for a PR comment or $GITHUB_STEP_SUMMARY.")] = ReportFormat.text,
     examples: Annotated[int, typer.Option(min=0, help="Show this many flagged pairs with the highest distance.")] = DEFAULT_EXAMPLES,
-    model: ModelOpt = DEFAULT_MODEL,
-    pretrained: PretrainedOpt = DEFAULT_PRETRAINED,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
     model_config: ModelConfigOpt = None,
     batch_size: BatchSizeOpt = 64,
-    precision: PrecisionOpt = Precision.fp32,
+    precision: PrecisionOpt = None,
     workers: WorkersOpt = 1,
     device: DeviceOpt = "cpu",
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -99,7 +111,7 @@ def gate(
             model, pretrained, model_config, batch_size, precision, workers, device, max_pixels, max_caption_bytes,
             jpeg_draft, executor, ray_address, gpus_per_worker,
         ),
-        allow_pipe,
+        allow_pipe, report_format,
     )
     # Plain echo, not rich: the report holds attacker-written captions, which must not be read
     # as console markup, and JSON on stdout must stay exactly JSON.
@@ -118,18 +130,21 @@ def _run_gate(
     examples: int,
     options: ScoringOptions,
     allow_pipe: bool,
+    report_format: ReportFormat = ReportFormat.text,
 ) -> GateReport:
     try:
-        with user_errors():
+        with user_errors(), _json_errors(report_format):
             # Inside the try: an import that fails is a crash (exit 2), never a verdict (exit 1).
             from clipguard.data.shardspec import resolve_shards
             from clipguard.filtering.gate import GateConfig, GatePolicy, gate_shards
             from clipguard.filtering.threshold import resolve_threshold
 
+            if scores is not None and not scores.is_dir():
+                raise ClipguardError(f"--scores {scores} is not a folder; give a `clipguard score` folder")
             threshold = resolve_threshold(gamma, calibration)
             policy = GatePolicy(*policy_request)
             shard_list = resolve_shards(shards, allow_pipe=allow_pipe)
-            loaded, score_config = load_scoring(options)
+            loaded, score_config = load_scoring(options, scores, calibration)
             config = GateConfig(policy=policy, reuse_scores=scores, save_scores=save_scores, examples=examples, score=score_config)
             err_console.print(
                 f"gating {len(shard_list)} shard(s) at gamma {threshold.gamma:.4f} ({threshold.source}) "
@@ -141,7 +156,25 @@ def _run_gate(
             return report
     except typer.Exit:
         raise
-    except Exception:
+    except Exception as exc:
         err_console.print("[bold red]error:[/] the gate crashed; this is a bug in clipguard, not a verdict")
         err_console.print_exception()
+        if report_format is ReportFormat.json:
+            _echo_json_error(f"the gate crashed ({type(exc).__name__}: {exc}); this is a bug in clipguard, not a verdict")
         raise typer.Exit(code=ERROR_EXIT) from None
+
+
+@contextlib.contextmanager
+def _json_errors(report_format: ReportFormat) -> Iterator[None]:
+    """With --format json, a run that cannot decide still prints JSON on stdout, so that a CI step
+    that posts or parses stdout gets the reason and the exit code instead of nothing."""
+    try:
+        yield
+    except ClipguardError as exc:
+        if report_format is ReportFormat.json:
+            _echo_json_error(str(exc))
+        raise
+
+
+def _echo_json_error(message: str) -> None:
+    typer.echo(json.dumps({"error": message, "exit_code": ERROR_EXIT}, indent=2))

@@ -25,8 +25,7 @@ from clipguard.cli.filter import (
     WorkersOpt,
     load_scoring,
 )
-from clipguard.cli.choices import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRETRAINED
-from clipguard.cli.score import Precision
+from clipguard.cli.choices import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_PIXELS
 from clipguard.errors import ClipguardError
 
 if TYPE_CHECKING:
@@ -43,11 +42,11 @@ def sample(
     stratify: Annotated[bool, typer.Option(help="Over-sample the high-distance tail (top 1% / next 4% / rest get 40/30/30% of the labels).")] = False,
     show_scores: Annotated[bool, typer.Option("--show-scores", help="Show distance, stratum and weight on the page (default: blind, so they cannot bias the labeller).")] = False,
     scores: Annotated[Optional[Path], typer.Option(help="With SHARDS: where to write (or resume) their scores; default OUT/scores.")] = None,
-    model: ModelOpt = DEFAULT_MODEL,
-    pretrained: PretrainedOpt = DEFAULT_PRETRAINED,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
     model_config: ModelConfigOpt = None,
     batch_size: BatchSizeOpt = 64,
-    precision: PrecisionOpt = Precision.fp32,
+    precision: PrecisionOpt = None,
     workers: WorkersOpt = 1,
     device: DeviceOpt = "cpu",
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -76,9 +75,10 @@ def sample(
         else:
             options = ScoringOptions(model, pretrained, model_config, batch_size, precision, workers, device,
                                      max_pixels, max_caption_bytes, jpeg_draft)
-            loaded, config = load_scoring(options)
-            job = ScoringJob(resolve_shards(inputs, allow_pipe=allow_pipe), loaded, config)
             scores = scores or out / "scores"
+            # Resuming a score folder: its own model scores the rest.
+            loaded, config = load_scoring(options, scores)
+            job = ScoringJob(resolve_shards(inputs, allow_pipe=allow_pipe), loaded, config)
             err_console.print(f"scoring {len(job.shards)} shard(s) with {loaded.info.architecture} into {scores}",
                               markup=False)
             with score_progress(len(job.shards)) as on_progress:

@@ -158,7 +158,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         architecture=name,
         pretrained=pretrained,
         weights_source=weights.source if weights else "random",
-        weights_path=str(weights.path) if weights else None,
+        # Absolute, so a run started in another folder can load the recorded model again.
+        weights_path=str(weights.path.absolute()) if weights else None,
         weights_sha256=sha256_file(weights.path) if weights else None,
         precision=spec.precision,
         device=spec.device,
