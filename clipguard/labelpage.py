@@ -377,5 +377,5 @@ def _render_row(number: int, index: int, row: SampleRow, show_scores: bool) -> s
 
 def _source_lines(row) -> str:
     """uid and url as text, never a link: the url is the scrape's, and may point anywhere."""
-    return "".join(f'<br><span class="{name}">{name} {escape(value)}</span>'
+    return "".join(f'<br><span class="{name}">{name} {html.escape(value)}</span>'
                    for name, value in (("uid", row.uid), ("url", row.url)) if value)

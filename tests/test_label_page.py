@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from clipguard.cli.main import app
 from clipguard.labelling import DESIGN_LINE_PREFIX, design_comment_line
+from clipguard import labelling, labelpage
 from clipguard.labelpage import STORAGE_PREFIX
 from conftest import simple_samples, write_shard
 
@@ -315,3 +316,12 @@ def test_page_images_keep_the_stored_image_for_the_zoom_view(monkeypatch):
 
     refused = labelpage.page_images(large_jpeg, DecodeLimits(max_pixels=10_000))
     assert refused.thumbnail is None and refused.error.startswith("image_too_large")
+
+
+def test_a_row_with_uid_and_url_renders_them_as_escaped_text():
+    # The page once named an `escape` that only existed inside another function: any sample
+    # carrying img2dataset's uid or url crashed the page.
+    row = labelling.SampleRow(key="k", shard="s", caption="c", distance=0.5, inclusion_probability=1.0,
+                              stratum=0, uid="00ff", url="http://x/<script>.jpg")
+    cell = labelpage._render_row(1, 0, row, show_scores=False)
+    assert "uid 00ff" in cell and "http://x/&lt;script&gt;.jpg" in cell and "<a " not in cell
