@@ -16,7 +16,6 @@ instance is started with one CPU per worker.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clipguard.data.shardspec import Shard

@@ -45,7 +45,6 @@ from clipguard.scoring import stats as shard_stats
 from clipguard.scoring.chunks import Chunk, ShardChunks, passthrough_collate
 from clipguard.scoring.embedder import EmbeddingCache, ShardEmbedder
 from clipguard.scoring.scorefiles import (
-    atomic_write_json,
     embedding_paths,
     left_out_path,
     read_metadata,
