@@ -212,23 +212,31 @@ def test_cli_scores_embeddings_and_refuses_unclear_requests(tmp_path):
     assert empty.exit_code == 2 and "holds no clip-retrieval embeddings" in empty.output
 
 
-def test_blocks_shared_among_threads_give_the_one_thread_scores(monkeypatch):
+def test_scores_do_not_depend_on_the_block_size_and_bad_rows_are_found_in_any_block(monkeypatch):
     from clipguard.scoring import from_embeddings
 
-    monkeypatch.setattr(from_embeddings, "BLOCK_ROWS", 64)  # 1000 rows: 16 blocks, the last one short
     rng = np.random.default_rng(3)
     image, text = unit(rng, 1000, 32).astype(np.float16), unit(rng, 1000, 32).astype(np.float16)
     image[700] = 0.0
     text[65, 3] = np.inf
-    one, one_errors = from_embeddings.pair_similarity(image, text, threads=1)
-    two, two_errors = from_embeddings.pair_similarity(image, text, threads=2)
-    assert np.array_equal(one, two, equal_nan=True) and one_errors == two_errors
-    assert [i for i, e in enumerate(two_errors) if e] == [65, 700] and np.isnan(two[[65, 700]]).all()
-    ok = np.isfinite(two)
-    assert np.allclose(two[ok], expected_similarity(image, text)[ok], atol=1e-6)
+    one_block, one_block_errors = from_embeddings.pair_similarity(image, text)  # one block of 1000 rows
+    monkeypatch.setattr(from_embeddings, "BLOCK_VALUES", 64 * 32)  # 64 rows of 32 dims: 16 blocks, the last one short
+    blocks, block_errors = from_embeddings.pair_similarity(image, text, threads=2)
+    assert np.array_equal(one_block, blocks, equal_nan=True) and one_block_errors == block_errors
+    assert [i for i, e in enumerate(block_errors) if e] == [65, 700] and np.isnan(blocks[[65, 700]]).all()
+    assert block_errors[65] == "bad_embedding: text vector holds NaN or infinite values"
+    assert block_errors[700] == "bad_embedding: image vector is zero"
+    ok = np.isfinite(blocks)
+    assert np.allclose(blocks[ok], expected_similarity(image, text)[ok], atol=1e-6)
+    one_thread, one_thread_errors = from_embeddings.pair_similarity(image, text, threads=1)
+    assert np.array_equal(one_thread, blocks, equal_nan=True) and one_thread_errors == block_errors
+    as_float32, _ = from_embeddings.pair_similarity(image.astype(np.float32), text.astype(np.float32))
+    assert np.array_equal(as_float32, blocks, equal_nan=True)  # float16 is widened exactly
 
 
-def test_save_embeddings_into_an_object_store_is_refused_before_any_work(tmp_path, tiny_loaded):
-    shard = resolve_shards(str(write_shard(tmp_path / "00000.tar", simple_samples(0, 2))))
-    with pytest.raises(ClipguardError, match="local --out"):
-        score_shards(shard, tiny_loaded, "s3://bucket/scores", ScoreConfig(save_embeddings=True))
+def test_vectors_that_are_not_floating_point_are_refused(tmp_path):
+    pool = tmp_path / "pool"
+    write_datacomp_shard(pool, "00000000", 5, 0)
+    np.savez(pool / "00000000.npz", b32_img=np.ones((5, 8), np.float16), b32_txt=np.ones((5, 8), np.int16))
+    with pytest.raises(EmbeddingInputError, match="text vectors are int16, not floating point"):
+        score_from_embeddings(EmbeddingSource(pool, "datacomp"), tmp_path / "out")
