@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from clipguard.calibration.sampling import SampleDesign, draw_sample
-from clipguard.calibration.scored import PairId, ScoredPopulation, fetch_samples, load_population
+from clipguard.calibration.scored import PairId, ScoredPopulation, fetch_samples, load_population, recorded_sources
 from clipguard.data.pairs import DecodeLimits, image_field, read_caption
 from clipguard.data.shardspec import Shard
 from clipguard.errors import CalibrationError
@@ -163,6 +163,7 @@ def read_back_rows(population: ScoredPopulation, design: SampleDesign, allow_pip
     """Caption and thumbnail of every sampled pair, streamed from its shard (never extracted)."""
     ids = [population.pair(int(i)) for i in design.indices]
     fetched = fetch_samples(ids, population.shard_urls, allow_pipe)
+    recorded = recorded_sources(population.scores_dir, ids)
     limits = DecodeLimits(**population.manifest.get("limits", {}))
     rows = []
     for pair_id, index, pi, stratum in zip(ids, design.indices, design.inclusion_probabilities,
@@ -179,6 +180,8 @@ def read_back_rows(population: ScoredPopulation, design: SampleDesign, allow_pip
             else:
                 images = page_images(sample.fields[ext], limits)
                 reason = images.error
+        # What scoring recorded first (it also read the shard's img2dataset parquet), the json after.
+        source = recorded.get(pair_id, SourceMeta()).filled_from(source)
         rows.append(SampleRow(
             key=pair_id[1], shard=pair_id[0], caption=caption, distance=float(population.distances[index]),
             inclusion_probability=float(pi), stratum=int(stratum), images=images, unavailable=reason,

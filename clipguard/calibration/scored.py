@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from clipguard.data.shardspec import Shard
+from clipguard.data.sourcemeta import SourceMeta
 from clipguard.data.tarstream import RawSample, ShardReport, iter_samples
 from clipguard.errors import ClipguardError
 from clipguard.scoring.run import load_manifest
-from clipguard.scoring.scorefiles import read_scores
+from clipguard.scoring.scorefiles import read_scores, score_path
 
 PairId = tuple[str, str]  # (shard name, key)
 
@@ -115,6 +117,30 @@ def load_population(scores_dir: Path) -> ScoredPopulation:
         distances=table.cosine_distance[ok].astype(np.float64),
         error_pairs=errors,
     )
+
+
+def recorded_sources(scores_dir: Path, wanted: Iterable[PairId]) -> dict[PairId, SourceMeta]:
+    """uid / url / img2dataset status as scoring recorded them (from the sample's json and its
+    shard's img2dataset parquet), for the wanted pairs; only their shards' score files are read.
+    A score file from before these columns gives nothing (the sample's json is then all there is)."""
+    names = ("uid", "url", "source_status", "source_error")
+    by_shard: dict[str, set[str]] = {}
+    for shard, key in wanted:
+        by_shard.setdefault(shard, set()).add(key)
+    found: dict[PairId, SourceMeta] = {}
+    for shard, keys in by_shard.items():
+        path = score_path(scores_dir, shard)
+        try:
+            columns = [n for n in names if n in pq.read_schema(path).names]
+            if not columns:
+                continue
+            table = pq.read_table(path, columns=["key", *columns]).to_pydict()
+        except (OSError, ValueError):
+            continue  # the folder was checked when it was loaded; a vanished file only costs the metadata
+        for i, key in enumerate(table["key"]):
+            if key in keys:
+                found[(shard, key)] = SourceMeta(**{n: table[n][i] for n in columns})
+    return found
 
 
 @dataclass
