@@ -240,3 +240,16 @@ def test_vectors_that_are_not_floating_point_are_refused(tmp_path):
     np.savez(pool / "00000000.npz", b32_img=np.ones((5, 8), np.float16), b32_txt=np.ones((5, 8), np.int16))
     with pytest.raises(EmbeddingInputError, match="text vectors are int16, not floating point"):
         score_from_embeddings(EmbeddingSource(pool, "datacomp"), tmp_path / "out")
+
+
+def test_a_metadata_row_without_a_key_is_an_error_row_not_a_score(tmp_path):
+    pool = tmp_path / "pool"
+    write_datacomp_shard(pool, "00000000", 6, 0)
+    meta = pq.read_table(pool / "00000000.parquet")
+    uids = meta.column("uid").to_pylist()
+    uids[4] = None
+    pq.write_table(meta.set_column(0, "uid", pa.array(uids, pa.string())), pool / "00000000.parquet")
+    summary = score_from_embeddings(EmbeddingSource(pool, "datacomp"), tmp_path / "out")
+    table = pq.read_table(tmp_path / "out" / "00000000.parquet").to_pylist()
+    assert len(table) == 6 and table[4]["status"] == "error" and table[4]["error"].startswith("no_key:")
+    assert table[4]["cosine_distance"] is None and summary.errors_by_reason == {"bad_embedding": 2, "no_key": 1}

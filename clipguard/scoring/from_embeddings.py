@@ -284,6 +284,7 @@ def score_part(part: EmbeddingPart, source: EmbeddingSource, out: OutputFolder, 
     seconds["read_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
     similarity, error = pair_similarity(image, text)
+    _mark_rows_without_key(metadata.column("key"), similarity, error)
     seconds["infer_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
     reasons = Counter(error[row].split(":", 1)[0] for row in np.flatnonzero(np.isnan(similarity)))
@@ -429,6 +430,15 @@ def _as_tensor(torch, array: np.ndarray):
         # A memory map opened read-only; the tensor is only ever read.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _mark_rows_without_key(keys: pa.ChunkedArray, similarity: np.ndarray, error: list[str | None]) -> None:
+    """A metadata row whose key is null cannot be joined back to its sample: an error row, not a score."""
+    if keys.null_count == 0:
+        return
+    for row in np.flatnonzero(keys.is_null().to_numpy(zero_copy_only=False)):
+        similarity[row] = np.nan
+        error[row] = "no_key: the metadata row's key is null"
 
 
 def _bad_vector_reason(vector: np.ndarray, side: str) -> str:
