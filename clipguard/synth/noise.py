@@ -191,7 +191,8 @@ def noisy_caption(
     if kind == "wrong_attribute":
         how_many = int(rng.integers(config.min_wrong_attributes, config.max_wrong_attributes + 1))
         wrong = wrong_attributes(attributes, rng, how_many)
-        caption = _describe(class_name, wrong, rng, short_rate, mention_rate, wrong)
+        changed = {name for name in ATTRIBUTE_NAMES if getattr(wrong, name) != getattr(attributes, name)}
+        caption = _describe(class_name, wrong, rng, short_rate, mention_rate, changed)
         named_wrongly = tuple(name for name in caption.mentions if getattr(wrong, name) != getattr(attributes, name))
         return NoisyCaption(caption, kind, class_name, named_wrongly)
     if kind == "boilerplate":
@@ -204,13 +205,14 @@ def noisy_caption(
 
 
 def _describe(class_name: str, attributes: Attributes, rng: np.random.Generator, short_rate: float,
-              mention_rate: float, wrong: Attributes | None = None) -> Caption:
-    """A caption in the world's ordinary mix of styles. A short one about ``wrong`` attributes
-    names at least one attribute, so that a wrong_attribute caption does say something wrong."""
+              mention_rate: float, must_name: set[str] | None = None) -> Caption:
+    """A caption in the world's ordinary mix of styles. A short one that names none of
+    ``must_name`` (the wrong attributes) gives way to a full one, which names them all: a
+    wrong_attribute caption does say something wrong."""
     if rng.random() >= short_rate:
         return make_caption(class_name, attributes, rng)
     caption = make_short_caption(class_name, attributes, rng, mention_rate)
-    if wrong is not None and caption.mentions == ("count",):
+    if must_name and not must_name & set(caption.mentions):
         return make_caption(class_name, attributes, rng)
     return caption
 
