@@ -98,8 +98,11 @@ def attack_and_score(world_dir: Path, label_source: LabelSource, seed: int, out:
     for i, d in zip(ids, scores):
         if i not in poison_ids:
             by_kind[kinds[i]].append(d)
+    # The cut a 1% false-positive budget allows, read off the clean pairs themselves (an oracle
+    # threshold: calibrate estimates it from a labelled sample).
+    gamma = float(np.quantile(scores[~labels], 0.99))
     return {"seed": seed, "pairs": int(scores.size), "poisons": int(labels.sum()),
-            "auroc": roc_auc(scores, labels), "scores": scores, "labels": labels, "by_kind": by_kind,
+            "auroc": roc_auc(scores, labels), "recall_at_fpr_1pct": float(np.mean(scores[labels] > gamma)), "scores": scores, "labels": labels, "by_kind": by_kind,
             "poison_captions": [p.caption for p in result.manifest.poisons],
             "attack_seconds": attack_s, "score_seconds": score_s}
 
@@ -120,6 +123,8 @@ def measure(world_dir: Path, label_source: LabelSource, seeds: int, out: Path) -
         "auroc_mean": round(float(np.mean(aurocs)), 4),
         "auroc_min": round(float(np.min(aurocs)), 4),
         "auroc_max": round(float(np.max(aurocs)), 4),
+        "recall_at_fpr_1pct_per_seed": [round(run["recall_at_fpr_1pct"], 3) for run in runs],
+        "recall_at_fpr_1pct_mean": round(float(np.mean([run["recall_at_fpr_1pct"] for run in runs])), 3),
         "clean": quantiles(clean),
         "poison": quantiles(poison),
         "clean_above_poison_median": round(float(np.mean(clean > np.median(poison))), 4),
@@ -152,7 +157,8 @@ def main() -> None:
             row["generate_seconds"] = round(generate_s, 1)
             rows[f"{name}, labels {source.value}"] = row
             print(f"{name:28s} labels {source.value:8s}: AUROC {row['auroc_mean']:.3f} "
-                  f"[{row['auroc_min']:.3f}, {row['auroc_max']:.3f}] over {args.seeds} seeds; clean median "
+                  f"[{row['auroc_min']:.3f}, {row['auroc_max']:.3f}] over {args.seeds} seeds, recall at FPR 1% "
+                  f"{row['recall_at_fpr_1pct_mean']:.2f}; clean median "
                   f"{row['clean']['q50']:.3f}, poison median {row['poison']['q50']:.3f} "
                   f"({row['poisons_per_seed']} poisons in {row['pairs']} pairs)", flush=True)
     if args.plot is not None:
