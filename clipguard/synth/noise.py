@@ -41,7 +41,6 @@ from clipguard.synth.vocabulary import (
     CLASSES,
     COLOURS,
     COUNTS,
-    POSITION_PHRASES,
     POSITIONS,
     SIZE_WORDS,
     SIZES,
