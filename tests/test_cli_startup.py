@@ -123,7 +123,11 @@ def test_cli_choices_and_defaults_match_the_core():
         cli_choice, core_choice = getattr(choices, name), getattr(convert, name)
         assert [m.value for m in cli_choice] == [m.value for m in core_choice]
     assert (choices.DEFAULT_MAX_ERROR_RATE, choices.DEFAULT_EXAMPLES) == (gate.DEFAULT_MAX_ERROR_RATE, gate.DEFAULT_EXAMPLES)
-    for copy, core in [(choices.FINETUNE_DEFAULTS, FinetuneConfig()), (choices.WORLD_DEFAULTS, WorldSpec())]:
+    from clipguard.synth.noise import NOISE_KINDS, WebNoiseConfig
+
+    assert tuple(m.value for m in choices.NoiseKind) == NOISE_KINDS
+    for copy, core in [(choices.FINETUNE_DEFAULTS, FinetuneConfig()), (choices.WORLD_DEFAULTS, WorldSpec()),
+                       (choices.WEB_NOISE_DEFAULTS, WebNoiseConfig())]:
         for field in dataclasses.fields(copy):
             assert getattr(copy, field.name) == getattr(core, field.name), field.name
     for name in ("AttackKind", "CaptionSource", "KeyPolicy", "TriggerPattern", "TriggerPosition"):

@@ -55,8 +55,26 @@ class WorldDefaults:
     shard_size: int = 1000
 
 
+@dataclass(frozen=True)
+class WebNoiseDefaults:
+    """clipguard.synth.WebNoiseConfig() defaults that `clipguard synth --noise web` shows."""
+
+    partial_rate: float = 0.2
+    wrong_attribute_rate: float = 0.35
+    boilerplate_rate: float = 0.15
+    label_noise_rate: float = 0.06
+    stock_page_rate: float = 0.05
+    stock_max_pages: int = 5
+
+
+class NoiseKind(str, Enum):  # clipguard.synth.noise.NOISE_KINDS
+    none = "none"
+    web = "web"
+
+
 FINETUNE_DEFAULTS = FinetuneDefaults()
 WORLD_DEFAULTS = WorldDefaults()
+WEB_NOISE_DEFAULTS = WebNoiseDefaults()
 
 
 class AttackKind(str, Enum):  # clipguard.attacks.AttackKind
