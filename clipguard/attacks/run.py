@@ -2,7 +2,9 @@
 
 Index the clean data (labels, captions, image hashes) -> choose poison sources for the attack
 -> read only those samples -> build the poisons -> place them at seeded positions -> write every
-shard again with the poisons among the clean samples -> write the manifest.
+shard again with the poisons among the clean samples -> write the manifest. ``--evade`` changes
+the choosing (``nearest``, ``clean-label``, ``many-captions``) or rewrites the chosen captions
+once their samples are read (``blend``); placement and writing are the same for every variant.
 
 Each random choice has its own stream derived from the seed, so changing how poisons are placed
 never changes which poisons are made.
