@@ -25,7 +25,7 @@ from clipguard.training import FinetuneJob, finetune_side_by_side
 
 GOAL = Goal("sheep", "aeroplane")
 RATE = 0.005
-DEFAULT_RUNS = ["single-label:blend", "single-label:nearest", "single-image:blend"]
+DEFAULT_RUNS = ["single-label:plain", "single-label:blend", "single-label:nearest", "single-image:blend"]
 
 
 def main() -> None:
