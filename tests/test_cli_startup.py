@@ -130,7 +130,8 @@ def test_cli_choices_and_defaults_match_the_core():
                        (choices.WEB_NOISE_DEFAULTS, WebNoiseConfig())]:
         for field in dataclasses.fields(copy):
             assert getattr(copy, field.name) == getattr(core, field.name), field.name
-    for name in ("AttackKind", "CaptionSource", "KeyPolicy", "TriggerPattern", "TriggerPosition"):
+    assert choices.DEFAULT_SURROGATE == attacks.DEFAULT_SURROGATE
+    for name in ("AttackKind", "CaptionSource", "KeyPolicy", "TriggerPattern", "TriggerPosition", "EvadeVariant"):
         cli_enum, core_enum = getattr(choices, name), getattr(attacks, name)
         assert [(m.name, m.value) for m in cli_enum] == [(m.name, m.value) for m in core_enum], name
         assert all(choices.core_enum(core_enum, m) is core_enum(m.value) for m in cli_enum)

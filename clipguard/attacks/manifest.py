@@ -9,14 +9,16 @@ Format ``clipguard-poison-manifest/1``::
       "rate": 0.004975,            # achieved φ = |Dp| / |D|, pairs
       "requested": {"rate": 0.005} or {"count": 20},
       "count": 20, "clean_pairs": 4000, "total_pairs": 4020, "seed": 0,
-      "caption_source": "data", "key_policy": "renumber",
+      "caption_source": "data" (or "templates", "blend", "data+templates"), "key_policy": "renumber",
       "labels": {"source": "auto", "keywords_file": null, "counts": {...}},
       "target_image": {"source_key", "source_shard", "class", "sha256", "poison_keys"} or null,
       "trigger": {"pattern", "size", "position"} or null,
+      "evade": {"variant": "blend" | "nearest" | "clean-label" | "many-captions",
+                "surrogate": name (nearest only)} or null,
       "input_shards": [url, ...],
       "output_shards": [{"name", "file", "clean", "poisons"}, ...],
       "poison_keys": [...],        # exactly the injected samples' keys, in output order
-      "poisons": [{"key", "shard", "goal", "caption", "caption_origin",
+      "poisons": [{"key", "shard", "goal", "caption", "caption_origin" ("data", "template", "blend"),
                    "text_source": {"shard", "key", "output_key"} or null,
                    "image_source": {"shard", "key", "output_key", "class"},
                    "image_sha256", "triggered"}, ...]
@@ -78,6 +80,7 @@ class PoisonManifest:
     poisons: list[PoisonRecord]
     target_image: dict[str, Any] | None = None
     trigger: dict[str, Any] | None = None
+    evade: dict[str, Any] | None = None  # None for the plain attacks
     format: str = MANIFEST_FORMAT
 
     @property
@@ -107,6 +110,7 @@ class PoisonManifest:
             "labels": self.labels,
             "target_image": self.target_image,
             "trigger": self.trigger,
+            "evade": self.evade,
             "input_shards": self.input_shards,
             "output_shards": self.output_shards,
             "poison_keys": self.poison_keys,
@@ -149,7 +153,7 @@ def read_manifest(path: str | Path) -> PoisonManifest:
             count=data["count"], clean_pairs=data["clean_pairs"], seed=data["seed"],
             caption_source=data["caption_source"], key_policy=data["key_policy"], labels=data["labels"],
             input_shards=data["input_shards"], output_shards=data["output_shards"], poisons=poisons,
-            target_image=data.get("target_image"), trigger=data.get("trigger"),
+            target_image=data.get("target_image"), trigger=data.get("trigger"), evade=data.get("evade"),
         )
     except (KeyError, TypeError) as exc:
         raise AttackError(f"poison manifest {path} is incomplete: {exc}") from exc

@@ -27,9 +27,12 @@ class PoisonPlan:
     text_source: IndexedSample | None = None  # None for a template caption
     caption_word: str | None = None  # the class word a template caption uses
     stamp_trigger: bool = False
+    made_by: str | None = None  # an evasion that wrote the caption itself ("blend")
 
     @property
     def caption_origin(self) -> str:
+        if self.made_by is not None:
+            return self.made_by
         return "data" if self.text_source is not None else "template"
 
 

@@ -2,7 +2,9 @@
 
 Index the clean data (labels, captions, image hashes) -> choose poison sources for the attack
 -> read only those samples -> build the poisons -> place them at seeded positions -> write every
-shard again with the poisons among the clean samples -> write the manifest.
+shard again with the poisons among the clean samples -> write the manifest. ``--evade`` changes
+the choosing (``nearest``, ``clean-label``, ``many-captions``) or rewrites the chosen captions
+once their samples are read (``blend``); placement and writing are the same for every variant.
 
 Each random choice has its own stream derived from the seed, so changing how poisons are placed
 never changes which poisons are made.
@@ -17,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clipguard.attacks import carlini, yang
+from clipguard.attacks import carlini, nearest, yang
+from clipguard.attacks.blend import blend_plans
+from clipguard.attacks.evade import DEFAULT_SURROGATE, EvadeVariant, check_evade
 from clipguard.attacks.goals import AttackError, AttackKind, Goal, check_goals
 from clipguard.attacks.index import CleanIndex, IndexedSample, build_index, fetch_fields
 from clipguard.attacks.inject import (
@@ -31,11 +35,12 @@ from clipguard.attacks.inject import (
 )
 from clipguard.attacks.manifest import MANIFEST_NAME, PoisonManifest, PoisonRecord, SourceRef
 from clipguard.attacks.plan import CaptionSource, PoisonPlan, achieved_rate, poison_count_for_rate
+from clipguard.attacks.surrogate import Surrogate
 from clipguard.attacks.trigger import TriggerSpec
 from clipguard.data.shardspec import Shard, resolve_shards
 from clipguard.labels import LabelSource, load_keywords, make_labeler
 
-_SELECT_STREAM, _PLACE_STREAM, _KEY_STREAM = 1, 2, 3
+_SELECT_STREAM, _PLACE_STREAM, _KEY_STREAM, _BLEND_STREAM = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,8 @@ class AttackConfig:
     caption_source: CaptionSource = CaptionSource.data
     key_policy: KeyPolicy = KeyPolicy.renumber
     overwrite: bool = False
+    evade: EvadeVariant | None = None  # a variant built to pass a pair filter (evade.py)
+    surrogate: str = DEFAULT_SURROGATE  # the attacker's model, for --evade nearest
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", AttackKind(self.kind))
@@ -71,6 +78,22 @@ class AttackConfig:
                               "targeted and backdoor")
         if self.target_image is not None and self.kind not in (AttackKind.single_image, AttackKind.targeted):
             raise AttackError("--target-image applies to single-image and targeted")
+        object.__setattr__(self, "evade", check_evade(self.kind, self.evade))
+        if self.evade is EvadeVariant.many_captions and self.caption_source is not CaptionSource.data:
+            raise AttackError("--evade many-captions uses data captions and templates together; leave out --caption-source")
+        if self.evade is EvadeVariant.clean_label and self.caption_source is not CaptionSource.data:
+            raise AttackError("--evade clean-label keeps each image's own caption; --caption-source does not apply")
+        if self.surrogate != DEFAULT_SURROGATE and self.evade is not EvadeVariant.nearest:
+            raise AttackError("--surrogate is the model --evade nearest ranks images with; it applies to nearest only")
+
+    @property
+    def caption_source_label(self) -> str:
+        """What the manifest records as the captions' source."""
+        if self.evade is EvadeVariant.many_captions:
+            return "data+templates"
+        if self.evade is EvadeVariant.blend:
+            return "blend"
+        return self.caption_source.value
 
 
 @dataclass
@@ -97,6 +120,17 @@ def plan_poisons(index: CleanIndex, config: AttackConfig, count: int,
     rng = _rng(config.seed, _SELECT_STREAM)
     known = list(keywords) if keywords is not None and config.label_source is LabelSource.keywords else None
     goal = config.goals[0]
+    if config.evade is EvadeVariant.nearest:
+        surrogate = Surrogate(config.surrogate)
+        if config.kind is AttackKind.single_image:
+            return nearest.single_image(index, goal, count, surrogate, rng, config.target_image, known)
+        if config.kind is AttackKind.single_label:
+            return nearest.single_label(index, goal, count, surrogate, known)
+        return nearest.multi_label(index, config.goals, count, surrogate, known)
+    if config.evade is EvadeVariant.many_captions:
+        return carlini.many_captions(index, goal, count, rng, keywords, config.target_image, known)
+    if config.evade is EvadeVariant.clean_label:
+        return carlini.clean_label(index, goal, count, rng, keywords, known)
     if config.kind is AttackKind.single_image:
         return yang.single_image(index, goal, count, rng, config.target_image, known)
     if config.kind is AttackKind.single_label:
@@ -124,6 +158,9 @@ def run_attack(clean: list[str] | list[Shard] | str, out_dir: str | Path, config
     plans = plan_poisons(index, config, count, keywords)
     prepare_out_dir(out_dir, index, config.overwrite, MANIFEST_NAME)
     fetched = fetch_fields(index, _sources(plans))
+    if config.evade is EvadeVariant.blend:
+        plans = blend_plans(plans, fetched, [_caption_class(config.kind, p.goal) for p in plans], keywords,
+                            _rng(config.seed, _BLEND_STREAM))
     trigger = config.trigger if config.kind is AttackKind.backdoor else None
     poisons = [poison_fields(plan, fetched, trigger) for plan in plans]
     placements = place_poisons(index.shard_sizes, len(plans), _rng(config.seed, _PLACE_STREAM))
@@ -131,6 +168,11 @@ def run_attack(clean: list[str] | list[Shard] | str, out_dir: str | Path, config
     write_shards(index, outputs, poisons, config.key_policy, progress=lambda done: report("write", done))
     manifest = _manifest(index, config, keywords, plans, poisons, outputs, count)
     return AttackResult(out_dir=out_dir, manifest_path=manifest.write(out_dir), manifest=manifest, shards=outputs)
+
+
+def _caption_class(kind: AttackKind, goal: Goal) -> str:
+    """The class a poison's caption names: A for Yang et al.'s A2B, the label B for Carlini's."""
+    return goal.target if kind in (AttackKind.targeted, AttackKind.backdoor) else goal.source
 
 
 def _sources(plans: list[PoisonPlan]) -> list[IndexedSample]:
@@ -182,7 +224,7 @@ def _manifest(index: CleanIndex, config: AttackConfig, keywords, plans: list[Poi
         count=count,
         clean_pairs=index.size,
         seed=config.seed,
-        caption_source=config.caption_source.value,
+        caption_source=config.caption_source_label,
         key_policy=config.key_policy.value,
         labels={"source": config.label_source.value,
                 "keywords_file": str(config.keywords) if config.keywords is not None else None,
@@ -192,7 +234,17 @@ def _manifest(index: CleanIndex, config: AttackConfig, keywords, plans: list[Poi
         poisons=records,
         target_image=_target_image(plans, records, config),
         trigger=config.trigger.to_dict() if config.kind is AttackKind.backdoor else None,
+        evade=_evade_record(config),
     )
+
+
+def _evade_record(config: AttackConfig) -> dict | None:
+    if config.evade is None:
+        return None
+    record = {"variant": config.evade.value}
+    if config.evade is EvadeVariant.nearest:
+        record["surrogate"] = config.surrogate
+    return record
 
 
 def _target_image(plans: list[PoisonPlan], records: list[PoisonRecord], config: AttackConfig) -> dict | None:

@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from clipguard.cli.choices import AttackKind, CaptionSource, KeyPolicy, TriggerPattern, TriggerPosition, core_enum
+from clipguard.cli.choices import (
+    DEFAULT_SURROGATE,
+    AttackKind,
+    CaptionSource,
+    EvadeVariant,
+    KeyPolicy,
+    TriggerPattern,
+    TriggerPosition,
+    core_enum,
+)
 from clipguard.cli.common import console, err_console, progress_reporter, user_errors
 from clipguard.labels import LabelSource
 
@@ -33,6 +42,8 @@ def attack(
     trigger_size: Annotated[float, typer.Option(help="Backdoor patch side as a fraction of the image's shorter side.")] = 0.125,
     trigger_position: Annotated[TriggerPosition, typer.Option(help="Where the backdoor patch goes.")] = TriggerPosition.bottom_right,
     keys: Annotated[KeyPolicy, typer.Option(help="renumber: number each output shard afresh in the input's key style (poisons undetectable by key); keep: clean keys untouched, poisons take the next free keys.")] = KeyPolicy.renumber,
+    evade: Annotated[Optional[EvadeVariant], typer.Option(help="A variant built to pass a pair filter: blend (caption names the poison class but describes the image; any attack), nearest (class-B images nearest to class-A captions under --surrogate; single-image, single-label, multi-label), clean-label (trigger on images whose captions are the target label; backdoor), many-captions (data and template captions, all distinct; targeted).")] = None,
+    surrogate: Annotated[str, typer.Option(help="The attacker's model that --evade nearest ranks images with (bundled name, open_clip architecture or checkpoint); not the defender's reference.")] = DEFAULT_SURROGATE,
     overwrite: Annotated[bool, typer.Option(help="Replace shards and manifest already in --out.")] = False,
 ) -> None:
     """Mix poisons into clean shards; write poisoned shards and the ground-truth manifest.
@@ -41,6 +52,8 @@ def attack(
     Example:
       clipguard attack single-label world/train --goal sheep:aeroplane \\
         --rate 0.005 --out poisoned/
+      clipguard attack single-label world/train --goal sheep:aeroplane \\
+        --rate 0.005 --evade nearest --out poisoned-nearest/
     """
     from clipguard import attacks
 
@@ -52,6 +65,7 @@ def attack(
             count=count, seed=seed, label_source=label_source, keywords=keywords, target_image=target_image,
             trigger=trigger, caption_source=core_enum(attacks.CaptionSource, caption_source),
             key_policy=core_enum(attacks.KeyPolicy, keys), overwrite=overwrite,
+            evade=core_enum(attacks.EvadeVariant, evade) if evade is not None else None, surrogate=surrogate,
         )
         with progress_reporter() as progress:
             tasks: dict[str, ProgressTask] = {}
@@ -80,6 +94,8 @@ def print_summary(result: AttackResult) -> None:
     table.add_row("shards", f"{len(manifest.output_shards)} written, poisons in {spread}")
     if manifest.target_image:
         table.add_row("target image", f"{manifest.target_image['source_key']} (class {manifest.target_image['class']})")
+    if manifest.evade:
+        table.add_row("evade", ", ".join(f"{k} {v}" for k, v in manifest.evade.items()))
     if manifest.trigger:
         table.add_row("trigger", ", ".join(f"{k} {v}" for k, v in manifest.trigger.items()))
     counts = manifest.labels["counts"]

@@ -109,6 +109,16 @@ class TriggerPosition(str, Enum):  # clipguard.attacks.TriggerPosition
     center = "center"
 
 
+class EvadeVariant(str, Enum):  # clipguard.attacks.EvadeVariant
+    blend = "blend"
+    nearest = "nearest"
+    clean_label = "clean-label"
+    many_captions = "many-captions"
+
+
+DEFAULT_SURROGATE = "clipguard-victim"  # clipguard.attacks.DEFAULT_SURROGATE
+
+
 class ExecutorKind(str, Enum):  # clipguard.scoring.run.EXECUTORS
     local = "local"
     ray = "ray"
