@@ -1,0 +1,101 @@
+"""Classes on both sides of a pair, and the background of natural mismatches between them.
+
+Caption class: keyword search (`clipguard.labels`). Image class: data-driven, because the
+bundled reference's zero-shot accuracy is weak: the plurality caption class among an image
+group's nearest other images (the group itself, its exact and near duplicates, left out, so a
+poisoned image cannot vote for its own captions).
+
+Background: off the diagonal, cell (caption A, image B) is expected to hold
+(row_A - n_AB)(col_B - n_AB) / (off - n_AB) pairs (independence of the mismatches' two classes,
+the cell left out of its own estimate so that a planted cell does not raise its own expectation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipguard.audit.neighbours import NeighbourIndex
+from clipguard.labels import KeywordLabeler
+
+NO_CLASS = -1
+MIN_EXPECTED = 0.1  # a floor: an empty background is not evidence that a cell can never occur
+
+
+def caption_classes(captions, labeler: KeywordLabeler) -> np.ndarray:
+    """Class number per caption (order of ``labeler.classes``), NO_CLASS for none or several."""
+    number = {name: i for i, name in enumerate(labeler.classes)}
+    return np.array([number.get(labeler.label(c).name, NO_CLASS) for c in captions], dtype=np.int64)
+
+
+def plurality(labels: np.ndarray, classes: int, min_votes: int = 1) -> int:
+    labels = labels[labels >= 0]
+    if len(labels) < min_votes:
+        return NO_CLASS
+    counts = np.bincount(labels, minlength=classes)
+    top = np.flatnonzero(counts == counts.max())
+    return int(top[0]) if len(top) == 1 and counts.max() * 2 > len(labels) else NO_CLASS
+
+
+def image_group_classes(index: NeighbourIndex, image_group: np.ndarray, groups: int, image_label: np.ndarray,
+                        classes: int, votes: int) -> np.ndarray:
+    """Class per image group: plurality of the labels of the ``votes`` nearest unique images
+    outside the group, searched from the group's centroid.
+
+    ``image_group`` and ``image_label`` are per unique image (the plurality caption class of its pairs).
+    """
+    out = np.full(groups, NO_CLASS, np.int64)
+    sizes = np.bincount(image_group, minlength=groups)
+    members = _members(image_group, groups)
+    centroids = np.zeros((groups, index.vectors.shape[1]), np.float32)
+    np.add.at(centroids, image_group, index.vectors)
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    # Groups of one size share one search; the few large groups are searched on their own.
+    for size in np.unique(sizes):
+        which = np.flatnonzero(sizes == size)
+        found = index.search(centroids[which], int(size) + votes)
+        for row, g in enumerate(which):
+            outside = found.index[row][~np.isin(found.index[row], members[g]) & (found.index[row] >= 0)][:votes]
+            out[g] = plurality(image_label[outside], classes, min_votes=max(1, votes // 3))
+    return out
+
+
+def _members(group: np.ndarray, groups: int) -> list[np.ndarray]:
+    order = np.argsort(group, kind="stable")
+    bounds = np.searchsorted(group[order], np.arange(groups + 1))
+    return [order[bounds[g]:bounds[g + 1]] for g in range(groups)]
+
+
+@dataclass(frozen=True)
+class CellTable:
+    """Pairs per (caption class, image class) among pairs with both, and each off-diagonal cell's
+    expected count under the background."""
+
+    observed: np.ndarray  # (C, C) int
+    expected: np.ndarray  # (C, C) float; NaN on the diagonal
+
+    @property
+    def cells_tested(self) -> int:
+        c = len(self.observed)
+        return c * (c - 1)
+
+    def per_pair_rate(self, caption_class: int, image_class: int, given: str) -> float:
+        """Background probability that a pair with one side known has the other: given="caption"
+        is P(image class | caption class), given="image" is P(caption class | image class)."""
+        total = self.observed[caption_class].sum() if given == "caption" else self.observed[:, image_class].sum()
+        return float(min(1.0, self.expected[caption_class, image_class] / max(total, 1)))
+
+
+def cell_table(caption_class: np.ndarray, image_class: np.ndarray, classes: int) -> CellTable:
+    both = (caption_class >= 0) & (image_class >= 0)
+    observed = np.zeros((classes, classes), np.int64)
+    np.add.at(observed, (caption_class[both], image_class[both]), 1)
+    off = observed.copy()
+    np.fill_diagonal(off, 0)
+    row, col, total = off.sum(axis=1, keepdims=True), off.sum(axis=0, keepdims=True), off.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = (row - off) * (col - off) / np.maximum(total - off, 1)
+    expected = np.maximum(expected.astype(np.float64), MIN_EXPECTED)
+    np.fill_diagonal(expected, np.nan)
+    return CellTable(observed=observed, expected=expected)

@@ -1,0 +1,215 @@
+"""Goal discovery: the structures that attacks leave behind, tested against the data's background.
+
+Each test gives a p-value, Bonferroni-corrected for the number of tests of its kind; a finding
+is a test whose corrected p-value is under the significance level. Every kind needs a class on
+the caption side, so reuse without a class keyword (boilerplate alt-text) is never an attack goal,
+and every kind compares against the rate at which the data mismatches those classes naturally:
+
+- class_pair: cell (caption A, image B) against its leave-the-cell-out expectation (Poisson tail);
+- image_fan_in: one image (with its near-duplicates) behind many distinct captions of class A,
+  A not the image's class; binomial tail of the A captions among its captions at the background
+  rate P(A caption | B image);
+- image_cluster: many distinct near-identical images whose captions name one label L that is not
+  their class; binomial tail at L's overall caption rate;
+- caption_fan_out: one caption (with near-identical ones) of class A behind many distinct images
+  of class B; binomial tail at P(B image | A caption).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats
+
+from clipguard.audit.classes import NO_CLASS, CellTable
+
+LN10 = math.log(10.0)
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    alpha: float = 1e-6  # corrected p-value under which a test is a finding
+    min_cell_pairs: int = 3
+    min_fan_in: int = 5  # distinct captions behind an image group before it is tested
+    min_fan_out: int = 5  # distinct images behind a caption group
+    min_cluster: int = 5  # distinct images in a near-duplicate group that make it a cluster
+
+
+@dataclass
+class AuditTables:
+    """Everything the tests read, per pair unless named otherwise."""
+
+    classes: list[str]
+    caption_class: np.ndarray
+    image_class: np.ndarray
+    caption_text: np.ndarray  # normalised captions
+    caption_id: np.ndarray  # distinct normalised caption
+    image_id: np.ndarray  # distinct exact image
+    image_group: np.ndarray  # near-duplicate image group
+    caption_group: np.ndarray  # near-identical caption group
+    cells: CellTable
+
+
+@dataclass
+class Finding:
+    kind: str
+    goal: str  # "A:B" (caption class: image class) or, for a cluster, its label
+    description: str
+    observed: int
+    expected: float
+    neglog10_p: float  # corrected for `tests`
+    tests: int
+    rows: np.ndarray = field(repr=False)  # pair rows involved
+
+    @property
+    def p_value(self) -> float:
+        return 10.0 ** -self.neglog10_p
+
+
+def neglog10_tail(logsf: float, tests: int) -> float:
+    """-log10 of a Bonferroni-corrected p-value, from the log of the raw tail probability."""
+    raw = -logsf / LN10 if np.isfinite(logsf) else 320.0
+    return max(0.0, raw - math.log10(max(tests, 1)))
+
+
+def describe_p(neglog10_p: float) -> str:
+    if neglog10_p >= 1:
+        return f"p < 1e-{int(math.floor(neglog10_p))}"
+    return f"p = {10 ** -neglog10_p:.2g}"
+
+
+def detect(t: AuditTables, config: DetectConfig) -> tuple[list[Finding], np.ndarray]:
+    """Findings, most significant first, and each pair's class-cell score (-log10 corrected p)."""
+    cell_findings, cell_score = _class_pairs(t, config)
+    tested = cell_findings + _image_groups(t, config) + _caption_groups(t, config)
+    threshold = -math.log10(config.alpha)
+    findings = [f for f in tested if f.neglog10_p > threshold]
+    findings.sort(key=lambda f: (-f.neglog10_p, -(f.observed / max(f.expected, 1e-9))))
+    return findings, cell_score
+
+
+def _class_pairs(t: AuditTables, config: DetectConfig) -> tuple[list[Finding], np.ndarray]:
+    classes = len(t.classes)
+    tests = t.cells.cells_tested
+    score = np.zeros((classes, classes))
+    found = []
+    for a in range(classes):
+        for b in range(classes):
+            n = int(t.cells.observed[a, b])
+            if a == b or n < config.min_cell_pairs:
+                continue
+            expected = float(t.cells.expected[a, b])
+            score[a, b] = neglog10_tail(stats.poisson.logsf(n - 1, expected), tests)
+            rows = np.flatnonzero((t.caption_class == a) & (t.image_class == b))
+            found.append(Finding(
+                "class_pair", f"{t.classes[a]}:{t.classes[b]}",
+                f"captions of {t.classes[a]} paired with images of {t.classes[b]}: {n} pairs where "
+                f"{expected:.2g} are expected, {describe_p(score[a, b])}",
+                n, expected, score[a, b], tests, rows))
+    both = (t.caption_class >= 0) & (t.image_class >= 0)
+    per_pair = np.zeros(len(t.caption_class))
+    per_pair[both] = score[t.caption_class[both], t.image_class[both]]
+    return found, per_pair
+
+
+def _caption_rate(t: AuditTables) -> np.ndarray:
+    labelled = t.caption_class[t.caption_class >= 0]
+    return np.bincount(labelled, minlength=len(t.classes)) / max(len(t.caption_class), 1)
+
+
+def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
+    """Fan-in (one or a few distinct images) and clusters (many distinct images), per image group."""
+    classes = len(t.classes)
+    order = np.argsort(t.image_group, kind="stable")
+    bounds = np.flatnonzero(np.diff(t.image_group[order])) + 1
+    groups = [g for g in np.split(order, bounds) if len(g)]
+    fan_in = [g for g in groups if len(np.unique(t.image_id[g])) < config.min_cluster
+              and len(np.unique(t.caption_id[g])) >= config.min_fan_in]
+    clusters = [g for g in groups if len(np.unique(t.image_id[g])) >= config.min_cluster]
+    rate = _caption_rate(t)
+    found = []
+    for rows in fan_in:
+        image_class = int(t.image_class[rows[0]])
+        distinct = len(np.unique(t.caption_id[rows]))
+        best = None
+        for a in range(classes):
+            if a == image_class:
+                continue
+            m = len(np.unique(t.caption_id[rows[t.caption_class[rows] == a]]))
+            if m < config.min_cell_pairs:
+                continue
+            p0 = t.cells.per_pair_rate(a, image_class, "image") if image_class != NO_CLASS else rate[a]
+            p0 = min(max(p0, 1e-12), 1.0)
+            score = neglog10_tail(stats.binom.logsf(m - 1, distinct, p0), len(fan_in) * (classes - 1))
+            if best is None or score > best[0]:
+                best = (score, a, m, distinct * p0)
+        if best is None:
+            continue
+        score, a, m, expected = best
+        images = len(np.unique(t.image_id[rows]))
+        what = "one image" if images == 1 else f"one image and {images - 1} near-duplicate(s)"
+        of = t.classes[image_class] if image_class != NO_CLASS else "unknown class"
+        found.append(Finding(
+            "image_fan_in", f"{t.classes[a]}:{t.classes[image_class] if image_class != NO_CLASS else '?'}",
+            f"{what} ({of}) behind {m} different {t.classes[a]} captions ({distinct} distinct captions in all; "
+            f"{expected:.2g} {t.classes[a]} captions expected), {describe_p(score)}",
+            m, expected, score, len(fan_in) * (classes - 1), rows[t.caption_class[rows] == a]))
+    for rows in clusters:
+        labels = t.caption_class[rows]
+        labelled = labels[labels >= 0]
+        if not len(labelled):
+            continue
+        label = int(np.bincount(labelled, minlength=classes).argmax())
+        if label == int(t.image_class[rows[0]]):
+            continue  # near-identical photos of what their captions name: ordinary duplication
+        m, n = int((labels == label).sum()), len(rows)
+        p0 = min(max(rate[label], 1e-12), 1.0)
+        score = neglog10_tail(stats.binom.logsf(m - 1, n, p0), len(clusters) * classes)
+        images = len(np.unique(t.image_id[rows]))
+        found.append(Finding(
+            "image_cluster", t.classes[label],
+            f"a cluster of {images} near-identical images, {m} of its {n} pairs captioned with '{t.classes[label]}' "
+            f"({n * p0:.2g} expected), {describe_p(score)}",
+            m, n * p0, score, len(clusters) * classes, rows[labels == label]))
+    return found
+
+
+def _caption_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
+    classes = len(t.classes)
+    order = np.argsort(t.caption_group, kind="stable")
+    bounds = np.flatnonzero(np.diff(t.caption_group[order])) + 1
+    groups = []
+    for rows in np.split(order, bounds):
+        labelled = t.caption_class[rows][t.caption_class[rows] >= 0]
+        if len(rows) and len(labelled) * 2 > len(rows) and len(np.unique(t.image_id[rows])) >= config.min_fan_out:
+            groups.append((int(np.bincount(labelled, minlength=classes).argmax()), rows))
+    tests = len(groups) * (classes - 1)
+    found = []
+    for a, rows in groups:
+        distinct = len(np.unique(t.image_id[rows]))
+        best = None
+        for b in range(classes):
+            if b == a:
+                continue
+            of_b = rows[t.image_class[rows] == b]
+            m = len(np.unique(t.image_id[of_b]))
+            if m < config.min_cell_pairs:
+                continue
+            p0 = min(max(t.cells.per_pair_rate(a, b, "caption"), 1e-12), 1.0)
+            score = neglog10_tail(stats.binom.logsf(m - 1, distinct, p0), tests)
+            if best is None or score > best[0]:
+                best = (score, b, m, distinct * p0, of_b)
+        if best is None:
+            continue
+        score, b, m, expected, of_b = best
+        texts = np.unique(t.caption_text[rows])
+        shown = texts[0] if len(texts[0]) <= 60 else texts[0][:57] + "..."
+        more = f" and {len(texts) - 1} near-identical" if len(texts) > 1 else ""
+        found.append(Finding(
+            "caption_fan_out", f"{t.classes[a]}:{t.classes[b]}",
+            f"one {t.classes[a]} caption ('{shown}'{more}) behind {m} different images of {t.classes[b]} "
+            f"({distinct} images in all; {expected:.2g} expected), {describe_p(score)}",
+            m, expected, score, tests, of_b))
+    return found

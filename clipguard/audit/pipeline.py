@@ -1,0 +1,150 @@
+"""`run_audit`: a score folder and its embeddings -> per-pair cross-pair signals and findings.
+
+Today's implementation holds the audited pairs in memory (vectors as float32: about 2 KB per
+pair at 512 dimensions, so ~10^6 pairs per few GB) and searches neighbours exactly up to
+`neighbours.EXACT_LIMIT` vectors, through faiss above it. How it scales to 10^8 pairs in bounded
+memory, with the same statistics (docs/architecture.md says the same):
+
+1. Counting pass, per shard: hash each pair's normalised caption and image sha256; write
+   (hash prefix partition, hash, key) runs to disk; merge each partition alone (a partition fits
+   in memory) into distinct-caption-per-image and distinct-image-per-caption counts.
+2. Index pass: train a faiss IVF-PQ index on a sample of image (and text) vectors, add every
+   shard's vectors, then search shard by shard: k-distances, near-duplicate edges above the
+   threshold (written as edge lists, merged with a union-find over int64 ids that fits for 10^8),
+   and each group's nearest outside neighbours for its data-driven class.
+3. Table pass: the (caption class, image class) cell table is C x C counts, summed over shards;
+   the tests need only it, the group counts and the group sizes. Per-pair columns are then
+   written shard by shard, joining each shard's rows to its groups' counts.
+Every pass is per shard, so it runs through the same executors as scoring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clipguard.audit.classes import NO_CLASS, caption_classes, cell_table, image_group_classes, plurality
+from clipguard.audit.density import density
+from clipguard.audit.detect import AuditTables, DetectConfig, Finding, detect
+from clipguard.audit.grouping import components, distinct_per_group, factorize, image_identity, normalise_caption
+from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
+from clipguard.audit.neighbours import EXACT_LIMIT, NeighbourIndex
+from clipguard.audit.output import write_findings, write_signals
+from clipguard.labels import KeywordLabeler, load_keywords
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    scores: Path
+    out: Path
+    embeddings: Path | None = None  # default: the score folder's own img_emb/, text_emb/, metadata/
+    keywords: Path | dict | None = None  # class -> keywords; without it no class-based test runs
+    alpha: float = 1e-6
+    k: int = 10  # neighbours for density and for an image's data-driven class
+    image_duplicate: float = 0.95  # cosine similarity at which two images are near-duplicates
+    text_duplicate: float = 0.95  # ... and two captions near-identical
+    exact_limit: int = EXACT_LIMIT  # more vectors than this go through faiss
+    nprobe: int = 64
+    detect: DetectConfig = field(default_factory=DetectConfig)
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    out: Path
+    pairs: AuditPairs
+    tables: AuditTables
+    findings: list[Finding]
+    signal_columns: dict[str, np.ndarray]
+    classes_known: bool
+    exact_search: bool
+
+
+def run_audit(config: AuditConfig) -> AuditResult:
+    if not 0 < config.alpha < 1:
+        raise AuditInputError(f"the significance level must be in (0, 1), got {config.alpha}")
+    if not (0 < config.image_duplicate <= 1 and 0 < config.text_duplicate <= 1):
+        raise AuditInputError("near-duplicate similarities must be in (0, 1]")
+    pairs = load_pairs(config.scores, config.embeddings)
+    if len(pairs) == 0:
+        raise AuditInputError(f"no scored pairs with embeddings in {config.embeddings or config.scores}")
+    keywords = config.keywords
+    labeler = KeywordLabeler(load_keywords(keywords) if isinstance(keywords, (str, Path)) else keywords) if keywords else None
+    classes = labeler.classes if labeler else []
+    caption_class = caption_classes(pairs.caption, labeler) if labeler else np.full(len(pairs), NO_CLASS)
+
+    caption_text = np.asarray([normalise_caption(c) for c in pairs.caption], dtype=object)
+    caption_id, n_captions = factorize(caption_text.tolist())
+    image_id, n_images = factorize(image_identity(pairs.image_sha256, pairs.image))
+
+    # Neighbours among distinct images and distinct captions: a reused image is not its own neighbour.
+    first_image = _first_rows(image_id, n_images)
+    image_index = NeighbourIndex(pairs.image[first_image], config.exact_limit, config.nprobe)
+    image_nn = image_index.self_neighbours(config.k)
+    image_group_of = components(n_images, image_nn, config.image_duplicate)
+    n_image_groups = int(image_group_of.max()) + 1 if n_images else 0
+    first_caption = _first_rows(caption_id, n_captions)
+    text_index = NeighbourIndex(pairs.text[first_caption], config.exact_limit, config.nprobe)
+    text_nn = text_index.self_neighbours(config.k)
+    caption_group_of = components(n_captions, text_nn, config.text_duplicate)
+
+    image_group = image_group_of[image_id]
+    if classes:
+        image_label = _image_labels(image_id, n_images, caption_class, len(classes))
+        group_class = image_group_classes(image_index, image_group_of, n_image_groups, image_label, len(classes), config.k)
+        image_class = group_class[image_group]
+    else:
+        image_class = np.full(len(pairs), NO_CLASS)
+    tables = AuditTables(
+        classes=classes, caption_class=caption_class, image_class=image_class, caption_text=caption_text,
+        caption_id=caption_id, image_id=image_id, image_group=image_group,
+        caption_group=caption_group_of[caption_id], cells=cell_table(caption_class, image_class, len(classes)),
+    )
+    findings, cell_score = detect(tables, config.detect) if classes else ([], np.zeros(len(pairs)))
+
+    image_density, text_density = density(image_nn), density(text_nn)
+    n_caption_groups = int(tables.caption_group.max()) + 1
+    columns = {
+        "image_fan_in": distinct_per_group(image_id, caption_id, n_images)[image_id],
+        "image_fan_in_near": distinct_per_group(image_group, caption_id, n_image_groups)[image_group],
+        "image_group": image_group,
+        "caption_fan_out": distinct_per_group(caption_id, image_id, n_captions)[caption_id],
+        "caption_fan_out_near": distinct_per_group(tables.caption_group, image_id, n_caption_groups)[tables.caption_group],
+        "caption_group": tables.caption_group,
+        "class_cell_neglog10p": cell_score,
+        "caption_class": np.asarray([classes[c] if c >= 0 else None for c in caption_class], dtype=object),
+        "image_class": np.asarray([classes[c] if c >= 0 else None for c in image_class], dtype=object),
+        "image_cluster_size": distinct_per_group(image_group, image_id, n_image_groups)[image_group],
+        "image_knn_distance": image_density.knn_distance[image_id],
+        "image_lof": image_density.outlier_ratio[image_id],
+        "text_knn_distance": text_density.knn_distance[caption_id],
+        "text_lof": text_density.outlier_ratio[caption_id],
+    }
+    out = Path(config.out)
+    write_signals(out, pairs, columns)
+    write_findings(out, pairs, findings, summary={
+        "scores": str(config.scores), "embeddings": str(config.embeddings or config.scores),
+        "pairs_scored": pairs.scored, "pairs_audited": len(pairs), "pairs_without_embeddings": pairs.without_embeddings,
+        "alpha": config.alpha, "classes": classes, "exact_search": image_index.exact and text_index.exact,
+        "image_duplicate": config.image_duplicate, "text_duplicate": config.text_duplicate, "k": config.k,
+    })
+    return AuditResult(out=out, pairs=pairs, tables=tables, findings=findings, signal_columns=columns,
+                       classes_known=bool(classes), exact_search=image_index.exact and text_index.exact)
+
+
+def _first_rows(ids: np.ndarray, count: int) -> np.ndarray:
+    first = np.full(count, -1, np.int64)
+    rows = np.arange(len(ids))[::-1]
+    first[ids[::-1]] = rows  # the last write for each id is its first row
+    return first
+
+
+def _image_labels(image_id: np.ndarray, n_images: int, caption_class: np.ndarray, classes: int) -> np.ndarray:
+    """Each distinct image's label as a neighbour: the plurality class of its own captions."""
+    labels = np.full(n_images, NO_CLASS, np.int64)
+    order = np.argsort(image_id, kind="stable")
+    bounds = np.searchsorted(image_id[order], np.arange(n_images + 1))
+    for i in range(n_images):
+        labels[i] = plurality(caption_class[order[bounds[i]:bounds[i + 1]]], classes)
+    return labels
