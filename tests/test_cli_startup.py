@@ -123,7 +123,11 @@ def test_cli_choices_and_defaults_match_the_core():
         cli_choice, core_choice = getattr(choices, name), getattr(convert, name)
         assert [m.value for m in cli_choice] == [m.value for m in core_choice]
     assert (choices.DEFAULT_MAX_ERROR_RATE, choices.DEFAULT_EXAMPLES) == (gate.DEFAULT_MAX_ERROR_RATE, gate.DEFAULT_EXAMPLES)
-    for copy, core in [(choices.FINETUNE_DEFAULTS, FinetuneConfig()), (choices.WORLD_DEFAULTS, WorldSpec())]:
+    from clipguard.audit import AuditConfig
+
+    audit_config = AuditConfig(scores=Path("scores"), out=Path("audit"))
+    for copy, core in [(choices.FINETUNE_DEFAULTS, FinetuneConfig()), (choices.WORLD_DEFAULTS, WorldSpec()),
+                       (choices.AUDIT_DEFAULTS, audit_config)]:
         for field in dataclasses.fields(copy):
             assert getattr(copy, field.name) == getattr(core, field.name), field.name
     for name in ("AttackKind", "CaptionSource", "KeyPolicy", "TriggerPattern", "TriggerPosition"):

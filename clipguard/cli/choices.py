@@ -55,7 +55,19 @@ class WorldDefaults:
     shard_size: int = 1000
 
 
+@dataclass(frozen=True)
+class AuditDefaults:
+    """clipguard.audit.AuditConfig() defaults that `clipguard audit` shows."""
+
+    alpha: float = 1e-6
+    k: int = 10
+    image_duplicate: float = 0.95
+    text_duplicate: float = 0.95
+    exact_limit: int = 50_000
+
+
 FINETUNE_DEFAULTS = FinetuneDefaults()
+AUDIT_DEFAULTS = AuditDefaults()
 WORLD_DEFAULTS = WorldDefaults()
 
 
