@@ -69,8 +69,8 @@ def _members(group: np.ndarray, groups: int) -> list[np.ndarray]:
 
 @dataclass(frozen=True)
 class CellTable:
-    """Pairs per (caption class, image class) among pairs with both, and each off-diagonal cell's
-    expected count under the background."""
+    """Distinct image groups per (caption class, image class) among pairs with both, and each
+    off-diagonal cell's expected count under the background."""
 
     observed: np.ndarray  # (C, C) int
     expected: np.ndarray  # (C, C) float; NaN on the diagonal
@@ -87,10 +87,14 @@ class CellTable:
         return float(min(1.0, self.expected[caption_class, image_class] / max(total, 1)))
 
 
-def cell_table(caption_class: np.ndarray, image_class: np.ndarray, classes: int) -> CellTable:
+def cell_table(caption_class: np.ndarray, image_class: np.ndarray, classes: int, image_group: np.ndarray) -> CellTable:
+    """Counts are of distinct image groups per cell, not pairs: the captions of one reused image
+    share its class, so they are one observation of a mismatch, not several."""
     both = (caption_class >= 0) & (image_class >= 0)
     observed = np.zeros((classes, classes), np.int64)
-    np.add.at(observed, (caption_class[both], image_class[both]), 1)
+    if both.any():
+        units = np.unique(np.stack([caption_class[both], image_class[both], image_group[both]], axis=1), axis=0)
+        np.add.at(observed, (units[:, 0], units[:, 1]), 1)
     off = observed.copy()
     np.fill_diagonal(off, 0)
     row, col, total = off.sum(axis=1, keepdims=True), off.sum(axis=0, keepdims=True), off.sum()

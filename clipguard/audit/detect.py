@@ -5,7 +5,8 @@ is a test whose corrected p-value is under the significance level. Every kind ne
 the caption side, so reuse without a class keyword (boilerplate alt-text) is never an attack goal,
 and every kind compares against the rate at which the data mismatches those classes naturally:
 
-- class_pair: cell (caption A, image B) against its leave-the-cell-out expectation (Poisson tail);
+- class_pair: cell (caption A, image B), counted in distinct image groups, against its
+  leave-the-cell-out expectation (Poisson tail);
 - image_fan_in: one image (with its near-duplicates) behind many distinct captions of class A,
   A not the image's class; binomial tail of the A captions among its captions at the background
   rate P(A caption | B image);
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from clipguard.audit.classes import NO_CLASS, CellTable
+from clipguard.audit.classes import NO_CLASS, CellTable, plurality
 
 LN10 = math.log(10.0)
 
@@ -103,9 +104,10 @@ def _class_pairs(t: AuditTables, config: DetectConfig) -> tuple[list[Finding], n
             expected = float(t.cells.expected[a, b])
             score[a, b] = neglog10_tail(stats.poisson.logsf(n - 1, expected), tests)
             rows = np.flatnonzero((t.caption_class == a) & (t.image_class == b))
+            images = "" if len(rows) == n else f" ({n} distinct images)"
             found.append(Finding(
                 "class_pair", f"{t.classes[a]}:{t.classes[b]}",
-                f"captions of {t.classes[a]} paired with images of {t.classes[b]}: {n} pairs where "
+                f"captions of {t.classes[a]} paired with images of {t.classes[b]}: {len(rows)} pairs{images} where "
                 f"{expected:.2g} are expected, {describe_p(score[a, b])}",
                 n, expected, score[a, b], tests, rows))
     both = (t.caption_class >= 0) & (t.image_class >= 0)
@@ -119,60 +121,102 @@ def _caption_rate(t: AuditTables) -> np.ndarray:
     return np.bincount(labelled, minlength=len(t.classes)) / max(len(t.caption_class), 1)
 
 
-def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
-    """Fan-in (one or a few distinct images) and clusters (many distinct images), per image group."""
-    classes = len(t.classes)
+@dataclass(frozen=True)
+class _ImageGroup:
+    rows: np.ndarray
+    images: int  # distinct exact images
+    captions: int  # distinct normalised captions
+    image_class: int  # data-driven, from neighbours outside the group
+    label: int  # plurality class of its own captions
+
+
+def _image_group_table(t: AuditTables) -> list[_ImageGroup]:
     order = np.argsort(t.image_group, kind="stable")
     bounds = np.flatnonzero(np.diff(t.image_group[order])) + 1
-    groups = [g for g in np.split(order, bounds) if len(g)]
-    fan_in = [g for g in groups if len(np.unique(t.image_id[g])) < config.min_cluster
-              and len(np.unique(t.caption_id[g])) >= config.min_fan_in]
-    clusters = [g for g in groups if len(np.unique(t.image_id[g])) >= config.min_cluster]
+    classes = len(t.classes)
+    return [_ImageGroup(rows, len(np.unique(t.image_id[rows])), len(np.unique(t.caption_id[rows])),
+                        int(t.image_class[rows[0]]), plurality(t.caption_class[rows], classes))
+            for rows in np.split(order, bounds) if len(rows)]
+
+
+def _geometric_tail(counts: np.ndarray) -> float:
+    """rho of a geometric law P(X >= x) = rho**x fitted (maximum likelihood) to counts >= 0."""
+    mean = float(np.mean(counts)) if len(counts) else 0.0
+    return max(mean, 1e-3) / (1.0 + max(mean, 1e-3))
+
+
+def _group_mislabel(groups: list[_ImageGroup], classes: int) -> np.ndarray:
+    """P(a group's own captions name A | its neighbours say B), per image group rather than per
+    pair: the captions behind one image share its fate, so a misjudged image class or a reused
+    stock photo mismatches all of them at once."""
+    counts = np.zeros((classes, classes))
+    for g in groups:
+        if g.label >= 0 and g.image_class >= 0:
+            counts[g.label, g.image_class] += 1
+    return counts
+
+
+def _joint_mismatch(counts: np.ndarray, label: int, image_class: int, own: bool) -> float:
+    column = counts[:, image_class] if image_class >= 0 else counts.sum(axis=1)
+    cell = column[label] - (1 if own else 0)  # the group tested is left out of its own background
+    return float((max(cell, 0) + 0.5) / (max(column.sum() - (1 if own else 0), 0) + 1.0))
+
+
+def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
+    """Fan-in (one or a few distinct images) and clusters (many distinct images), per image group.
+
+    Under the null a group is ordinary reuse: its size follows the data's own (geometric) tail of
+    group sizes, and its captions may name another class than its image all together (a stock
+    photo, a misjudged image class: `_group_mislabel`) or one by one (natural label noise, binomial).
+    """
+    classes = len(t.classes)
+    groups = _image_group_table(t)
+    caption_tail = _geometric_tail(np.array([g.captions - 1 for g in groups]))
+    image_tail = _geometric_tail(np.array([g.images - 1 for g in groups]))
+    mislabel = _group_mislabel(groups, classes)
+    fan_in = [g for g in groups if g.images < config.min_cluster and g.captions >= config.min_fan_in]
+    clusters = [g for g in groups if g.images >= config.min_cluster]
     rate = _caption_rate(t)
     found = []
-    for rows in fan_in:
-        image_class = int(t.image_class[rows[0]])
-        distinct = len(np.unique(t.caption_id[rows]))
+    for g in fan_in:
         best = None
         for a in range(classes):
-            if a == image_class:
+            if a == g.image_class:
                 continue
-            m = len(np.unique(t.caption_id[rows[t.caption_class[rows] == a]]))
+            named = g.rows[t.caption_class[g.rows] == a]
+            m = len(np.unique(t.caption_id[named]))
             if m < config.min_cell_pairs:
                 continue
-            p0 = t.cells.per_pair_rate(a, image_class, "image") if image_class != NO_CLASS else rate[a]
+            p0 = t.cells.per_pair_rate(a, g.image_class, "image") if g.image_class != NO_CLASS else rate[a]
             p0 = min(max(p0, 1e-12), 1.0)
-            score = neglog10_tail(stats.binom.logsf(m - 1, distinct, p0), len(fan_in) * (classes - 1))
+            joint = caption_tail ** (g.captions - 1) * _joint_mismatch(mislabel, a, g.image_class, a == g.label)
+            p = min(1.0, joint + math.exp(stats.binom.logsf(m - 1, g.captions, p0)))
+            score = neglog10_tail(math.log(p) if p > 0 else -math.inf, len(fan_in) * (classes - 1))
             if best is None or score > best[0]:
-                best = (score, a, m, distinct * p0)
+                best = (score, a, m, g.captions * p0, named)
         if best is None:
             continue
-        score, a, m, expected = best
-        images = len(np.unique(t.image_id[rows]))
-        what = "one image" if images == 1 else f"one image and {images - 1} near-duplicate(s)"
-        of = t.classes[image_class] if image_class != NO_CLASS else "unknown class"
+        score, a, m, expected, named = best
+        what = "one image" if g.images == 1 else f"one image and {g.images - 1} near-duplicate(s)"
+        of = t.classes[g.image_class] if g.image_class != NO_CLASS else "?"
         found.append(Finding(
-            "image_fan_in", f"{t.classes[a]}:{t.classes[image_class] if image_class != NO_CLASS else '?'}",
-            f"{what} ({of}) behind {m} different {t.classes[a]} captions ({distinct} distinct captions in all; "
+            "image_fan_in", f"{t.classes[a]}:{of}",
+            f"{what} (of {of}) behind {m} different {t.classes[a]} captions ({g.captions} distinct captions in all; "
             f"{expected:.2g} {t.classes[a]} captions expected), {describe_p(score)}",
-            m, expected, score, len(fan_in) * (classes - 1), rows[t.caption_class[rows] == a]))
-    for rows in clusters:
-        labels = t.caption_class[rows]
-        labelled = labels[labels >= 0]
-        if not len(labelled):
-            continue
-        label = int(np.bincount(labelled, minlength=classes).argmax())
-        if label == int(t.image_class[rows[0]]):
+            m, expected, score, len(fan_in) * (classes - 1), named))
+    for g in clusters:
+        if g.label < 0 or g.label == g.image_class:
             continue  # near-identical photos of what their captions name: ordinary duplication
-        m, n = int((labels == label).sum()), len(rows)
-        p0 = min(max(rate[label], 1e-12), 1.0)
-        score = neglog10_tail(stats.binom.logsf(m - 1, n, p0), len(clusters) * classes)
-        images = len(np.unique(t.image_id[rows]))
+        labels = t.caption_class[g.rows]
+        m, n = int((labels == g.label).sum()), len(g.rows)
+        joint = image_tail ** (g.images - 1) * _joint_mismatch(mislabel, g.label, g.image_class, True)
+        p = min(1.0, joint + math.exp(stats.binom.logsf(m - 1, n, min(max(rate[g.label], 1e-12), 1.0))))
+        score = neglog10_tail(math.log(p) if p > 0 else -math.inf, len(clusters) * classes)
         found.append(Finding(
-            "image_cluster", t.classes[label],
-            f"a cluster of {images} near-identical images, {m} of its {n} pairs captioned with '{t.classes[label]}' "
-            f"({n * p0:.2g} expected), {describe_p(score)}",
-            m, n * p0, score, len(clusters) * classes, rows[labels == label]))
+            "image_cluster", t.classes[g.label],
+            f"a cluster of {g.images} near-identical images, {m} of its {n} pairs captioned with "
+            f"'{t.classes[g.label]}' ({n * rate[g.label]:.2g} expected), {describe_p(score)}",
+            m, n * float(rate[g.label]), score, len(clusters) * classes, g.rows[labels == g.label]))
     return found
 
 

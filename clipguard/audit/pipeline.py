@@ -99,7 +99,7 @@ def run_audit(config: AuditConfig) -> AuditResult:
     tables = AuditTables(
         classes=classes, caption_class=caption_class, image_class=image_class, caption_text=caption_text,
         caption_id=caption_id, image_id=image_id, image_group=image_group,
-        caption_group=caption_group_of[caption_id], cells=cell_table(caption_class, image_class, len(classes)),
+        caption_group=caption_group_of[caption_id], cells=cell_table(caption_class, image_class, len(classes), image_group),
     )
     findings, cell_score = detect(tables, config.detect) if classes else ([], np.zeros(len(pairs)))
 
