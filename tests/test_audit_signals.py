@@ -50,7 +50,7 @@ def test_one_caption_behind_many_images_of_another_class(tmp_path):
     planted = tag == "fan_out"
     assert set(result.signal_columns["caption_fan_out"][planted]) == {15}
     finding = _only(result.findings, "caption_fan_out")
-    assert finding.goal == "sheep:dog" and finding.observed >= 12
+    assert finding.goal == "sheep:dog" and finding.observed >= 8
     assert set(finding.rows) <= set(np.flatnonzero(planted))
     # The boilerplate alt-text is behind more images than the planted caption, but names no class.
     boilerplate = tag == "boilerplate"

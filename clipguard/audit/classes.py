@@ -30,22 +30,26 @@ def caption_classes(captions, labeler: KeywordLabeler) -> np.ndarray:
 
 
 def plurality(labels: np.ndarray, classes: int, min_votes: int = 1) -> int:
+    """The one most frequent label, with at least ``min_votes`` votes; NO_CLASS on a tie."""
     labels = labels[labels >= 0]
-    if len(labels) < min_votes:
+    if len(labels) == 0:
         return NO_CLASS
     counts = np.bincount(labels, minlength=classes)
     top = np.flatnonzero(counts == counts.max())
-    return int(top[0]) if len(top) == 1 and counts.max() * 2 > len(labels) else NO_CLASS
+    return int(top[0]) if len(top) == 1 and counts.max() >= min_votes else NO_CLASS
 
 
 def image_group_classes(index: NeighbourIndex, image_group: np.ndarray, groups: int, image_label: np.ndarray,
-                        classes: int, votes: int) -> np.ndarray:
-    """Class per image group: plurality of the labels of the ``votes`` nearest unique images
-    outside the group, searched from the group's centroid.
+                        classes: int, votes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class per image group: the plurality label (at least a quarter of the votes, no tie) of the
+    ``votes`` nearest unique images outside the group, searched from the group's centroid; and the
+    votes, (groups, classes). (Weighting votes by the inverse of a class's share did worse on the
+    synthetic world under the bundled reference: 31% agreement with captions against 37%.)
 
     ``image_group`` and ``image_label`` are per unique image (the plurality caption class of its pairs).
     """
     out = np.full(groups, NO_CLASS, np.int64)
+    tally = np.zeros((groups, max(classes, 1)), np.int64)
     sizes = np.bincount(image_group, minlength=groups)
     members = _members(image_group, groups)
     centroids = np.zeros((groups, index.vectors.shape[1]), np.float32)
@@ -57,14 +61,30 @@ def image_group_classes(index: NeighbourIndex, image_group: np.ndarray, groups: 
         found = index.search(centroids[which], int(size) + votes)
         for row, g in enumerate(which):
             outside = found.index[row][~np.isin(found.index[row], members[g]) & (found.index[row] >= 0)][:votes]
-            out[g] = plurality(image_label[outside], classes, min_votes=max(1, votes // 3))
-    return out
+            labelled = image_label[outside]
+            tally[g] = np.bincount(labelled[labelled >= 0], minlength=classes)
+            out[g] = plurality(labelled, classes, min_votes=max(2, votes // 4))
+    return out, tally
 
 
 def _members(group: np.ndarray, groups: int) -> list[np.ndarray]:
     order = np.argsort(group, kind="stable")
     bounds = np.searchsorted(group[order], np.arange(groups + 1))
     return [order[bounds[g]:bounds[g + 1]] for g in range(groups)]
+
+
+STRONG_RATIO = 3  # an image's class must have this many times the votes of its caption's class
+
+
+def strong_mismatch(caption_class: np.ndarray, caption_votes: np.ndarray, image_votes: np.ndarray) -> np.ndarray:
+    """Pairs whose image's neighbourhood is clearly of its class and not of its caption's class.
+
+    A reference confuses classes systematically (to the bundled one, cars look like people): an
+    image of class A judged B still has many A images among its neighbours, while an image of
+    class B captioned A by a poisoner (or by natural label noise) has few: only the other poisons,
+    a small share of B's images at any poisoning rate a defender worries about. Counting only
+    these keeps confusions out of the cells without modelling them."""
+    return (caption_class >= 0) & (caption_votes * STRONG_RATIO <= image_votes)
 
 
 @dataclass(frozen=True)
@@ -87,10 +107,12 @@ class CellTable:
         return float(min(1.0, self.expected[caption_class, image_class] / max(total, 1)))
 
 
-def cell_table(caption_class: np.ndarray, image_class: np.ndarray, classes: int, image_group: np.ndarray) -> CellTable:
+def cell_table(caption_class: np.ndarray, image_class: np.ndarray, classes: int, image_group: np.ndarray,
+               strong: np.ndarray) -> CellTable:
     """Counts are of distinct image groups per cell, not pairs: the captions of one reused image
-    share its class, so they are one observation of a mismatch, not several."""
-    both = (caption_class >= 0) & (image_class >= 0)
+    share its class, so they are one observation of a mismatch, not several. Off the diagonal only
+    strong mismatches count (`strong_mismatch`)."""
+    both = (caption_class >= 0) & (image_class >= 0) & ((caption_class == image_class) | strong)
     observed = np.zeros((classes, classes), np.int64)
     if both.any():
         units = np.unique(np.stack([caption_class[both], image_class[both], image_group[both]], axis=1), axis=0)

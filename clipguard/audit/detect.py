@@ -8,10 +8,13 @@ and every kind compares against the rate at which the data mismatches those clas
 - class_pair: cell (caption A, image B), counted in distinct image groups, against its
   leave-the-cell-out expectation (Poisson tail);
 - image_fan_in: one image (with its near-duplicates) behind many distinct captions of class A,
-  A not the image's class; binomial tail of the A captions among its captions at the background
-  rate P(A caption | B image);
+  A not the image's class. The captions of one image are not independent (a stock photo, a
+  misjudged image class mismatch all of them at once), so the null is the chance of a group this
+  large (the data's geometric tail of distinct captions per image) times the per-image rate of
+  A-captioned groups among B images, plus the binomial tail of A captions one by one;
 - image_cluster: many distinct near-identical images whose captions name one label L that is not
-  their class; binomial tail at L's overall caption rate;
+  their class: the tail of distinct images per group times the per-image mismatch rate, plus the
+  binomial tail at L's overall caption rate;
 - caption_fan_out: one caption (with near-identical ones) of class A behind many distinct images
   of class B; binomial tail at P(B image | A caption).
 """
@@ -50,6 +53,7 @@ class AuditTables:
     image_id: np.ndarray  # distinct exact image
     image_group: np.ndarray  # near-duplicate image group
     caption_group: np.ndarray  # near-identical caption group
+    strong_mismatch: np.ndarray  # no neighbour of the image is captioned with the pair's caption class
     cells: CellTable
 
 
@@ -103,14 +107,14 @@ def _class_pairs(t: AuditTables, config: DetectConfig) -> tuple[list[Finding], n
                 continue
             expected = float(t.cells.expected[a, b])
             score[a, b] = neglog10_tail(stats.poisson.logsf(n - 1, expected), tests)
-            rows = np.flatnonzero((t.caption_class == a) & (t.image_class == b))
+            rows = np.flatnonzero((t.caption_class == a) & (t.image_class == b) & t.strong_mismatch)
             images = "" if len(rows) == n else f" ({n} distinct images)"
             found.append(Finding(
                 "class_pair", f"{t.classes[a]}:{t.classes[b]}",
                 f"captions of {t.classes[a]} paired with images of {t.classes[b]}: {len(rows)} pairs{images} where "
                 f"{expected:.2g} are expected, {describe_p(score[a, b])}",
                 n, expected, score[a, b], tests, rows))
-    both = (t.caption_class >= 0) & (t.image_class >= 0)
+    both = (t.caption_class >= 0) & (t.image_class >= 0) & t.strong_mismatch
     per_pair = np.zeros(len(t.caption_class))
     per_pair[both] = score[t.caption_class[both], t.image_class[both]]
     return found, per_pair
@@ -171,7 +175,10 @@ def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
     """
     classes = len(t.classes)
     groups = _image_group_table(t)
-    caption_tail = _geometric_tail(np.array([g.captions - 1 for g in groups]))
+    # Sizes in excess of the typical group (the median: a world with two captions per image has
+    # nothing unusual about two), so the tail is fitted to the reuse alone.
+    usual_captions = int(np.median([g.captions for g in groups])) if groups else 1
+    caption_tail = _geometric_tail(np.array([max(0, g.captions - usual_captions) for g in groups]))
     image_tail = _geometric_tail(np.array([g.images - 1 for g in groups]))
     mislabel = _group_mislabel(groups, classes)
     fan_in = [g for g in groups if g.images < config.min_cluster and g.captions >= config.min_fan_in]
@@ -189,7 +196,7 @@ def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
                 continue
             p0 = t.cells.per_pair_rate(a, g.image_class, "image") if g.image_class != NO_CLASS else rate[a]
             p0 = min(max(p0, 1e-12), 1.0)
-            joint = caption_tail ** (g.captions - 1) * _joint_mismatch(mislabel, a, g.image_class, a == g.label)
+            joint = caption_tail ** max(0, g.captions - usual_captions) * _joint_mismatch(mislabel, a, g.image_class, a == g.label)
             p = min(1.0, joint + math.exp(stats.binom.logsf(m - 1, g.captions, p0)))
             score = neglog10_tail(math.log(p) if p > 0 else -math.inf, len(fan_in) * (classes - 1))
             if best is None or score > best[0]:
@@ -237,7 +244,7 @@ def _caption_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
         for b in range(classes):
             if b == a:
                 continue
-            of_b = rows[t.image_class[rows] == b]
+            of_b = rows[(t.image_class[rows] == b) & t.strong_mismatch[rows]]
             m = len(np.unique(t.image_id[of_b]))
             if m < config.min_cell_pairs:
                 continue

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clipguard.audit.classes import NO_CLASS, caption_classes, cell_table, image_group_classes, plurality
+from clipguard.audit.classes import (NO_CLASS, caption_classes, cell_table, image_group_classes, plurality,
+                                     strong_mismatch)
 from clipguard.audit.density import density
 from clipguard.audit.detect import AuditTables, DetectConfig, Finding, detect
 from clipguard.audit.grouping import components, distinct_per_group, factorize, image_identity, normalise_caption
@@ -33,6 +34,9 @@ from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
 from clipguard.audit.neighbours import EXACT_LIMIT, NeighbourIndex
 from clipguard.audit.output import write_findings, write_signals
 from clipguard.labels import KeywordLabeler, load_keywords
+
+
+DUPLICATE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,10 @@ class AuditConfig:
     keywords: Path | dict | None = None  # class -> keywords; without it no class-based test runs
     alpha: float = 1e-6
     k: int = 10  # neighbours for density and for an image's data-driven class
-    image_duplicate: float = 0.95  # cosine similarity at which two images are near-duplicates
-    text_duplicate: float = 0.95  # ... and two captions near-identical
+    # Cosine similarity at which two images are near-duplicates (raised where the data's nearest
+    # neighbours are all this close: `duplicate_similarity`), and two captions near-identical.
+    image_duplicate: float = 0.95
+    text_duplicate: float = 0.95
     exact_limit: int = EXACT_LIMIT  # more vectors than this go through faiss
     nprobe: int = 64
     detect: DetectConfig = field(default_factory=DetectConfig)
@@ -82,24 +88,32 @@ def run_audit(config: AuditConfig) -> AuditResult:
     first_image = _first_rows(image_id, n_images)
     image_index = NeighbourIndex(pairs.image[first_image], config.exact_limit, config.nprobe)
     image_nn = image_index.self_neighbours(config.k)
-    image_group_of = components(n_images, image_nn, config.image_duplicate)
+    image_duplicate = duplicate_similarity(image_nn, config.image_duplicate)
+    image_group_of = components(n_images, image_nn, image_duplicate)
     n_image_groups = int(image_group_of.max()) + 1 if n_images else 0
     first_caption = _first_rows(caption_id, n_captions)
     text_index = NeighbourIndex(pairs.text[first_caption], config.exact_limit, config.nprobe)
     text_nn = text_index.self_neighbours(config.k)
-    caption_group_of = components(n_captions, text_nn, config.text_duplicate)
+    text_duplicate = duplicate_similarity(text_nn, config.text_duplicate)
+    caption_group_of = components(n_captions, text_nn, text_duplicate)
 
     image_group = image_group_of[image_id]
     if classes:
         image_label = _image_labels(image_id, n_images, caption_class, len(classes))
-        group_class = image_group_classes(image_index, image_group_of, n_image_groups, image_label, len(classes), config.k)
+        group_class, votes = image_group_classes(image_index, image_group_of, n_image_groups, image_label,
+                                                 len(classes), config.k)
         image_class = group_class[image_group]
+        caption_votes = np.where(caption_class >= 0, votes[image_group, np.maximum(caption_class, 0)], 0)
+        image_votes = np.where(image_class >= 0, votes[image_group, np.maximum(image_class, 0)], 0)
     else:
         image_class = np.full(len(pairs), NO_CLASS)
+        caption_votes = image_votes = np.zeros(len(pairs), np.int64)
+    strong = strong_mismatch(caption_class, caption_votes, image_votes)
     tables = AuditTables(
         classes=classes, caption_class=caption_class, image_class=image_class, caption_text=caption_text,
         caption_id=caption_id, image_id=image_id, image_group=image_group,
-        caption_group=caption_group_of[caption_id], cells=cell_table(caption_class, image_class, len(classes), image_group),
+        caption_group=caption_group_of[caption_id], strong_mismatch=strong,
+        cells=cell_table(caption_class, image_class, len(classes), image_group, strong),
     )
     findings, cell_score = detect(tables, config.detect) if classes else ([], np.zeros(len(pairs)))
 
@@ -127,10 +141,22 @@ def run_audit(config: AuditConfig) -> AuditResult:
         "scores": str(config.scores), "embeddings": str(config.embeddings or config.scores),
         "pairs_scored": pairs.scored, "pairs_audited": len(pairs), "pairs_without_embeddings": pairs.without_embeddings,
         "alpha": config.alpha, "classes": classes, "exact_search": image_index.exact and text_index.exact,
-        "image_duplicate": config.image_duplicate, "text_duplicate": config.text_duplicate, "k": config.k,
+        "image_duplicate": image_duplicate, "text_duplicate": text_duplicate, "k": config.k,
     })
     return AuditResult(out=out, pairs=pairs, tables=tables, findings=findings, signal_columns=columns,
                        classes_known=bool(classes), exact_search=image_index.exact and text_index.exact)
+
+
+def duplicate_similarity(neighbours, floor: float) -> float:
+    """The similarity at which two vectors count as near-duplicates: at least ``floor``, and at
+    least as close as a quarter of the median distance between distinct nearest neighbours. A
+    model that packs every image into a narrow cone (the bundled reference: median nearest-image
+    similarity 0.955) would otherwise join unrelated images into one "duplicate" group."""
+    first = neighbours.similarity[:, 0] if neighbours.similarity.shape[1] else np.array([])
+    first = first[np.isfinite(first)]
+    if not len(first):
+        return floor
+    return float(max(floor, 1.0 - DUPLICATE_SHARE * float(np.median(1.0 - first))))
 
 
 def _first_rows(ids: np.ndarray, count: int) -> np.ndarray:
