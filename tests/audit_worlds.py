@@ -100,9 +100,11 @@ class World:
         return self
 
     def cell(self, caption_class: str, image_class: str, pairs: int = 20):
+        """Attack II: captions of A on images of B that the data already holds (as Yang et al.)."""
         c, b = CLASSES.index(caption_class), CLASSES.index(image_class)
-        for _ in range(pairs):
-            self.add(self.caption(c), self.image(b), self.text(c), "cell")
+        images = [p for p in self.pairs if p.tag == "clean" and p.caption.split()[3] == image_class]
+        for i in self.rng.choice(len(images), size=pairs, replace=False):
+            self.add(self.caption(c), (images[i].image, images[i].sha), self.text(c), "cell")
         return self
 
     def cluster(self, label: str, images: int = 30):
