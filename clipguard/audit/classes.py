@@ -76,15 +76,22 @@ def _members(group: np.ndarray, groups: int) -> list[np.ndarray]:
 STRONG_RATIO = 3  # an image's class must have this many times the votes of its caption's class
 
 
-def strong_mismatch(caption_class: np.ndarray, caption_votes: np.ndarray, image_votes: np.ndarray) -> np.ndarray:
+def strong_mismatch(caption_class: np.ndarray, image_class: np.ndarray, caption_votes: np.ndarray,
+                    image_votes: np.ndarray, classes: int) -> np.ndarray:
     """Pairs whose image's neighbourhood is clearly of its class and not of its caption's class.
 
     A reference confuses classes systematically (to the bundled one, cars look like people): an
     image of class A judged B still has many A images among its neighbours, while an image of
     class B captioned A by a poisoner (or by natural label noise) has few: only the other poisons,
-    a small share of B's images at any poisoning rate a defender worries about. Counting only
-    these keeps confusions out of the cells without modelling them."""
-    return (caption_class >= 0) & (caption_votes * STRONG_RATIO <= image_votes)
+    a small share of B's images at any poisoning rate a defender worries about. Votes are
+    weighed by each class's share of the captions, so a common class (a quarter of the synthetic
+    world is people) does not win every neighbourhood. Counting only these pairs keeps
+    confusions out of the cells without modelling them."""
+    known = caption_class[caption_class >= 0]
+    share = (np.bincount(known, minlength=max(classes, 1)) + 1.0) / (len(known) + max(classes, 1))
+    lift_caption = caption_votes / share[np.maximum(caption_class, 0)]
+    lift_image = image_votes / share[np.maximum(image_class, 0)]
+    return (caption_class >= 0) & (lift_caption * STRONG_RATIO <= lift_image)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ and every kind compares against the rate at which the data mismatches those clas
   misjudged image class mismatch all of them at once), so the null is the chance of a group this
   large (the data's geometric tail of distinct captions per image) times the per-image rate of
   A-captioned groups among B images, plus the binomial tail of A captions one by one;
-- image_cluster: many distinct near-identical images whose captions name one label L that is not
-  their class: the tail of distinct images per group times the per-image mismatch rate, plus the
-  binomial tail at L's overall caption rate;
+- image_cluster: many distinct near-identical images, most captioned with one label L: the data's
+  tail of distinct images per group (times the per-image mismatch rate, plus the binomial tail at
+  L's caption rate, when L is not the cluster's class);
 - caption_fan_out: one caption (with near-identical ones) of class A behind many distinct images
   of class B; binomial tail at P(B image | A caption).
 """
@@ -212,12 +212,21 @@ def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
             f"{expected:.2g} {t.classes[a]} captions expected), {describe_p(score)}",
             m, expected, score, len(fan_in) * (classes - 1), named))
     for g in clusters:
-        if g.label < 0 or g.label == g.image_class:
-            continue  # near-identical photos of what their captions name: ordinary duplication
+        if g.label < 0:
+            continue  # a cluster whose captions name no class is no attack goal
         labels = t.caption_class[g.rows]
         m, n = int((labels == g.label).sum()), len(g.rows)
-        joint = image_tail ** (g.images - 1) * _joint_mismatch(mislabel, g.label, g.image_class, True)
-        p = min(1.0, joint + math.exp(stats.binom.logsf(m - 1, n, min(max(rate[g.label], 1e-12), 1.0))))
+        if m * 2 < n:
+            continue  # its captions are not "all one label"
+        # A cluster this large is unusual in itself (the natural "birthday cake" backdoor of CC3M is
+        # 798 near-duplicates behind one caption, and is a finding too); when its captions name
+        # another class than its neighbourhood, that mismatch is multiplied in.
+        joint = image_tail ** (g.images - 1)
+        p = joint
+        if g.label != g.image_class:
+            p = joint * _joint_mismatch(mislabel, g.label, g.image_class, True) + math.exp(
+                stats.binom.logsf(m - 1, n, min(max(rate[g.label], 1e-12), 1.0)))
+        p = min(1.0, p)
         score = neglog10_tail(math.log(p) if p > 0 else -math.inf, len(clusters) * classes)
         found.append(Finding(
             "image_cluster", t.classes[g.label],

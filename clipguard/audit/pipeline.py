@@ -108,7 +108,7 @@ def run_audit(config: AuditConfig) -> AuditResult:
     else:
         image_class = np.full(len(pairs), NO_CLASS)
         caption_votes = image_votes = np.zeros(len(pairs), np.int64)
-    strong = strong_mismatch(caption_class, caption_votes, image_votes)
+    strong = strong_mismatch(caption_class, image_class, caption_votes, image_votes, len(classes))
     tables = AuditTables(
         classes=classes, caption_class=caption_class, image_class=image_class, caption_text=caption_text,
         caption_id=caption_id, image_id=image_id, image_group=image_group,
