@@ -167,3 +167,38 @@ def test_signals_registry_reads_any_signal_for_a_set_of_pairs(tmp_path):
     with pytest.raises(SignalError, match="clipguard audit"):
         read_signal("image_lof", tmp_path / "w")
     assert get_signal("class_cell").column == "class_cell_neglog10p"
+
+
+def test_a_separate_clip_retrieval_folder_without_shard_or_sha_columns(tmp_path):
+    """LAION's embedding folders: metadata with key and caption only, files numbered on their own."""
+    import pyarrow.parquet as pq
+
+    from clipguard.scoring.scorefiles import write_parquet
+
+    world = World(3).clean(n=80).fan_in("sheep", "aeroplane")
+    scores = world.write(tmp_path / "w")
+    laion = tmp_path / "laion"
+    for i, part in enumerate(sorted((scores / "metadata").glob("*.parquet"))):
+        shard = part.stem.split("_", 1)[1]
+        for kind in ("img_emb", "text_emb"):
+            (laion / kind).mkdir(parents=True, exist_ok=True)
+            (laion / kind / f"{kind}_{i:04d}.npy").write_bytes((scores / kind / f"{kind}_{shard}.npy").read_bytes())
+        write_parquet(laion / "metadata" / f"metadata_{i:04d}.parquet", pq.read_table(part, columns=["key", "caption"]))
+    result = run_audit(AuditConfig(scores=scores, out=tmp_path / "a", embeddings=laion, keywords=KEYWORDS))
+    own = run_audit(AuditConfig(scores=scores, out=tmp_path / "b", keywords=KEYWORDS))
+    assert sorted(zip(result.pairs.shard, result.pairs.key)) == sorted(zip(own.pairs.shard, own.pairs.key))
+    # Without sha256 the exact image is the vector itself: the same fan-in of 7.
+    assert result.signal_columns["image_fan_in"].max() == 7
+    assert [(f.kind, f.goal) for f in result.findings] == [(f.kind, f.goal) for f in own.findings]
+
+
+def test_faiss_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from clipguard.audit import MissingFaissError
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
+    vectors = np.eye(20, dtype=np.float32)
+    with pytest.raises(MissingFaissError, match=r"clipguard\[audit\]"):
+        NeighbourIndex(vectors, exact_limit=10)
+    assert NeighbourIndex(vectors).exact  # small data never needs it

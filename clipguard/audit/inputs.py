@@ -56,7 +56,9 @@ def load_pairs(scores: Path, embeddings: Path | None = None) -> AuditPairs:
                 "or pass --embeddings DIR for a clip-retrieval folder")
         raise MissingEmbeddingsError(f"no embeddings in {folder} (img_emb/img_emb_*.npy with text_emb/ and metadata/): {hint}")
     ok = {(s, k) for s, k, good in zip(table.shard, table.key, table.ok) if good}
-    ok_keys = {k for _, k in ok}
+    shard_of_key: dict[str, str | None] = {}
+    for s, k in ok:  # for metadata without a shard column (LAION's): a key's shard, if it is unique
+        shard_of_key[k] = s if k not in shard_of_key else None
     columns: dict[str, list] = {"shard": [], "key": [], "caption": [], "sha": []}
     images, texts = [], []
     for stem, (img_path, txt_path, meta_path) in parts.items():
@@ -70,12 +72,19 @@ def load_pairs(scores: Path, embeddings: Path | None = None) -> AuditPairs:
             raise AuditInputError(f"embedding files of {stem} are not aligned: {len(image)} image and {len(text)} text "
                                   f"vectors, {meta.num_rows} metadata rows")
         keys = [str(k) for k in meta.column("key").to_pylist()]
-        shards = [str(s) for s in meta.column("shard").to_pylist()] if "shard" in names else [None] * len(keys)
+        if "shard" in names:
+            shards = [str(s) for s in meta.column("shard").to_pylist()]
+        else:
+            shards = [shard_of_key.get(k) for k in keys]
+            ambiguous = next((k for k in keys if k in shard_of_key and shard_of_key[k] is None), None)
+            if ambiguous is not None:
+                raise AuditInputError(f"{meta_path} has no shard column and key {ambiguous!r} is in several scored "
+                                      "shards; add a shard column to the metadata")
         shas = meta.column("image_sha256").to_pylist() if "image_sha256" in names else [None] * len(keys)
         captions = meta.column("caption").to_pylist()
-        keep = np.array([(s, k) in ok if s is not None else k in ok_keys for s, k in zip(shards, keys)], dtype=bool)
+        keep = np.array([(s, k) in ok for s, k in zip(shards, keys)], dtype=bool)
         for i in np.flatnonzero(keep):
-            columns["shard"].append(shards[i] if shards[i] is not None else stem)
+            columns["shard"].append(shards[i])
             columns["key"].append(keys[i])
             columns["caption"].append(captions[i] if captions[i] is not None else "")
             columns["sha"].append(shas[i])
