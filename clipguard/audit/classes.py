@@ -55,16 +55,25 @@ def image_group_classes(index: NeighbourIndex, image_group: np.ndarray, groups: 
     centroids = np.zeros((groups, index.vectors.shape[1]), np.float32)
     np.add.at(centroids, image_group, index.vectors)
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    # Groups of one size share one search; the few large groups are searched on their own.
+    # Groups of one size share one search (most are single images); large groups are few.
     for size in np.unique(sizes):
         which = np.flatnonzero(sizes == size)
-        found = index.search(centroids[which], int(size) + votes)
+        found = index.search(centroids[which], int(size) + votes).index
+        member_rows = np.stack([members[g] for g in which])  # (groups of this size, size)
+        outside = (found >= 0) & ~(found[:, :, None] == member_rows[:, None, :]).any(axis=2)
+        outside &= np.cumsum(outside, axis=1) <= votes  # the first `votes` outside the group
+        labels = np.where(outside, image_label[np.maximum(found, 0)], NO_CLASS)
         for row, g in enumerate(which):
-            outside = found.index[row][~np.isin(found.index[row], members[g]) & (found.index[row] >= 0)][:votes]
-            labelled = image_label[outside]
-            tally[g] = np.bincount(labelled[labelled >= 0], minlength=classes)
-            out[g] = plurality(labelled, classes, min_votes=max(2, votes // 4))
+            tally[g] = np.bincount(labels[row][labels[row] >= 0], minlength=classes)
+            out[g] = _plurality_of_tally(tally[g], min_votes=max(2, votes // 4))
     return out, tally
+
+
+def _plurality_of_tally(tally: np.ndarray, min_votes: int) -> int:
+    if tally.max(initial=0) < min_votes:
+        return NO_CLASS
+    top = np.flatnonzero(tally == tally.max())
+    return int(top[0]) if len(top) == 1 else NO_CLASS
 
 
 def _members(group: np.ndarray, groups: int) -> list[np.ndarray]:

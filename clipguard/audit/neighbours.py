@@ -52,33 +52,47 @@ class NeighbourIndex:
         similarity = np.full((len(queries), k), -np.inf, np.float32)
         if k == 0:
             return Neighbours(index, similarity)
-        wanted = k + 1 if exclude_self else k
         for start in range(0, len(queries), BLOCK):
             block = queries[start:start + BLOCK]
             if self.exact:
-                sims, found = _exact_block(block, self.vectors, wanted)
+                self._exact_block(block, start if exclude_self else None, k, index[start:], similarity[start:])
             else:
-                sims, found = self._faiss.search(block, min(wanted, len(self)))
-            for row in range(len(block)):
-                ids, ss = found[row], sims[row]
-                keep = ids >= 0
-                if exclude_self:
-                    keep &= ids != start + row
-                ids, ss = ids[keep], ss[keep]
-                order = np.lexsort((ids, -ss))[:k]
-                index[start + row, :len(order)] = ids[order]
-                similarity[start + row, :len(order)] = ss[order]
+                self._faiss_block(block, start if exclude_self else None, k, index[start:], similarity[start:])
         return Neighbours(index, similarity)
 
     def self_neighbours(self, k: int) -> Neighbours:
         return self.search(self.vectors, k, exclude_self=True)
 
+    def _exact_block(self, block: np.ndarray, self_start: int | None, k: int, index: np.ndarray,
+                     similarity: np.ndarray) -> None:
+        sims = block @ self.vectors.T
+        if self_start is not None:
+            rows = np.arange(len(block))
+            sims[rows, self_start + rows] = -np.inf  # never its own neighbour
+        n = sims.shape[1]
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(block), 1))
+        _sorted_into(top, np.take_along_axis(sims, top, axis=1), index, similarity)
 
-def _exact_block(block: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    sims = block @ vectors.T
-    k = min(k, vectors.shape[0])
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < vectors.shape[0] else np.tile(np.arange(k), (len(block), 1))
-    return np.take_along_axis(sims, top, axis=1), top
+    def _faiss_block(self, block: np.ndarray, self_start: int | None, k: int, index: np.ndarray,
+                     similarity: np.ndarray) -> None:
+        sims, found = self._faiss.search(block, min(k + (self_start is not None), len(self)))
+        if self_start is not None:
+            mine = found == (self_start + np.arange(len(block)))[:, None]
+            found, sims = np.where(mine, -1, found), np.where(mine, -np.inf, sims)
+        sims = np.where(found >= 0, sims, -np.inf).astype(np.float32)
+        _sorted_into(found, sims, index, similarity)
+
+
+def _sorted_into(found: np.ndarray, sims: np.ndarray, index: np.ndarray, similarity: np.ndarray) -> None:
+    """Nearest first, ties by row number (so exact and faiss agree), cut to the k columns given."""
+    key = np.where(found >= 0, found, np.iinfo(np.int64).max)
+    order = np.lexsort((key, -sims), axis=-1)
+    found, sims = np.take_along_axis(found, order, axis=1), np.take_along_axis(sims, order, axis=1)
+    k = index.shape[1]
+    rows = len(found)
+    width = min(k, found.shape[1])
+    index[:rows, :width] = np.where(np.isfinite(sims[:, :width]), found[:, :width], -1)
+    similarity[:rows, :width] = sims[:, :width]
 
 
 def _build_faiss(vectors: np.ndarray, nprobe: int, seed: int):
