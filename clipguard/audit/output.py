@@ -43,6 +43,9 @@ def write_signals(out: Path, pairs: AuditPairs, columns: dict[str, np.ndarray]) 
         path = Path(out) / AUDIT_SIGNALS_DIR / f"{shard}.parquet"
         write_parquet(path, pa.table(table))
         written.append(path)
+    # A rerun into the same folder over fewer shards must not leave another run's columns behind.
+    for stale in set((Path(out) / AUDIT_SIGNALS_DIR).glob("*.parquet")) - set(written):
+        stale.unlink()
     return written
 
 

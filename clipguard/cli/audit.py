@@ -21,8 +21,8 @@ def audit(
     keywords: Annotated[Optional[Path], typer.Option(help="Keyword file (JSON class -> [keywords]; the synthetic world writes keywords.json). Without it no class-based test runs.")] = None,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Significance level after correction for the tests of each kind: what is a finding.")] = AUDIT_DEFAULTS.alpha,
     k: Annotated[int, typer.Option(min=1, max=1000, help="Neighbours for density and for an image's data-driven class.")] = AUDIT_DEFAULTS.k,
-    image_duplicate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Cosine similarity at which two images are near-duplicates.")] = AUDIT_DEFAULTS.image_duplicate,
-    text_duplicate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Cosine similarity at which two captions are near-identical.")] = AUDIT_DEFAULTS.text_duplicate,
+    image_duplicate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Cosine similarity at which two images are near-duplicates (raised to a quarter of the median nearest-neighbour distance where the data packs images closer).")] = AUDIT_DEFAULTS.image_duplicate,
+    text_duplicate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Cosine similarity at which two captions are near-identical (raised likewise).")] = AUDIT_DEFAULTS.text_duplicate,
     exact_limit: Annotated[int, typer.Option(min=1, help="Up to this many vectors neighbours are exact; above it through faiss (the audit extra).")] = AUDIT_DEFAULTS.exact_limit,
 ) -> None:
     """Find what a pair threshold misses: one image behind many captions, one caption behind many images, over-represented (caption class, image class) cells and clusters of near-identical images; findings ranked by corrected p-value.
