@@ -75,11 +75,14 @@ class World:
             if self.rng.random() < unlabelled:
                 named = None
             self.add(self.caption(named), self.image(cls), self.text(named))
-        for s in range(stock):  # stock images reused with 2-5 captions of their own class
+        for s in range(stock):  # stock images reused with 2-5 captions of their own class, as noisy
             cls = s % len(CLASSES)
             image = self.image(cls)
             for _ in range(int(self.rng.integers(2, 6))):
-                self.add(self.caption(cls), image, self.text(cls))
+                named = cls
+                if self.rng.random() < mislabel:
+                    named = int(self.rng.choice([c for c in range(len(CLASSES)) if c != cls]))
+                self.add(self.caption(named), image, self.text(named))
         text = self.text(None)
         for b in range(boilerplate):  # one alt-text behind many images, naming no class
             self.add("Click here to enlarge the image", self.image(b % len(CLASSES)), text, "boilerplate")
@@ -105,6 +108,18 @@ class World:
         images = [p for p in self.pairs if p.tag == "clean" and p.caption.split()[3] == image_class]
         for i in self.rng.choice(len(images), size=pairs, replace=False):
             self.add(self.caption(c), (images[i].image, images[i].sha), self.text(c), "cell")
+        return self
+
+    def relabel(self, caption_class: str, image_class: str | None, images: int = 12):
+        """Copies of images that carry two captions of their class, captioned `caption_class`: Attack
+        II on images of one class, or (image_class None) a backdoor's stamped copies of any class."""
+        c = CLASSES.index(caption_class)
+        for i in range(images):
+            b = CLASSES.index(image_class) if image_class else [x for x in range(len(CLASSES)) if x != c][i % (len(CLASSES) - 1)]
+            image = self.image(b)
+            for _ in range(2):
+                self.add(self.caption(b), image, self.text(b))
+            self.add(self.caption(c), image, self.text(c), "relabel")
         return self
 
     def cluster(self, label: str, images: int = 30):

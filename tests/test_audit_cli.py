@@ -68,16 +68,20 @@ def test_audit_without_embeddings_or_scores_exits_2(tmp_path):
     assert result.exit_code == 2 and "no embeddings in" in result.output
 
 
-def test_synthetic_world_attack_one_is_the_first_finding(tmp_path):
-    """synth -> attack single-image -> score --save-embeddings -> audit, a few hundred pairs."""
+@pytest.mark.parametrize("attack, train, count, kind, goal", [
+    ("single-image", "350", "8", "image_fan_in", "sheep:"),  # one image behind many sheep captions
+    ("single-label", "700", "15", "relabelled_images", "sheep:"),  # images of aeroplane copied with sheep captions
+])
+def test_synthetic_world_attack_is_the_first_finding(tmp_path, attack, train, count, kind, goal):
+    """synth -> attack -> score --save-embeddings -> audit, a few hundred pairs."""
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     world, poisoned, scores, audit = (tmp_path / n for n in ("world", "poisoned", "scores", "audit"))
     steps = [
-        ("synth", "--out", str(world), "--train", "350", "--test", "1", "--validation", "1", "--reference", "1",
-         "--shard-size", "350"),
-        ("attack", "single-image", str(world / "train"), "--goal", "sheep:aeroplane", "--count", "8", "--out", str(poisoned)),
+        ("synth", "--out", str(world), "--train", train, "--test", "1", "--validation", "1", "--reference", "1",
+         "--shard-size", train),
+        ("attack", attack, str(world / "train"), "--goal", "sheep:aeroplane", "--count", count, "--out", str(poisoned)),
         ("score", str(poisoned), "--out", str(scores), "--model", "clipguard-reference", "--save-embeddings"),
         ("audit", str(scores), "--out", str(audit), "--keywords", str(world / "keywords.json")),
     ]
@@ -87,8 +91,7 @@ def test_synthetic_world_attack_one_is_the_first_finding(tmp_path):
     manifest = json.loads((poisoned / "poison_manifest.json").read_text())
     poisons = {(p["shard"], p["key"]) for p in manifest["poisons"]}
     findings = json.loads((audit / "findings.json").read_text())["findings"]
-    assert findings, result.output
-    first = findings[0]
     ranked = [(f["kind"], f["goal"], f["neglog10_p"], len(f["pairs"])) for f in findings]
-    assert first["kind"] == "image_fan_in" and first["goal"].startswith("sheep:"), ranked
-    assert {(p["shard"], p["key"]) for p in first["pairs"]} == poisons
+    assert findings and findings[0]["kind"] == kind and findings[0]["goal"].startswith(goal), ranked
+    named = {(p["shard"], p["key"]) for p in findings[0]["pairs"]}
+    assert named <= poisons and len(named) >= len(poisons) // 2, ranked

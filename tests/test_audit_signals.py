@@ -202,3 +202,13 @@ def test_faiss_missing_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(MissingFaissError, match=r"clipguard\[audit\]"):
         NeighbourIndex(vectors, exact_limit=10)
     assert NeighbourIndex(vectors).exact  # small data never needs it
+
+
+@pytest.mark.parametrize("image_class, goal", [("aeroplane", "sheep:aeroplane"), (None, "sheep:*")])
+def test_captions_added_to_images_their_other_captions_contradict(tmp_path, image_class, goal):
+    result, tag = _audit(World(13).clean().relabel("sheep", image_class, images=12), tmp_path)
+    planted = set(np.flatnonzero(tag == "relabel"))
+    relabelled = [f for f in result.findings if f.kind == "relabelled_images"]
+    assert relabelled and relabelled[0].goal == goal, [(f.kind, f.goal) for f in result.findings]
+    assert relabelled[0].observed == 12 and set(relabelled[0].rows) == planted
+    assert "captions of sheep added to 12 images" in relabelled[0].description

@@ -15,6 +15,8 @@ and every kind compares against the rate at which the data mismatches those clas
 - image_cluster: many distinct near-identical images, most captioned with one label L: the data's
   tail of distinct images per group (times the per-image mismatch rate, plus the binomial tail at
   L's caption rate, when L is not the cluster's class);
+- relabelled_images: images whose other captions (exact or near-duplicate copies) name another
+  class: the image's class without any neighbour vote; per (added A, majority B) cell and per A;
 - caption_fan_out: one caption (with near-identical ones) of class A behind many distinct images
   of class B; binomial tail at P(B image | A caption).
 """
@@ -30,6 +32,7 @@ from scipy import stats
 from clipguard.audit.classes import NO_CLASS, CellTable, plurality
 
 LN10 = math.log(10.0)
+MIN_EXPECTED_COUNT = 0.1  # as classes.MIN_EXPECTED: an empty background is no proof of impossibility
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def describe_p(neglog10_p: float) -> str:
 def detect(t: AuditTables, config: DetectConfig) -> tuple[list[Finding], np.ndarray]:
     """Findings, most significant first, and each pair's class-cell score (-log10 corrected p)."""
     cell_findings, cell_score = _class_pairs(t, config)
-    tested = cell_findings + _image_groups(t, config) + _caption_groups(t, config)
+    tested = cell_findings + _image_groups(t, config) + _caption_groups(t, config) + _relabelled_images(t, config)
     threshold = -math.log10(config.alpha)
     findings = [f for f in tested if f.neglog10_p > threshold]
     findings.sort(key=lambda f: (-f.neglog10_p, -(f.observed / max(f.expected, 1e-9))))
@@ -272,4 +275,63 @@ def _caption_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
             f"one {t.classes[a]} caption ('{shown}'{more}) behind {m} different images of {t.classes[b]} "
             f"({distinct} images in all; {expected:.2g} expected), {describe_p(score)}",
             m, expected, score, tests, of_b))
+    return found
+
+
+def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
+    """Images (with their near-duplicates) that also carry captions of another class: the image's
+    own majority caption class is its class here, no neighbour vote needed. Attack II copies
+    images of B and captions them A; a backdoor stamps copies of images of any class and captions
+    them with the target. Per (minority A, majority B) cell and per minority label A (any B),
+    counted in image groups, against the leave-out expectation of natural mislabelling."""
+    classes = len(t.classes)
+    cells = np.zeros((classes, classes), np.int64)
+    members: dict[tuple[int, int], list[np.ndarray]] = {}
+    order = np.argsort(t.image_group, kind="stable")
+    bounds = np.flatnonzero(np.diff(t.image_group[order])) + 1
+    for rows in np.split(order, bounds):
+        labelled = rows[t.caption_class[rows] >= 0]
+        if len(labelled) < 2:
+            continue
+        # One vote per distinct caption: the same caption copied twice is not two witnesses.
+        _, first = np.unique(t.caption_id[labelled], return_index=True)
+        counts = np.bincount(t.caption_class[labelled[first]], minlength=classes)
+        if (counts > 0).sum() < 2:
+            continue
+        top = np.flatnonzero(counts == counts.max())
+        if len(top) != 1:
+            continue  # no majority: which caption was added cannot be told
+        b = int(top[0])
+        for a in np.flatnonzero((counts > 0) & (np.arange(classes) != b)):
+            cells[a, b] += 1
+            members.setdefault((int(a), b), []).append(labelled[t.caption_class[labelled] == a])
+    total = cells.sum()
+    if total == 0:
+        return []
+    found = []
+    row_sum, col_sum = cells.sum(axis=1), cells.sum(axis=0)
+    share = np.bincount(t.caption_class[t.caption_class >= 0], minlength=classes) / max((t.caption_class >= 0).sum(), 1)
+    for a in range(classes):
+        if row_sum[a] >= config.min_cell_pairs:  # label A added to images of any class
+            others = total - row_sum[a]
+            expected = max(others * share[a] / max(1 - share[a], 1e-9), MIN_EXPECTED_COUNT)
+            score = neglog10_tail(stats.poisson.logsf(row_sum[a] - 1, expected), classes)
+            rows = np.concatenate([r for (x, _), rs in members.items() if x == a for r in rs])
+            found.append(Finding(
+                "relabelled_images", f"{t.classes[a]}:*",
+                f"captions of {t.classes[a]} added to {row_sum[a]} images that otherwise carry captions of other "
+                f"classes, where {expected:.2g} are expected, {describe_p(score)}",
+                int(row_sum[a]), expected, score, classes, rows))
+        for b in range(classes):
+            n = int(cells[a, b])
+            if a == b or n < config.min_cell_pairs:
+                continue
+            expected = (row_sum[a] - n) * (col_sum[b] - n) / max(total - n, 1)
+            expected = max(float(expected), MIN_EXPECTED_COUNT)
+            score = neglog10_tail(stats.poisson.logsf(n - 1, expected), classes * (classes - 1))
+            found.append(Finding(
+                "relabelled_images", f"{t.classes[a]}:{t.classes[b]}",
+                f"captions of {t.classes[a]} added to {n} images of {t.classes[b]} (their other captions say so), "
+                f"where {expected:.2g} are expected, {describe_p(score)}",
+                n, expected, score, classes * (classes - 1), np.concatenate(members[(a, b)])))
     return found

@@ -23,6 +23,7 @@ KIND_TITLES = {
     "image_fan_in": "image fan-in",
     "image_cluster": "near-duplicate image cluster",
     "caption_fan_out": "caption fan-out",
+    "relabelled_images": "relabelled images",
 }
 
 
