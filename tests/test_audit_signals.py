@@ -212,3 +212,9 @@ def test_captions_added_to_images_their_other_captions_contradict(tmp_path, imag
     assert relabelled and relabelled[0].goal == goal, [(f.kind, f.goal) for f in result.findings]
     assert relabelled[0].observed == 12 and set(relabelled[0].rows) == planted
     assert "captions of sheep added to 12 images" in relabelled[0].description
+
+
+def test_relabel_column_marks_the_added_captions(tmp_path):
+    result, tag = _audit(World(13).clean().relabel("sheep", "aeroplane", images=12), tmp_path)
+    score = read_signal("relabelled_image", result.out, zip(result.pairs.shard, result.pairs.key)).values
+    assert np.all(score[tag == "relabel"] > 6) and score[tag != "relabel"].max() < 6

@@ -88,14 +88,25 @@ def describe_p(neglog10_p: float) -> str:
     return f"p = {10 ** -neglog10_p:.2g}"
 
 
-def detect(t: AuditTables, config: DetectConfig) -> tuple[list[Finding], np.ndarray]:
-    """Findings, most significant first, and each pair's class-cell score (-log10 corrected p)."""
+@dataclass(frozen=True)
+class Detection:
+    findings: list[Finding]  # most significant first
+    cell_score: np.ndarray  # per pair: -log10 corrected p of its (caption class, image class) cell
+    relabel_score: np.ndarray  # per pair: -log10 corrected p of its relabelled-images cell, 0 if none
+
+
+def detect(t: AuditTables, config: DetectConfig) -> Detection:
     cell_findings, cell_score = _class_pairs(t, config)
-    tested = cell_findings + _image_groups(t, config) + _caption_groups(t, config) + _relabelled_images(t, config)
+    relabel_findings = _relabelled_images(t, config)
+    relabel_score = np.zeros(len(t.caption_class))
+    for f in relabel_findings:
+        if not f.goal.endswith(":*"):
+            relabel_score[f.rows] = np.maximum(relabel_score[f.rows], f.neglog10_p)
+    tested = cell_findings + _image_groups(t, config) + _caption_groups(t, config) + relabel_findings
     threshold = -math.log10(config.alpha)
     findings = [f for f in tested if f.neglog10_p > threshold]
     findings.sort(key=lambda f: (-f.neglog10_p, -(f.observed / max(f.expected, 1e-9))))
-    return findings, cell_score
+    return Detection(findings, cell_score, relabel_score)
 
 
 def _class_pairs(t: AuditTables, config: DetectConfig) -> tuple[list[Finding], np.ndarray]:

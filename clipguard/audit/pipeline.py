@@ -28,7 +28,7 @@ import numpy as np
 from clipguard.audit.classes import (NO_CLASS, caption_classes, cell_table, image_group_classes, plurality,
                                      strong_mismatch)
 from clipguard.audit.density import density
-from clipguard.audit.detect import AuditTables, DetectConfig, Finding, detect
+from clipguard.audit.detect import AuditTables, DetectConfig, Detection, Finding, detect
 from clipguard.audit.grouping import components, distinct_per_group, factorize, image_identity, normalise_caption
 from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
 from clipguard.audit.neighbours import EXACT_LIMIT, NeighbourIndex
@@ -115,7 +115,11 @@ def run_audit(config: AuditConfig) -> AuditResult:
         caption_group=caption_group_of[caption_id], strong_mismatch=strong,
         cells=cell_table(caption_class, image_class, len(classes), image_group, strong),
     )
-    findings, cell_score = detect(tables, config.detect) if classes else ([], np.zeros(len(pairs)))
+    if classes:
+        detection = detect(tables, config.detect)
+    else:
+        detection = Detection([], np.zeros(len(pairs)), np.zeros(len(pairs)))
+    findings = detection.findings
 
     image_density, text_density = density(image_nn), density(text_nn)
     n_caption_groups = int(tables.caption_group.max()) + 1
@@ -126,7 +130,8 @@ def run_audit(config: AuditConfig) -> AuditResult:
         "caption_fan_out": distinct_per_group(caption_id, image_id, n_captions)[caption_id],
         "caption_fan_out_near": distinct_per_group(tables.caption_group, image_id, n_caption_groups)[tables.caption_group],
         "caption_group": tables.caption_group,
-        "class_cell_neglog10p": cell_score,
+        "class_cell_neglog10p": detection.cell_score,
+        "relabel_neglog10p": detection.relabel_score,
         "caption_class": np.asarray([classes[c] if c >= 0 else None for c in caption_class], dtype=object),
         "image_class": np.asarray([classes[c] if c >= 0 else None for c in image_class], dtype=object),
         "image_cluster_size": distinct_per_group(image_group, image_id, n_image_groups)[image_group],

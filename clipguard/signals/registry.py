@@ -31,6 +31,9 @@ SIGNALS: tuple[Signal, ...] = (
            "-log10 of the Poisson tail p-value of the pair's (caption class, image class) cell against the "
            "background of natural mismatches, corrected for the cells tested; 0 when classes agree or are unknown",
            ("class_cell_neglog10p", "caption_class", "image_class")),
+    Signal("relabelled_image", Scope.cross_pair,
+           "-log10 corrected p-value of the (caption class A, class B of the image's other captions) cell when the "
+           "pair's caption is the minority class among its image's captions; 0 otherwise", ("relabel_neglog10p",)),
     Signal("image_cluster", Scope.cross_pair,
            "distinct images in this pair's near-duplicate image group", ("image_cluster_size", "image_group")),
     Signal("image_knn_distance", Scope.cross_pair,
