@@ -98,16 +98,8 @@ def run_audit(config: AuditConfig) -> AuditResult:
     caption_group_of = components(n_captions, text_nn, text_duplicate)
 
     image_group = image_group_of[image_id]
-    if classes:
-        image_label = _image_labels(image_id, n_images, caption_class, len(classes))
-        group_class, votes = image_group_classes(image_index, image_group_of, n_image_groups, image_label,
-                                                 len(classes), config.k)
-        image_class = group_class[image_group]
-        caption_votes = np.where(caption_class >= 0, votes[image_group, np.maximum(caption_class, 0)], 0)
-        image_votes = np.where(image_class >= 0, votes[image_group, np.maximum(image_class, 0)], 0)
-    else:
-        image_class = np.full(len(pairs), NO_CLASS)
-        caption_votes = image_votes = np.zeros(len(pairs), np.int64)
+    image_class, caption_votes, image_votes = _image_classes(
+        image_index, image_id, image_group_of, caption_class, len(classes), config.k)
     strong = strong_mismatch(caption_class, image_class, caption_votes, image_votes, len(classes))
     tables = AuditTables(
         classes=classes, caption_class=caption_class, image_class=image_class, caption_text=caption_text,
@@ -150,6 +142,23 @@ def run_audit(config: AuditConfig) -> AuditResult:
     })
     return AuditResult(out=out, pairs=pairs, tables=tables, findings=findings, signal_columns=columns,
                        classes_known=bool(classes), exact_search=image_index.exact and text_index.exact)
+
+
+def _image_classes(index: NeighbourIndex, image_id: np.ndarray, image_group_of: np.ndarray, caption_class: np.ndarray,
+                   classes: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pair: its image group's data-driven class, and the neighbours' votes for its caption's
+    class and for that image class (what `strong_mismatch` weighs)."""
+    n = len(image_id)
+    if not classes:
+        return np.full(n, NO_CLASS), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    groups = int(image_group_of.max()) + 1
+    image_label = _image_labels(image_id, len(image_group_of), caption_class, classes)
+    group_class, votes = image_group_classes(index, image_group_of, groups, image_label, classes, k)
+    image_group = image_group_of[image_id]
+    image_class = group_class[image_group]
+    caption_votes = np.where(caption_class >= 0, votes[image_group, np.maximum(caption_class, 0)], 0)
+    image_votes = np.where(image_class >= 0, votes[image_group, np.maximum(image_class, 0)], 0)
+    return image_class, caption_votes, image_votes
 
 
 def duplicate_similarity(neighbours, floor: float) -> float:
