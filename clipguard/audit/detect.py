@@ -189,10 +189,15 @@ def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
     """
     classes = len(t.classes)
     groups = _image_group_table(t)
-    # Sizes in excess of the typical group (the median: a world with two captions per image has
-    # nothing unusual about two), so the tail is fitted to the reuse alone.
-    usual_captions = int(np.median([g.captions for g in groups])) if groups else 1
-    caption_tail = _geometric_tail(np.array([max(0, g.captions - usual_captions) for g in groups]))
+    # Captions in excess of the usual number per distinct image (the median: a world with two
+    # captions per image has nothing unusual about two, nor three near-duplicates about six), so
+    # the tail is fitted to the reuse alone.
+    usual_captions = int(np.median([g.captions / g.images for g in groups])) if groups else 1
+
+    def excess(g: _ImageGroup) -> int:
+        return max(0, g.captions - usual_captions * g.images)
+
+    caption_tail = _geometric_tail(np.array([excess(g) for g in groups]))
     image_tail = _geometric_tail(np.array([g.images - 1 for g in groups]))
     mislabel = _group_mislabel(groups, classes)
     fan_in = [g for g in groups if g.images < config.min_cluster and g.captions >= config.min_fan_in]
@@ -210,7 +215,7 @@ def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
                 continue
             p0 = t.cells.per_pair_rate(a, g.image_class, "image") if g.image_class != NO_CLASS else rate[a]
             p0 = min(max(p0, 1e-12), 1.0)
-            joint = caption_tail ** max(0, g.captions - usual_captions) * _joint_mismatch(mislabel, a, g.image_class, a == g.label)
+            joint = caption_tail ** excess(g) * _joint_mismatch(mislabel, a, g.image_class, a == g.label)
             p = min(1.0, joint + math.exp(stats.binom.logsf(m - 1, g.captions, p0)))
             score = neglog10_tail(math.log(p) if p > 0 else -math.inf, len(fan_in) * (classes - 1))
             if best is None or score > best[0]:
