@@ -13,7 +13,7 @@ and every kind compares against the rate at which the data mismatches those clas
   large (the data's geometric tail of distinct captions per image) times the per-image rate of
   A-captioned groups among B images, plus the binomial tail of A captions one by one;
 - image_cluster: many distinct near-identical images, most captioned with one label L: the data's
-  tail of distinct images per group (times the per-image mismatch rate, plus the binomial tail at
+  tail of distinct images per group (`_hurdle_tail`; times the per-image mismatch rate, plus the binomial tail at
   L's caption rate, when L is not the cluster's class);
 - relabelled_images: images whose other captions (exact or near-duplicate copies) name another
   class: the image's class without any neighbour vote; per (added A, majority B) cell and per A;
@@ -163,6 +163,22 @@ def _geometric_tail(counts: np.ndarray) -> float:
     return max(mean, 1e-3) / (1.0 + max(mean, 1e-3))
 
 
+def _hurdle_tail(values: np.ndarray, x: int, own: int) -> float:
+    """P(X >= x) for one group under the data's other groups: the share of them with X > 0 times a
+    geometric tail fitted to their positive part, the group's own value ``own`` left out. Near-
+    duplicate groups are rare but, where they occur, of any size; one geometric over all groups
+    would call a natural group of five near-identical photos impossible."""
+    if x <= 0:
+        return 1.0
+    n = len(values) - 1
+    positive = values[values > 0]
+    if own > 0:
+        positive = np.delete(positive, np.flatnonzero(positive == own)[0])
+    share = max(len(positive), 1) / max(n, 1)
+    mean = max(float(np.mean(positive - 1)) if len(positive) else 0.0, 0.5)  # a floor: few groups, wide tail
+    return min(1.0, share * (mean / (1.0 + mean)) ** (x - 1))
+
+
 def _group_mislabel(groups: list[_ImageGroup], classes: int) -> np.ndarray:
     """P(a group's own captions name A | its neighbours say B), per image group rather than per
     pair: the captions behind one image share its fate, so a misjudged image class or a reused
@@ -198,7 +214,7 @@ def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
         return max(0, g.captions - usual_captions * g.images)
 
     caption_tail = _geometric_tail(np.array([excess(g) for g in groups]))
-    image_tail = _geometric_tail(np.array([g.images - 1 for g in groups]))
+    extra_images = np.array([g.images - 1 for g in groups])
     mislabel = _group_mislabel(groups, classes)
     fan_in = [g for g in groups if g.images < config.min_cluster and g.captions >= config.min_fan_in]
     clusters = [g for g in groups if g.images >= config.min_cluster]
@@ -240,7 +256,7 @@ def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
         # A cluster this large is unusual in itself (the natural "birthday cake" backdoor of CC3M is
         # 798 near-duplicates behind one caption, and is a finding too); when its captions name
         # another class than its neighbourhood, that mismatch is multiplied in.
-        joint = image_tail ** (g.images - 1)
+        joint = _hurdle_tail(extra_images, g.images - 1, g.images - 1)
         p = joint
         if g.label != g.image_class:
             p = joint * _joint_mismatch(mislabel, g.label, g.image_class, True) + math.exp(
