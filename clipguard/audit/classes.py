@@ -86,7 +86,7 @@ STRONG_RATIO = 3  # an image's class must have this many times the votes of its 
 
 
 def strong_mismatch(caption_class: np.ndarray, image_class: np.ndarray, caption_votes: np.ndarray,
-                    image_votes: np.ndarray, classes: int) -> np.ndarray:
+                    image_votes: np.ndarray, classes: int, own_class: np.ndarray) -> np.ndarray:
     """Pairs whose image's neighbourhood is clearly of its class and not of its caption's class.
 
     A reference confuses classes systematically (to the bundled one, cars look like people): an
@@ -100,7 +100,7 @@ def strong_mismatch(caption_class: np.ndarray, image_class: np.ndarray, caption_
     share = (np.bincount(known, minlength=max(classes, 1)) + 1.0) / (len(known) + max(classes, 1))
     lift_caption = caption_votes / share[np.maximum(caption_class, 0)]
     lift_image = image_votes / share[np.maximum(image_class, 0)]
-    return (caption_class >= 0) & (lift_caption * STRONG_RATIO <= lift_image)
+    return (caption_class >= 0) & (lift_caption * STRONG_RATIO <= lift_image) & (own_class != caption_class)
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,8 @@ def run_audit(config: AuditConfig) -> AuditResult:
     image_group = image_group_of[image_id]
     image_class, caption_votes, image_votes = _image_classes(
         image_index, image_id, image_group_of, caption_class, len(classes), config.k)
-    strong = strong_mismatch(caption_class, image_class, caption_votes, image_votes, len(classes))
+    own_class = _own_classes(image_group, caption_id, caption_class, len(classes))
+    strong = strong_mismatch(caption_class, image_class, caption_votes, image_votes, len(classes), own_class)
     tables = AuditTables(
         classes=classes, caption_class=caption_class, image_class=image_class, caption_text=caption_text,
         caption_id=caption_id, image_id=image_id, image_group=image_group,
@@ -159,6 +160,24 @@ def _image_classes(index: NeighbourIndex, image_id: np.ndarray, image_group_of: 
     caption_votes = np.where(caption_class >= 0, votes[image_group, np.maximum(caption_class, 0)], 0)
     image_votes = np.where(image_class >= 0, votes[image_group, np.maximum(image_class, 0)], 0)
     return image_class, caption_votes, image_votes
+
+
+def _own_classes(image_group: np.ndarray, caption_id: np.ndarray, caption_class: np.ndarray, classes: int) -> np.ndarray:
+    """Per pair: the majority class of its image group's distinct captions (at least two of them
+    labelled, one class ahead), NO_CLASS otherwise."""
+    out = np.full(len(image_group), NO_CLASS, np.int64)
+    if not classes:
+        return out
+    order = np.argsort(image_group, kind="stable")
+    bounds = np.flatnonzero(np.diff(image_group[order])) + 1
+    for rows in np.split(order, bounds):
+        labelled = rows[caption_class[rows] >= 0]
+        if len(labelled) < 2:
+            continue
+        _, first = np.unique(caption_id[labelled], return_index=True)
+        if len(first) >= 2:
+            out[rows] = plurality(caption_class[labelled[first]], classes, min_votes=2)
+    return out
 
 
 def duplicate_similarity(neighbours, floor: float) -> float:
