@@ -10,9 +10,12 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __version__ = "0.1.0"
 
 # The public API, loaded on first use: `import clipguard` (and so `clipguard --help`) must not
-# wait for torch, which the scoring functions need. `clipguard.audit` joins these when the
-# audit command lands.
+# wait for torch, which the scoring functions need. `clipguard.audit` is a package of its own
+# (run_audit, AuditConfig), loaded on first use like the rest; it needs numpy, scipy and pyarrow,
+# never torch.
 _PUBLIC = {
+    "audit": "clipguard.audit",
+    "read_signal": "clipguard.signals",
     "score_pairs": "clipguard.scoring.inmemory",
     "PairScores": "clipguard.scoring.inmemory",
     "score": "clipguard.api",
@@ -31,7 +34,8 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'clipguard' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module), name)
+    loaded = importlib.import_module(module)
+    value = loaded if module == f"{__name__}.{name}" else getattr(loaded, name)
     globals()[name] = value  # once loaded, a plain attribute
     return value
 

@@ -4,7 +4,8 @@ Thin, typed wrappers over the functions the commands call, with the commands' de
 script gets the same files and the same checks as ``clipguard score|calibrate|filter``. Shard
 arguments take what the command line takes (folders, globs, brace patterns, URLs). A model is a
 name (``"clipguard-reference"``, ``"ViT-B-32"``, a checkpoint path), a `ModelSpec` or a
-`LoadedModel`. ``clipguard.audit`` will join these when the audit command lands.
+`LoadedModel`. The audit is its own package: ``clipguard.audit.run_audit(AuditConfig(...))``, and
+``clipguard.read_signal`` reads any signal's column back for a set of pairs.
 """
 
 from __future__ import annotations

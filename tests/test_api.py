@@ -32,7 +32,7 @@ def test_import_is_light_and_dir_lists_the_api():
     assert done.returncode == 0, done.stderr
     names, torch_loaded = json.loads(done.stdout)
     assert set(API) <= set(names) and not torch_loaded
-    assert "audit" not in names  # not there until the audit command lands
+    assert {"audit", "read_signal"} <= set(names)  # listed, loaded on first use
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         clipguard.nothing_here  # noqa: B018
 

@@ -72,7 +72,19 @@ class NoiseKind(str, Enum):  # clipguard.synth.noise.NOISE_KINDS
     web = "web"
 
 
+@dataclass(frozen=True)
+class AuditDefaults:
+    """clipguard.audit.AuditConfig() defaults that `clipguard audit` shows."""
+
+    alpha: float = 1e-6
+    k: int = 10
+    image_duplicate: float = 0.95
+    text_duplicate: float = 0.95
+    exact_limit: int = 50_000
+
+
 FINETUNE_DEFAULTS = FinetuneDefaults()
+AUDIT_DEFAULTS = AuditDefaults()
 WORLD_DEFAULTS = WorldDefaults()
 WEB_NOISE_DEFAULTS = WebNoiseDefaults()
 

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from clipguard.cli.attack import attack
+from clipguard.cli.audit import audit
 from clipguard.cli.evaluate import evaluate
 from clipguard.cli.filter import filter_command
 from clipguard.cli.finetune import finetune
@@ -63,6 +64,7 @@ app.command()(evaluate)
 app.command(name="filter")(filter_command)
 app.command()(gate)
 app.command()(report)
+app.command()(audit)
 app.command()(finetune)
 app.command()(sterilize)
 app.command()(synth)

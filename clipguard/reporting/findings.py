@@ -1,7 +1,7 @@
 """Audit findings: what a structural audit found, in a small JSON format that the report renders.
 
-No audit command exists yet; this module fixes the format an audit writes, so that `report` can
-show its results today and the audit can be written against a reader that already checks it.
+`clipguard audit` writes this format (`clipguard/audit/output.py`, with kind, goal, observed,
+expected and each pair's caption added; this reader ignores what it does not show).
 
 ``findings.json`` (a file, or an audit folder holding one)::
 

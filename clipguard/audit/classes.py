@@ -1,0 +1,143 @@
+"""Classes on both sides of a pair, and the background of natural mismatches between them.
+
+Caption class: keyword search (`clipguard.labels`). Image class: data-driven, because the
+bundled reference's zero-shot accuracy is weak: the plurality caption class among an image
+group's nearest other images (the group itself, its exact and near duplicates, left out, so a
+poisoned image cannot vote for its own captions).
+
+Background: off the diagonal, cell (caption A, image B) is expected to hold
+(row_A - n_AB)(col_B - n_AB) / (off - n_AB) pairs (independence of the mismatches' two classes,
+the cell left out of its own estimate so that a planted cell does not raise its own expectation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipguard.audit.neighbours import NeighbourIndex
+from clipguard.labels import KeywordLabeler
+
+NO_CLASS = -1
+MIN_EXPECTED = 0.1  # a floor: an empty background is not evidence that a cell can never occur
+
+
+def caption_classes(captions, labeler: KeywordLabeler) -> np.ndarray:
+    """Class number per caption (order of ``labeler.classes``), NO_CLASS for none or several."""
+    number = {name: i for i, name in enumerate(labeler.classes)}
+    return np.array([number.get(labeler.label(c).name, NO_CLASS) for c in captions], dtype=np.int64)
+
+
+def plurality(labels: np.ndarray, classes: int, min_votes: int = 1) -> int:
+    """The one most frequent label, with at least ``min_votes`` votes; NO_CLASS on a tie."""
+    labels = labels[labels >= 0]
+    if len(labels) == 0:
+        return NO_CLASS
+    counts = np.bincount(labels, minlength=classes)
+    top = np.flatnonzero(counts == counts.max())
+    return int(top[0]) if len(top) == 1 and counts.max() >= min_votes else NO_CLASS
+
+
+def image_group_classes(index: NeighbourIndex, image_group: np.ndarray, groups: int, image_label: np.ndarray,
+                        classes: int, votes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class per image group: the plurality label (at least a quarter of the votes, no tie) of the
+    ``votes`` nearest unique images outside the group, searched from the group's centroid; and the
+    votes, (groups, classes). (Weighting votes by the inverse of a class's share did worse on the
+    synthetic world under the bundled reference: 31% agreement with captions against 37%.)
+
+    ``image_group`` and ``image_label`` are per unique image (the plurality caption class of its pairs).
+    """
+    out = np.full(groups, NO_CLASS, np.int64)
+    tally = np.zeros((groups, max(classes, 1)), np.int64)
+    sizes = np.bincount(image_group, minlength=groups)
+    members = _members(image_group, groups)
+    centroids = np.zeros((groups, index.vectors.shape[1]), np.float32)
+    np.add.at(centroids, image_group, index.vectors)
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    # Groups of one size share one search (most are single images); large groups are few.
+    for size in np.unique(sizes):
+        which = np.flatnonzero(sizes == size)
+        found = index.search(centroids[which], int(size) + votes).index
+        member_rows = np.stack([members[g] for g in which])  # (groups of this size, size)
+        outside = (found >= 0) & ~(found[:, :, None] == member_rows[:, None, :]).any(axis=2)
+        outside &= np.cumsum(outside, axis=1) <= votes  # the first `votes` outside the group
+        labels = np.where(outside, image_label[np.maximum(found, 0)], NO_CLASS)
+        for row, g in enumerate(which):
+            tally[g] = np.bincount(labels[row][labels[row] >= 0], minlength=classes)
+            out[g] = _plurality_of_tally(tally[g], min_votes=max(2, votes // 4))
+    return out, tally
+
+
+def _plurality_of_tally(tally: np.ndarray, min_votes: int) -> int:
+    if tally.max(initial=0) < min_votes:
+        return NO_CLASS
+    top = np.flatnonzero(tally == tally.max())
+    return int(top[0]) if len(top) == 1 else NO_CLASS
+
+
+def _members(group: np.ndarray, groups: int) -> list[np.ndarray]:
+    order = np.argsort(group, kind="stable")
+    bounds = np.searchsorted(group[order], np.arange(groups + 1))
+    return [order[bounds[g]:bounds[g + 1]] for g in range(groups)]
+
+
+STRONG_RATIO = 3  # an image's class must have this many times the votes of its caption's class
+
+
+def strong_mismatch(caption_class: np.ndarray, image_class: np.ndarray, caption_votes: np.ndarray,
+                    image_votes: np.ndarray, classes: int, own_class: np.ndarray) -> np.ndarray:
+    """Pairs whose image's neighbourhood is clearly of its class and not of its caption's class.
+
+    A reference confuses classes systematically (to the bundled one, cars look like people): an
+    image of class A judged B still has many A images among its neighbours, while an image of
+    class B captioned A by a poisoner (or by natural label noise) has few: only the other poisons,
+    a small share of B's images at any poisoning rate a defender worries about. Votes are
+    weighed by each class's share of the captions, so a common class (a quarter of the synthetic
+    world is people) does not win every neighbourhood. Counting only these pairs keeps
+    confusions out of the cells without modelling them."""
+    known = caption_class[caption_class >= 0]
+    share = (np.bincount(known, minlength=max(classes, 1)) + 1.0) / (len(known) + max(classes, 1))
+    lift_caption = caption_votes / share[np.maximum(caption_class, 0)]
+    lift_image = image_votes / share[np.maximum(image_class, 0)]
+    return (caption_class >= 0) & (lift_caption * STRONG_RATIO <= lift_image) & (own_class != caption_class)
+
+
+@dataclass(frozen=True)
+class CellTable:
+    """Distinct image groups per (caption class, image class) among pairs with both, and each
+    off-diagonal cell's expected count under the background."""
+
+    observed: np.ndarray  # (C, C) int
+    expected: np.ndarray  # (C, C) float; NaN on the diagonal
+
+    @property
+    def cells_tested(self) -> int:
+        c = len(self.observed)
+        return c * (c - 1)
+
+    def per_pair_rate(self, caption_class: int, image_class: int, given: str) -> float:
+        """Background probability that a pair with one side known has the other: given="caption"
+        is P(image class | caption class), given="image" is P(caption class | image class)."""
+        total = self.observed[caption_class].sum() if given == "caption" else self.observed[:, image_class].sum()
+        return float(min(1.0, self.expected[caption_class, image_class] / max(total, 1)))
+
+
+def cell_table(caption_class: np.ndarray, image_class: np.ndarray, classes: int, image_group: np.ndarray,
+               strong: np.ndarray) -> CellTable:
+    """Counts are of distinct image groups per cell, not pairs: the captions of one reused image
+    share its class, so they are one observation of a mismatch, not several. Off the diagonal only
+    strong mismatches count (`strong_mismatch`)."""
+    both = (caption_class >= 0) & (image_class >= 0) & ((caption_class == image_class) | strong)
+    observed = np.zeros((classes, classes), np.int64)
+    if both.any():
+        units = np.unique(np.stack([caption_class[both], image_class[both], image_group[both]], axis=1), axis=0)
+        np.add.at(observed, (units[:, 0], units[:, 1]), 1)
+    off = observed.copy()
+    np.fill_diagonal(off, 0)
+    row, col, total = off.sum(axis=1, keepdims=True), off.sum(axis=0, keepdims=True), off.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = (row - off) * (col - off) / np.maximum(total - off, 1)
+    expected = np.maximum(expected.astype(np.float64), MIN_EXPECTED)
+    np.fill_diagonal(expected, np.nan)
+    return CellTable(observed=observed, expected=expected)

@@ -1,0 +1,369 @@
+"""Goal discovery: the structures that attacks leave behind, tested against the data's background.
+
+Each test gives a p-value, Bonferroni-corrected for the number of tests of its kind; a finding
+is a test whose corrected p-value is under the significance level. Every kind needs a class on
+the caption side, so reuse without a class keyword (boilerplate alt-text) is never an attack goal,
+and every kind compares against the rate at which the data mismatches those classes naturally:
+
+- class_pair: cell (caption A, image B), counted in distinct image groups, against its
+  leave-the-cell-out expectation (Poisson tail);
+- image_fan_in: one image (with its near-duplicates) behind many distinct captions of class A,
+  A not the image's class. The captions of one image are not independent (a stock photo, a
+  misjudged image class mismatch all of them at once), so the null is the chance of a group this
+  large (the data's geometric tail of distinct captions per image) times the per-image rate of
+  A-captioned groups among B images, plus the binomial tail of A captions one by one;
+- image_cluster: many distinct near-identical images, most captioned with one label L: the data's
+  tail of distinct images per group (`_hurdle_tail`; times the per-image mismatch rate, plus the binomial tail at
+  L's caption rate, when L is not the cluster's class);
+- relabelled_images: images whose other captions (exact or near-duplicate copies) name another
+  class: the image's class without any neighbour vote; per (added A, majority B) cell and per A;
+- caption_fan_out: one caption (with near-identical ones) of class A behind many distinct images
+  of class B; binomial tail at P(B image | A caption).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats
+
+from clipguard.audit.classes import NO_CLASS, CellTable, plurality
+
+LN10 = math.log(10.0)
+MIN_EXPECTED_COUNT = 0.1  # as classes.MIN_EXPECTED: an empty background is no proof of impossibility
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    alpha: float = 1e-6  # corrected p-value under which a test is a finding
+    min_cell_pairs: int = 3
+    min_fan_in: int = 5  # distinct captions behind an image group before it is tested
+    min_fan_out: int = 5  # distinct images behind a caption group
+    min_cluster: int = 5  # distinct images in a near-duplicate group that make it a cluster
+
+
+@dataclass
+class AuditTables:
+    """Everything the tests read, per pair unless named otherwise."""
+
+    classes: list[str]
+    caption_class: np.ndarray
+    image_class: np.ndarray
+    caption_text: np.ndarray  # normalised captions
+    caption_id: np.ndarray  # distinct normalised caption
+    image_id: np.ndarray  # distinct exact image
+    image_group: np.ndarray  # near-duplicate image group
+    caption_group: np.ndarray  # near-identical caption group
+    strong_mismatch: np.ndarray  # no neighbour of the image is captioned with the pair's caption class
+    cells: CellTable
+
+
+@dataclass
+class Finding:
+    kind: str
+    goal: str  # "A:B" (caption class: image class) or, for a cluster, its label
+    description: str
+    observed: int
+    expected: float
+    neglog10_p: float  # corrected for `tests`
+    tests: int
+    rows: np.ndarray = field(repr=False)  # pair rows involved
+
+    @property
+    def p_value(self) -> float:
+        return 10.0 ** -self.neglog10_p
+
+
+def neglog10_tail(logsf: float, tests: int) -> float:
+    """-log10 of a Bonferroni-corrected p-value, from the log of the raw tail probability."""
+    raw = -logsf / LN10 if np.isfinite(logsf) else 320.0
+    return max(0.0, raw - math.log10(max(tests, 1)))
+
+
+def describe_p(neglog10_p: float) -> str:
+    if neglog10_p >= 1:
+        return f"p < 1e-{int(math.floor(neglog10_p))}"
+    return f"p = {10 ** -neglog10_p:.2g}"
+
+
+@dataclass(frozen=True)
+class Detection:
+    findings: list[Finding]  # most significant first
+    cell_score: np.ndarray  # per pair: -log10 corrected p of its (caption class, image class) cell
+    relabel_score: np.ndarray  # per pair: -log10 corrected p of its relabelled-images cell, 0 if none
+
+
+def detect(t: AuditTables, config: DetectConfig) -> Detection:
+    cell_findings, cell_score = _class_pairs(t, config)
+    relabel_findings = _relabelled_images(t, config)
+    relabel_score = np.zeros(len(t.caption_class))
+    for f in relabel_findings:
+        if not f.goal.endswith(":*"):
+            relabel_score[f.rows] = np.maximum(relabel_score[f.rows], f.neglog10_p)
+    tested = cell_findings + _image_groups(t, config) + _caption_groups(t, config) + relabel_findings
+    threshold = -math.log10(config.alpha)
+    findings = [f for f in tested if f.neglog10_p > threshold]
+    findings.sort(key=lambda f: (-f.neglog10_p, -(f.observed / max(f.expected, 1e-9))))
+    return Detection(findings, cell_score, relabel_score)
+
+
+def _class_pairs(t: AuditTables, config: DetectConfig) -> tuple[list[Finding], np.ndarray]:
+    classes = len(t.classes)
+    tests = t.cells.cells_tested
+    score = np.zeros((classes, classes))
+    found = []
+    for a in range(classes):
+        for b in range(classes):
+            n = int(t.cells.observed[a, b])
+            if a == b or n < config.min_cell_pairs:
+                continue
+            expected = float(t.cells.expected[a, b])
+            score[a, b] = neglog10_tail(stats.poisson.logsf(n - 1, expected), tests)
+            rows = np.flatnonzero((t.caption_class == a) & (t.image_class == b) & t.strong_mismatch)
+            images = "" if len(rows) == n else f" ({n} distinct images)"
+            found.append(Finding(
+                "class_pair", f"{t.classes[a]}:{t.classes[b]}",
+                f"captions of {t.classes[a]} paired with images of {t.classes[b]}: {len(rows)} pairs{images} where "
+                f"{expected:.2g} are expected, {describe_p(score[a, b])}",
+                n, expected, score[a, b], tests, rows))
+    both = (t.caption_class >= 0) & (t.image_class >= 0) & t.strong_mismatch
+    per_pair = np.zeros(len(t.caption_class))
+    per_pair[both] = score[t.caption_class[both], t.image_class[both]]
+    return found, per_pair
+
+
+def _caption_rate(t: AuditTables) -> np.ndarray:
+    labelled = t.caption_class[t.caption_class >= 0]
+    return np.bincount(labelled, minlength=len(t.classes)) / max(len(t.caption_class), 1)
+
+
+@dataclass(frozen=True)
+class _ImageGroup:
+    rows: np.ndarray
+    images: int  # distinct exact images
+    captions: int  # distinct normalised captions
+    image_class: int  # data-driven, from neighbours outside the group
+    label: int  # plurality class of its own captions
+
+
+def _image_group_table(t: AuditTables) -> list[_ImageGroup]:
+    order = np.argsort(t.image_group, kind="stable")
+    bounds = np.flatnonzero(np.diff(t.image_group[order])) + 1
+    classes = len(t.classes)
+    return [_ImageGroup(rows, len(np.unique(t.image_id[rows])), len(np.unique(t.caption_id[rows])),
+                        int(t.image_class[rows[0]]), plurality(t.caption_class[rows], classes))
+            for rows in np.split(order, bounds) if len(rows)]
+
+
+def _geometric_tail(counts: np.ndarray) -> float:
+    """rho of a geometric law P(X >= x) = rho**x fitted (maximum likelihood) to counts >= 0."""
+    mean = float(np.mean(counts)) if len(counts) else 0.0
+    return max(mean, 1e-3) / (1.0 + max(mean, 1e-3))
+
+
+def _hurdle_tail(values: np.ndarray, x: int, own: int) -> float:
+    """P(X >= x) for one group under the data's other groups: the share of them with X > 0 times a
+    geometric tail fitted to their positive part, the group's own value ``own`` left out. Near-
+    duplicate groups are rare but, where they occur, of any size; one geometric over all groups
+    would call a natural group of five near-identical photos impossible."""
+    if x <= 0:
+        return 1.0
+    n = len(values) - 1
+    positive = values[values > 0]
+    if own > 0:
+        positive = np.delete(positive, np.flatnonzero(positive == own)[0])
+    share = max(len(positive), 1) / max(n, 1)
+    mean = max(float(np.mean(positive - 1)) if len(positive) else 0.0, 0.5)  # a floor: few groups, wide tail
+    return min(1.0, share * (mean / (1.0 + mean)) ** (x - 1))
+
+
+def _group_mislabel(groups: list[_ImageGroup], classes: int) -> np.ndarray:
+    """P(a group's own captions name A | its neighbours say B), per image group rather than per
+    pair: the captions behind one image share its fate, so a misjudged image class or a reused
+    stock photo mismatches all of them at once."""
+    counts = np.zeros((classes, classes))
+    for g in groups:
+        if g.label >= 0 and g.image_class >= 0:
+            counts[g.label, g.image_class] += 1
+    return counts
+
+
+def _joint_mismatch(counts: np.ndarray, label: int, image_class: int, own: bool) -> float:
+    column = counts[:, image_class] if image_class >= 0 else counts.sum(axis=1)
+    cell = column[label] - (1 if own else 0)  # the group tested is left out of its own background
+    return float((max(cell, 0) + 0.5) / (max(column.sum() - (1 if own else 0), 0) + 1.0))
+
+
+def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
+    """Fan-in (one or a few distinct images) and clusters (many distinct images), per image group.
+
+    Under the null a group is ordinary reuse: its size follows the data's own (geometric) tail of
+    group sizes, and its captions may name another class than its image all together (a stock
+    photo, a misjudged image class: `_group_mislabel`) or one by one (natural label noise, binomial).
+    """
+    classes = len(t.classes)
+    groups = _image_group_table(t)
+    # Captions in excess of the usual number per distinct image (the median: a world with two
+    # captions per image has nothing unusual about two, nor three near-duplicates about six), so
+    # the tail is fitted to the reuse alone.
+    usual_captions = int(np.median([g.captions / g.images for g in groups])) if groups else 1
+
+    def excess(g: _ImageGroup) -> int:
+        return max(0, g.captions - usual_captions * g.images)
+
+    caption_tail = _geometric_tail(np.array([excess(g) for g in groups]))
+    extra_images = np.array([g.images - 1 for g in groups])
+    mislabel = _group_mislabel(groups, classes)
+    fan_in = [g for g in groups if g.images < config.min_cluster and g.captions >= config.min_fan_in]
+    clusters = [g for g in groups if g.images >= config.min_cluster]
+    rate = _caption_rate(t)
+    found = []
+    for g in fan_in:
+        best = None
+        for a in range(classes):
+            if a == g.image_class:
+                continue
+            named = g.rows[t.caption_class[g.rows] == a]
+            m = len(np.unique(t.caption_id[named]))
+            if m < config.min_cell_pairs:
+                continue
+            p0 = t.cells.per_pair_rate(a, g.image_class, "image") if g.image_class != NO_CLASS else rate[a]
+            p0 = min(max(p0, 1e-12), 1.0)
+            joint = caption_tail ** excess(g) * _joint_mismatch(mislabel, a, g.image_class, a == g.label)
+            p = min(1.0, joint + math.exp(stats.binom.logsf(m - 1, g.captions, p0)))
+            score = neglog10_tail(math.log(p) if p > 0 else -math.inf, len(fan_in) * (classes - 1))
+            if best is None or score > best[0]:
+                best = (score, a, m, g.captions * p0, named)
+        if best is None:
+            continue
+        score, a, m, expected, named = best
+        what = "one image" if g.images == 1 else f"one image and {g.images - 1} near-duplicate(s)"
+        of = t.classes[g.image_class] if g.image_class != NO_CLASS else "?"
+        found.append(Finding(
+            "image_fan_in", f"{t.classes[a]}:{of}",
+            f"{what} (of {of}) behind {m} different {t.classes[a]} captions ({g.captions} distinct captions in all; "
+            f"{expected:.2g} {t.classes[a]} captions expected), {describe_p(score)}",
+            m, expected, score, len(fan_in) * (classes - 1), named))
+    for g in clusters:
+        if g.label < 0:
+            continue  # a cluster whose captions name no class is no attack goal
+        labels = t.caption_class[g.rows]
+        m, n = int((labels == g.label).sum()), len(g.rows)
+        if m * 2 < n:
+            continue  # its captions are not "all one label"
+        # A cluster this large is unusual in itself (the natural "birthday cake" backdoor of CC3M is
+        # 798 near-duplicates behind one caption, and is a finding too); when its captions name
+        # another class than its neighbourhood, that mismatch is multiplied in.
+        joint = _hurdle_tail(extra_images, g.images - 1, g.images - 1)
+        p = joint
+        if g.label != g.image_class:
+            p = joint * _joint_mismatch(mislabel, g.label, g.image_class, True) + math.exp(
+                stats.binom.logsf(m - 1, n, min(max(rate[g.label], 1e-12), 1.0)))
+        p = min(1.0, p)
+        score = neglog10_tail(math.log(p) if p > 0 else -math.inf, len(clusters) * classes)
+        found.append(Finding(
+            "image_cluster", t.classes[g.label],
+            f"a cluster of {g.images} near-identical images, {m} of its {n} pairs captioned with "
+            f"'{t.classes[g.label]}' ({n * rate[g.label]:.2g} expected), {describe_p(score)}",
+            m, n * float(rate[g.label]), score, len(clusters) * classes, g.rows[labels == g.label]))
+    return found
+
+
+def _caption_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
+    classes = len(t.classes)
+    order = np.argsort(t.caption_group, kind="stable")
+    bounds = np.flatnonzero(np.diff(t.caption_group[order])) + 1
+    groups = []
+    for rows in np.split(order, bounds):
+        labelled = t.caption_class[rows][t.caption_class[rows] >= 0]
+        if len(rows) and len(labelled) * 2 > len(rows) and len(np.unique(t.image_id[rows])) >= config.min_fan_out:
+            groups.append((int(np.bincount(labelled, minlength=classes).argmax()), rows))
+    tests = len(groups) * (classes - 1)
+    found = []
+    for a, rows in groups:
+        distinct = len(np.unique(t.image_id[rows]))
+        best = None
+        for b in range(classes):
+            if b == a:
+                continue
+            of_b = rows[(t.image_class[rows] == b) & t.strong_mismatch[rows]]
+            m = len(np.unique(t.image_id[of_b]))
+            if m < config.min_cell_pairs:
+                continue
+            p0 = min(max(t.cells.per_pair_rate(a, b, "caption"), 1e-12), 1.0)
+            score = neglog10_tail(stats.binom.logsf(m - 1, distinct, p0), tests)
+            if best is None or score > best[0]:
+                best = (score, b, m, distinct * p0, of_b)
+        if best is None:
+            continue
+        score, b, m, expected, of_b = best
+        texts = np.unique(t.caption_text[rows])
+        shown = texts[0] if len(texts[0]) <= 60 else texts[0][:57] + "..."
+        more = f" and {len(texts) - 1} near-identical" if len(texts) > 1 else ""
+        found.append(Finding(
+            "caption_fan_out", f"{t.classes[a]}:{t.classes[b]}",
+            f"one {t.classes[a]} caption ('{shown}'{more}) behind {m} different images of {t.classes[b]} "
+            f"({distinct} images in all; {expected:.2g} expected), {describe_p(score)}",
+            m, expected, score, tests, of_b))
+    return found
+
+
+def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
+    """Images (with their near-duplicates) that also carry captions of another class: the image's
+    own majority caption class is its class here, no neighbour vote needed. Attack II copies
+    images of B and captions them A; a backdoor stamps copies of images of any class and captions
+    them with the target. Per (minority A, majority B) cell and per minority label A (any B),
+    counted in image groups, against the leave-out expectation of natural mislabelling."""
+    classes = len(t.classes)
+    cells = np.zeros((classes, classes), np.int64)
+    members: dict[tuple[int, int], list[np.ndarray]] = {}
+    order = np.argsort(t.image_group, kind="stable")
+    bounds = np.flatnonzero(np.diff(t.image_group[order])) + 1
+    for rows in np.split(order, bounds):
+        labelled = rows[t.caption_class[rows] >= 0]
+        if len(labelled) < 2:
+            continue
+        # One vote per distinct caption: the same caption copied twice is not two witnesses.
+        _, first = np.unique(t.caption_id[labelled], return_index=True)
+        counts = np.bincount(t.caption_class[labelled[first]], minlength=classes)
+        if (counts > 0).sum() < 2:
+            continue
+        top = np.flatnonzero(counts == counts.max())
+        if len(top) != 1:
+            continue  # no majority: which caption was added cannot be told
+        b = int(top[0])
+        for a in np.flatnonzero((counts > 0) & (np.arange(classes) != b)):
+            cells[a, b] += 1
+            members.setdefault((int(a), b), []).append(labelled[t.caption_class[labelled] == a])
+    total = cells.sum()
+    if total == 0:
+        return []
+    found = []
+    row_sum, col_sum = cells.sum(axis=1), cells.sum(axis=0)
+    share = np.bincount(t.caption_class[t.caption_class >= 0], minlength=classes) / max((t.caption_class >= 0).sum(), 1)
+    for a in range(classes):
+        if row_sum[a] >= config.min_cell_pairs:  # label A added to images of any class
+            others = total - row_sum[a]
+            expected = max(others * share[a] / max(1 - share[a], 1e-9), MIN_EXPECTED_COUNT)
+            score = neglog10_tail(stats.poisson.logsf(row_sum[a] - 1, expected), classes)
+            rows = np.concatenate([r for (x, _), rs in members.items() if x == a for r in rs])
+            found.append(Finding(
+                "relabelled_images", f"{t.classes[a]}:*",
+                f"captions of {t.classes[a]} added to {row_sum[a]} images that otherwise carry captions of other "
+                f"classes, where {expected:.2g} are expected, {describe_p(score)}",
+                int(row_sum[a]), expected, score, classes, rows))
+        for b in range(classes):
+            n = int(cells[a, b])
+            if a == b or n < config.min_cell_pairs:
+                continue
+            expected = (row_sum[a] - n) * (col_sum[b] - n) / max(total - n, 1)
+            expected = max(float(expected), MIN_EXPECTED_COUNT)
+            score = neglog10_tail(stats.poisson.logsf(n - 1, expected), classes * (classes - 1))
+            found.append(Finding(
+                "relabelled_images", f"{t.classes[a]}:{t.classes[b]}",
+                f"captions of {t.classes[a]} added to {n} images of {t.classes[b]} (their other captions say so), "
+                f"where {expected:.2g} are expected, {describe_p(score)}",
+                n, expected, score, classes * (classes - 1), np.concatenate(members[(a, b)])))
+    return found

@@ -1,0 +1,96 @@
+"""An audit's files: ``signals/<shard>.parquet`` (key, shard, one column per signal value),
+``findings.json`` (the `clipguard.reporting.findings` format, with kind, goal, counts and each
+pair's caption added) and ``findings.md`` for a person."""
+
+from __future__ import annotations
+
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from clipguard.audit.detect import Finding
+from clipguard.audit.inputs import AuditPairs
+from clipguard.reporting.findings import FINDINGS_FORMAT, FINDINGS_NAME
+from clipguard.scoring.scorefiles import atomic_write_bytes, atomic_write_json, write_parquet
+from clipguard.signals.registry import AUDIT_SIGNALS_DIR
+
+MARKDOWN_NAME = "findings.md"
+MARKDOWN_PAIRS = 100  # per finding in findings.md; findings.json lists them all
+KIND_TITLES = {
+    "class_pair": "class-pair concentration",
+    "image_fan_in": "image fan-in",
+    "image_cluster": "near-duplicate image cluster",
+    "caption_fan_out": "caption fan-out",
+    "relabelled_images": "relabelled images",
+}
+
+
+def write_signals(out: Path, pairs: AuditPairs, columns: dict[str, np.ndarray]) -> list[Path]:
+    written = []
+    for shard in sorted(set(pairs.shard)):
+        rows = np.flatnonzero(pairs.shard == shard)
+        table = {"key": pa.array(pairs.key[rows].tolist(), pa.string()),
+                 "shard": pa.array([shard] * len(rows), pa.string())}
+        for name, values in columns.items():
+            picked = values[rows]
+            if picked.dtype == object:
+                table[name] = pa.array(picked.tolist(), pa.string())
+            elif np.issubdtype(picked.dtype, np.integer):
+                table[name] = pa.array(picked.astype(np.int64))
+            else:
+                table[name] = pa.array(picked.astype(np.float32))
+        path = Path(out) / AUDIT_SIGNALS_DIR / f"{shard}.parquet"
+        write_parquet(path, pa.table(table))
+        written.append(path)
+    # A rerun into the same folder over fewer shards must not leave another run's columns behind.
+    for stale in set((Path(out) / AUDIT_SIGNALS_DIR).glob("*.parquet")) - set(written):
+        stale.unlink()
+    return written
+
+
+def finding_record(finding: Finding, pairs: AuditPairs) -> dict:
+    rows = finding.rows
+    return {
+        "name": f"{KIND_TITLES[finding.kind]}: {finding.goal}",
+        "description": finding.description,
+        "p_value": finding.p_value,
+        "kind": finding.kind,
+        "goal": finding.goal,
+        "observed": finding.observed,
+        "expected": finding.expected,
+        "neglog10_p": round(finding.neglog10_p, 3),
+        "tests": finding.tests,
+        "pairs": [{"shard": str(pairs.shard[i]), "key": str(pairs.key[i]), "caption": str(pairs.caption[i])} for i in rows],
+    }
+
+
+def write_findings(out: Path, pairs: AuditPairs, findings: list[Finding], summary: dict) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = [finding_record(f, pairs) for f in findings]
+    atomic_write_json(out / FINDINGS_NAME, {"format": FINDINGS_FORMAT, **summary, "findings": records})
+    atomic_write_bytes(out / MARKDOWN_NAME, _markdown(records, summary).encode("utf-8"))
+
+
+def _markdown(records: list[dict], summary: dict) -> str:
+    lines = ["# clipguard audit", "",
+             f"{summary['pairs_audited']:,} pairs audited of {summary['pairs_scored']:,} scored "
+             f"({summary['pairs_without_embeddings']:,} without embeddings); significance level "
+             f"{summary['alpha']:g} after correction; {len(records)} finding(s).", ""]
+    if not summary["classes"]:
+        lines += ["No keyword file was given, so no class-based test ran (pass --keywords FILE).", ""]
+    for rank, record in enumerate(records, 1):
+        lines += [f"## {rank}. {record['name']}", "", record["description"], "",
+                  "| shard | key | caption |", "|---|---|---|"]
+        for pair in record["pairs"][:MARKDOWN_PAIRS]:
+            caption = pair["caption"].replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {pair['shard']} | {pair['key']} | {caption} |")
+        if len(record["pairs"]) > MARKDOWN_PAIRS:
+            lines.append(f"| ... | {len(record['pairs']) - MARKDOWN_PAIRS} more in findings.json | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+

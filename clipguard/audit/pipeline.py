@@ -1,0 +1,209 @@
+"""`run_audit`: a score folder and its embeddings -> per-pair cross-pair signals and findings.
+
+Today's implementation holds the audited pairs in memory (vectors as float32: about 2 KB per
+pair at 512 dimensions, so ~10^6 pairs per few GB) and searches neighbours exactly up to
+`neighbours.EXACT_LIMIT` vectors, through faiss above it. How it scales to 10^8 pairs in bounded
+memory, with the same statistics (docs/architecture.md says the same):
+
+1. Counting pass, per shard: hash each pair's normalised caption and image sha256; write
+   (hash prefix partition, hash, key) runs to disk; merge each partition alone (a partition fits
+   in memory) into distinct-caption-per-image and distinct-image-per-caption counts.
+2. Index pass: train a faiss IVF-PQ index on a sample of image (and text) vectors, add every
+   shard's vectors, then search shard by shard: k-distances, near-duplicate edges above the
+   threshold (written as edge lists, merged with a union-find over int64 ids that fits for 10^8),
+   and each group's nearest outside neighbours for its data-driven class.
+3. Table pass: the (caption class, image class) cell table is C x C counts, summed over shards;
+   the tests need only it, the group counts and the group sizes. Per-pair columns are then
+   written shard by shard, joining each shard's rows to its groups' counts.
+Every pass is per shard, so it runs through the same executors as scoring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clipguard.audit.classes import (NO_CLASS, caption_classes, cell_table, image_group_classes, plurality,
+                                     strong_mismatch)
+from clipguard.audit.density import density
+from clipguard.audit.detect import AuditTables, DetectConfig, Detection, Finding, detect
+from clipguard.audit.grouping import components, distinct_per_group, factorize, image_identity, normalise_caption
+from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
+from clipguard.audit.neighbours import EXACT_LIMIT, NeighbourIndex
+from clipguard.audit.output import write_findings, write_signals
+from clipguard.labels import KeywordLabeler, load_keywords
+
+
+DUPLICATE_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    scores: Path
+    out: Path
+    embeddings: Path | None = None  # default: the score folder's own img_emb/, text_emb/, metadata/
+    keywords: Path | dict | None = None  # class -> keywords; without it no class-based test runs
+    alpha: float = 1e-6
+    k: int = 10  # neighbours for density and for an image's data-driven class
+    # Cosine similarity at which two images are near-duplicates (raised where the data's nearest
+    # neighbours are all this close: `duplicate_similarity`), and two captions near-identical.
+    image_duplicate: float = 0.95
+    text_duplicate: float = 0.95
+    exact_limit: int = EXACT_LIMIT  # more vectors than this go through faiss
+    nprobe: int = 64
+    detect: DetectConfig = field(default_factory=DetectConfig)
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    out: Path
+    pairs: AuditPairs
+    tables: AuditTables
+    findings: list[Finding]
+    signal_columns: dict[str, np.ndarray]
+    classes_known: bool
+    exact_search: bool
+
+
+def run_audit(config: AuditConfig) -> AuditResult:
+    if not 0 < config.alpha < 1:
+        raise AuditInputError(f"the significance level must be in (0, 1), got {config.alpha}")
+    if not (0 < config.image_duplicate <= 1 and 0 < config.text_duplicate <= 1):
+        raise AuditInputError("near-duplicate similarities must be in (0, 1]")
+    pairs = load_pairs(config.scores, config.embeddings)
+    if len(pairs) == 0:
+        raise AuditInputError(f"no scored pairs with embeddings in {config.embeddings or config.scores}")
+    keywords = config.keywords
+    labeler = KeywordLabeler(load_keywords(keywords) if isinstance(keywords, (str, Path)) else keywords) if keywords else None
+    classes = labeler.classes if labeler else []
+    caption_class = caption_classes(pairs.caption, labeler) if labeler else np.full(len(pairs), NO_CLASS)
+
+    caption_text = np.asarray([normalise_caption(c) for c in pairs.caption], dtype=object)
+    caption_id, n_captions = factorize(caption_text.tolist())
+    image_id, n_images = factorize(image_identity(pairs.image_sha256, pairs.image))
+
+    # Neighbours among distinct images and distinct captions: a reused image is not its own neighbour.
+    first_image = _first_rows(image_id, n_images)
+    image_index = NeighbourIndex(pairs.image[first_image], config.exact_limit, config.nprobe)
+    image_nn = image_index.self_neighbours(config.k)
+    image_duplicate = duplicate_similarity(image_nn, config.image_duplicate)
+    image_group_of = components(n_images, image_nn, image_duplicate)
+    n_image_groups = int(image_group_of.max()) + 1 if n_images else 0
+    first_caption = _first_rows(caption_id, n_captions)
+    text_index = NeighbourIndex(pairs.text[first_caption], config.exact_limit, config.nprobe)
+    text_nn = text_index.self_neighbours(config.k)
+    text_duplicate = duplicate_similarity(text_nn, config.text_duplicate)
+    caption_group_of = components(n_captions, text_nn, text_duplicate)
+
+    image_group = image_group_of[image_id]
+    image_class, caption_votes, image_votes = _image_classes(
+        image_index, image_id, image_group_of, caption_class, len(classes), config.k)
+    own_class = _own_classes(image_group, caption_id, caption_class, len(classes))
+    strong = strong_mismatch(caption_class, image_class, caption_votes, image_votes, len(classes), own_class)
+    tables = AuditTables(
+        classes=classes, caption_class=caption_class, image_class=image_class, caption_text=caption_text,
+        caption_id=caption_id, image_id=image_id, image_group=image_group,
+        caption_group=caption_group_of[caption_id], strong_mismatch=strong,
+        cells=cell_table(caption_class, image_class, len(classes), image_group, strong),
+    )
+    if classes:
+        detection = detect(tables, config.detect)
+    else:
+        detection = Detection([], np.zeros(len(pairs)), np.zeros(len(pairs)))
+    findings = detection.findings
+
+    image_density, text_density = density(image_nn), density(text_nn)
+    n_caption_groups = int(tables.caption_group.max()) + 1
+    columns = {
+        "image_fan_in": distinct_per_group(image_id, caption_id, n_images)[image_id],
+        "image_fan_in_near": distinct_per_group(image_group, caption_id, n_image_groups)[image_group],
+        "image_group": image_group,
+        "caption_fan_out": distinct_per_group(caption_id, image_id, n_captions)[caption_id],
+        "caption_fan_out_near": distinct_per_group(tables.caption_group, image_id, n_caption_groups)[tables.caption_group],
+        "caption_group": tables.caption_group,
+        "class_cell_neglog10p": detection.cell_score,
+        "relabel_neglog10p": detection.relabel_score,
+        "caption_class": np.asarray([classes[c] if c >= 0 else None for c in caption_class], dtype=object),
+        "image_class": np.asarray([classes[c] if c >= 0 else None for c in image_class], dtype=object),
+        "image_cluster_size": distinct_per_group(image_group, image_id, n_image_groups)[image_group],
+        "image_knn_distance": image_density.knn_distance[image_id],
+        "image_lof": image_density.outlier_ratio[image_id],
+        "text_knn_distance": text_density.knn_distance[caption_id],
+        "text_lof": text_density.outlier_ratio[caption_id],
+    }
+    out = Path(config.out)
+    write_signals(out, pairs, columns)
+    write_findings(out, pairs, findings, summary={
+        "scores": str(config.scores), "embeddings": str(config.embeddings or config.scores),
+        "pairs_scored": pairs.scored, "pairs_audited": len(pairs), "pairs_without_embeddings": pairs.without_embeddings,
+        "alpha": config.alpha, "classes": classes, "exact_search": image_index.exact and text_index.exact,
+        "image_duplicate": image_duplicate, "text_duplicate": text_duplicate, "k": config.k,
+    })
+    return AuditResult(out=out, pairs=pairs, tables=tables, findings=findings, signal_columns=columns,
+                       classes_known=bool(classes), exact_search=image_index.exact and text_index.exact)
+
+
+def _image_classes(index: NeighbourIndex, image_id: np.ndarray, image_group_of: np.ndarray, caption_class: np.ndarray,
+                   classes: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pair: its image group's data-driven class, and the neighbours' votes for its caption's
+    class and for that image class (what `strong_mismatch` weighs)."""
+    n = len(image_id)
+    if not classes:
+        return np.full(n, NO_CLASS), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    groups = int(image_group_of.max()) + 1
+    image_label = _image_labels(image_id, len(image_group_of), caption_class, classes)
+    group_class, votes = image_group_classes(index, image_group_of, groups, image_label, classes, k)
+    image_group = image_group_of[image_id]
+    image_class = group_class[image_group]
+    caption_votes = np.where(caption_class >= 0, votes[image_group, np.maximum(caption_class, 0)], 0)
+    image_votes = np.where(image_class >= 0, votes[image_group, np.maximum(image_class, 0)], 0)
+    return image_class, caption_votes, image_votes
+
+
+def _own_classes(image_group: np.ndarray, caption_id: np.ndarray, caption_class: np.ndarray, classes: int) -> np.ndarray:
+    """Per pair: the majority class of its image group's distinct captions (at least two of them
+    labelled, one class ahead), NO_CLASS otherwise."""
+    out = np.full(len(image_group), NO_CLASS, np.int64)
+    if not classes:
+        return out
+    order = np.argsort(image_group, kind="stable")
+    bounds = np.flatnonzero(np.diff(image_group[order])) + 1
+    for rows in np.split(order, bounds):
+        labelled = rows[caption_class[rows] >= 0]
+        if len(labelled) < 2:
+            continue
+        _, first = np.unique(caption_id[labelled], return_index=True)
+        if len(first) >= 2:
+            out[rows] = plurality(caption_class[labelled[first]], classes, min_votes=2)
+    return out
+
+
+def duplicate_similarity(neighbours, floor: float) -> float:
+    """The similarity at which two vectors count as near-duplicates: at least ``floor``, and at
+    least as close as a quarter of the median distance between distinct nearest neighbours. A
+    model that packs every image into a narrow cone (the bundled reference: median nearest-image
+    similarity 0.955) would otherwise join unrelated images into one "duplicate" group."""
+    first = neighbours.similarity[:, 0] if neighbours.similarity.shape[1] else np.array([])
+    first = first[np.isfinite(first)]
+    if not len(first):
+        return floor
+    return float(max(floor, 1.0 - DUPLICATE_SHARE * float(np.median(1.0 - first))))
+
+
+def _first_rows(ids: np.ndarray, count: int) -> np.ndarray:
+    first = np.full(count, -1, np.int64)
+    rows = np.arange(len(ids))[::-1]
+    first[ids[::-1]] = rows  # the last write for each id is its first row
+    return first
+
+
+def _image_labels(image_id: np.ndarray, n_images: int, caption_class: np.ndarray, classes: int) -> np.ndarray:
+    """Each distinct image's label as a neighbour: the plurality class of its own captions."""
+    labels = np.full(n_images, NO_CLASS, np.int64)
+    order = np.argsort(image_id, kind="stable")
+    bounds = np.searchsorted(image_id[order], np.arange(n_images + 1))
+    for i in range(n_images):
+        labels[i] = plurality(caption_class[order[bounds[i]:bounds[i + 1]]], classes)
+    return labels

@@ -1,0 +1,57 @@
+"""`clipguard audit`: flags -> AuditConfig -> run_audit; a short summary of the findings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from clipguard.cli.choices import AUDIT_DEFAULTS
+from clipguard.cli.common import console, err_console, user_errors
+
+SHOWN_FINDINGS = 10
+SHOWN_PAIRS = 3
+
+
+def audit(
+    scores: Annotated[Path, typer.Argument(help="A `clipguard score --save-embeddings` folder.")],
+    out: Annotated[Path, typer.Option(help="Folder for signals/<shard>.parquet, findings.json and findings.md.")],
+    embeddings: Annotated[Optional[Path], typer.Option(help="A clip-retrieval folder (img_emb/, text_emb/, metadata/ with key and caption) instead of SCORES's own.")] = None,
+    keywords: Annotated[Optional[Path], typer.Option(help="Keyword file (JSON class -> [keywords]; the synthetic world writes keywords.json). Without it no class-based test runs.")] = None,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Significance level after correction for the tests of each kind: what is a finding.")] = AUDIT_DEFAULTS.alpha,
+    k: Annotated[int, typer.Option(min=1, max=1000, help="Neighbours for density and for an image's data-driven class.")] = AUDIT_DEFAULTS.k,
+    image_duplicate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Cosine similarity at which two images are near-duplicates (raised to a quarter of the median nearest-neighbour distance where the data packs images closer).")] = AUDIT_DEFAULTS.image_duplicate,
+    text_duplicate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Cosine similarity at which two captions are near-identical (raised likewise).")] = AUDIT_DEFAULTS.text_duplicate,
+    exact_limit: Annotated[int, typer.Option(min=1, help="Up to this many vectors neighbours are exact; above it through faiss (the audit extra).")] = AUDIT_DEFAULTS.exact_limit,
+) -> None:
+    """Find what a pair threshold misses: one image behind many captions, one caption behind many images, over-represented (caption class, image class) cells and clusters of near-identical images; findings ranked by corrected p-value.
+
+    Exits 0 whether or not there are findings (they are results); 2 on bad input.
+
+    \b
+    Example:
+      clipguard audit scores/ --keywords world/keywords.json --out audit/
+    """
+    # Imported here so that `--help` does not wait for numpy, scipy and pyarrow.
+    from clipguard.audit import AuditConfig, run_audit
+
+    with user_errors():
+        result = run_audit(AuditConfig(
+            scores=scores, out=out, embeddings=embeddings, keywords=keywords, alpha=alpha, k=k,
+            image_duplicate=image_duplicate, text_duplicate=text_duplicate, exact_limit=exact_limit,
+        ))
+    pairs = result.pairs
+    console.print(f"audited {len(pairs):,} of {pairs.scored:,} scored pairs "
+                  f"({pairs.without_embeddings:,} without embeddings); neighbours "
+                  f"{'exact' if result.exact_search else 'through faiss'}", markup=False, highlight=False)
+    if not result.classes_known:
+        err_console.print("no --keywords: no class-based test ran, so no goal can be found", markup=False, highlight=False)
+    console.print(f"{len(result.findings)} finding(s) at significance {alpha:g}", markup=False, highlight=False)
+    for rank, finding in enumerate(result.findings[:SHOWN_FINDINGS], 1):
+        console.print(f"{rank}. [{finding.kind} {finding.goal}] {finding.description}", markup=False, highlight=False)
+        for row in finding.rows[:SHOWN_PAIRS]:
+            console.print(f"     {pairs.shard[row]}/{pairs.key[row]}: {pairs.caption[row][:80]}", markup=False, highlight=False)
+    if len(result.findings) > SHOWN_FINDINGS:
+        console.print(f"... {len(result.findings) - SHOWN_FINDINGS} more", markup=False, highlight=False)
+    console.print(f"findings: {out / 'findings.md'} (and findings.json); signals: {out / 'signals'}", markup=False, highlight=False)

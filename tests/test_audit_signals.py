@@ -1,0 +1,220 @@
+"""Cross-pair signals and goal findings on tiny hand-made score folders where the answer is known
+(tests/audit_worlds.py: synthetic vectors, natural noise, planted attacks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audit_worlds import KEYWORDS, World
+from clipguard.audit import AuditConfig, MissingEmbeddingsError, run_audit
+from clipguard.audit.density import density
+from clipguard.audit.neighbours import NeighbourIndex
+from clipguard.signals import Scope, SignalError, get_signal, read_signal, signal_names
+
+
+def _audit(world: World, tmp_path: Path, name: str = "w", **options):
+    scores = world.write(tmp_path / name)
+    result = run_audit(AuditConfig(scores=scores, out=tmp_path / f"{name}-audit", keywords=KEYWORDS, **options))
+    tags = world.tags_by_key(scores)
+    tag = np.array([tags[(s, k)] for s, k in zip(result.pairs.shard, result.pairs.key)])
+    return result, tag
+
+
+def _only(findings, kind):
+    found = [f for f in findings if f.kind == kind]
+    assert len(found) == 1, [(f.kind, f.goal) for f in findings]
+    return found[0]
+
+
+def test_one_image_behind_exactly_seven_captions(tmp_path):
+    result, tag = _audit(World(3).clean().fan_in("sheep", "aeroplane", captions=7), tmp_path)
+    planted = tag == "fan_in"
+    assert planted.sum() == 7
+    assert set(result.signal_columns["image_fan_in"][planted]) == {7}
+    assert set(result.signal_columns["image_fan_in_near"][planted]) == {7}
+    # Stock images carry 2-5 captions; every other image one.
+    stock = result.signal_columns["image_fan_in"][(tag == "clean")]
+    assert stock.max() <= 5 and np.median(stock) == 1
+    finding = _only(result.findings, "image_fan_in")
+    assert finding.goal == "sheep:aeroplane" and finding.observed == 7
+    assert set(finding.rows) == set(np.flatnonzero(planted))
+    assert "behind 7 different sheep captions" in finding.description
+    assert result.findings[0].goal == "sheep:aeroplane"
+
+
+def test_one_caption_behind_many_images_of_another_class(tmp_path):
+    result, tag = _audit(World(4).clean().fan_out("sheep", "dog", images=15), tmp_path)
+    planted = tag == "fan_out"
+    assert set(result.signal_columns["caption_fan_out"][planted]) == {15}
+    finding = _only(result.findings, "caption_fan_out")
+    assert finding.goal == "sheep:dog" and finding.observed >= 8
+    assert set(finding.rows) <= set(np.flatnonzero(planted))
+    # The boilerplate alt-text is behind more images than the planted caption, but names no class.
+    boilerplate = tag == "boilerplate"
+    assert set(result.signal_columns["caption_fan_out"][boilerplate]) == {25}
+    assert not any(set(f.rows) & set(np.flatnonzero(boilerplate)) for f in result.findings)
+
+
+def test_planted_class_cell_stands_out_of_natural_mismatches(tmp_path):
+    result, tag = _audit(World(5).clean(mislabel=0.05).cell("cat", "car", pairs=20), tmp_path)
+    planted = tag == "cell"
+    cells = [f for f in result.findings if f.kind == "class_pair"]
+    assert [f.goal for f in cells] == ["cat:car"]
+    finding = cells[0]
+    assert finding.observed >= 15 and finding.expected < 2
+    assert len(set(finding.rows) & set(np.flatnonzero(planted))) >= 15
+    assert f"{finding.observed} pairs where" in finding.description and "p < 1e-" in finding.description
+    # The per-pair column: the planted pairs score high, natural mismatches low.
+    score = result.signal_columns["class_cell_neglog10p"]
+    assert np.median(score[planted]) > 6
+    natural = (tag == "clean") & (result.tables.caption_class >= 0) & (result.tables.caption_class != result.tables.image_class) \
+        & (result.tables.image_class >= 0)
+    assert natural.sum() >= 10 and score[natural].max() < 6
+
+
+def test_tight_cluster_of_near_identical_images_with_one_label(tmp_path):
+    result, tag = _audit(World(6).clean().cluster("banana", images=30), tmp_path)
+    planted = tag == "cluster"
+    assert set(result.signal_columns["image_cluster_size"][planted]) == {30}
+    assert result.signal_columns["image_cluster_size"][tag == "clean"].max() < 5
+    finding = _only(result.findings, "image_cluster")
+    assert finding.goal == "banana" and finding.observed == 30
+    assert "a cluster of 30 near-identical images" in finding.description
+    # Near-identical images are each other's nearest neighbours: the densest spot in image space.
+    assert np.nanmax(result.signal_columns["image_knn_distance"][planted]) < np.nanmin(
+        result.signal_columns["image_knn_distance"][tag == "clean"])
+
+
+@pytest.mark.parametrize("seed", [10, 11, 12])
+def test_clean_data_with_natural_noise_has_no_finding(tmp_path, seed):
+    result, tag = _audit(World(seed).clean(), tmp_path)
+    assert {"clean", "boilerplate"} == set(tag)
+    assert result.findings == []
+    assert result.tables.cells.observed.sum() > 400  # the class tests did run
+
+
+def test_all_planted_goals_are_found_and_ranked_above_the_rest(tmp_path):
+    world = World(7).clean().fan_in("sheep", "aeroplane").fan_out("horse", "dog").cell("cat", "car").cluster("banana")
+    result, _ = _audit(world, tmp_path)
+    kinds = {(f.kind, f.goal) for f in result.findings}
+    assert {("image_fan_in", "sheep:aeroplane"), ("caption_fan_out", "horse:dog"), ("class_pair", "cat:car"),
+            ("image_cluster", "banana")} <= kinds
+    p = [f.neglog10_p for f in result.findings]
+    assert p == sorted(p, reverse=True) and min(p) > 6
+
+
+def test_faiss_path_equals_exact_path(tmp_path):
+    pytest.importorskip("faiss")
+    vectors = np.random.default_rng(0).normal(size=(400, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    exact = NeighbourIndex(vectors).self_neighbours(8)
+    approximate = NeighbourIndex(vectors, exact_limit=10, nprobe=10_000).self_neighbours(8)
+    assert approximate.index.shape == exact.index.shape
+    assert (approximate.index == exact.index).mean() > 0.99  # float ties may swap a neighbour
+    np.testing.assert_allclose(approximate.similarity, exact.similarity, atol=1e-5)
+    # The whole audit through faiss: the same columns and findings.
+    world = World(8).clean(n=320).fan_in("sheep", "aeroplane").cluster("banana", images=20)
+    scores = world.write(tmp_path / "w")
+    slow = run_audit(AuditConfig(scores=scores, out=tmp_path / "a1", keywords=KEYWORDS))
+    fast = run_audit(AuditConfig(scores=scores, out=tmp_path / "a2", keywords=KEYWORDS, exact_limit=10, nprobe=10_000))
+    assert slow.exact_search and not fast.exact_search
+    assert [(f.kind, f.goal, f.observed) for f in fast.findings] == [(f.kind, f.goal, f.observed) for f in slow.findings]
+    for name in ("image_fan_in_near", "caption_fan_out_near", "image_cluster_size"):
+        np.testing.assert_array_equal(fast.signal_columns[name], slow.signal_columns[name])
+    np.testing.assert_allclose(fast.signal_columns["image_knn_distance"], slow.signal_columns["image_knn_distance"], atol=1e-4)
+
+
+def test_missing_embeddings_name_the_command_that_writes_them(tmp_path):
+    scores = World(9).clean(n=40).write(tmp_path / "w", embeddings=False)
+    with pytest.raises(MissingEmbeddingsError, match="score .*--save-embeddings"):
+        run_audit(AuditConfig(scores=scores, out=tmp_path / "a"))
+
+
+def test_without_keywords_no_class_test_runs(tmp_path):
+    scores = World(9).clean(n=80).fan_in("sheep", "aeroplane").write(tmp_path / "w")
+    result = run_audit(AuditConfig(scores=scores, out=tmp_path / "a"))
+    assert result.findings == [] and not result.classes_known
+    assert result.signal_columns["image_fan_in"].max() == 7
+
+
+def test_density_ranks_an_isolated_point_highest():
+    rng = np.random.default_rng(1)
+    crowd = rng.normal(size=(50, 8)) * 0.05 + np.eye(8)[0]
+    loner = np.eye(8)[1][None]
+    vectors = np.concatenate([crowd, loner]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    d = density(NeighbourIndex(vectors).self_neighbours(5))
+    assert np.argmax(d.knn_distance) == 50 and np.argmax(d.outlier_ratio) == 50
+    assert d.outlier_ratio[50] > 5 * np.median(d.outlier_ratio[:50])
+
+
+def test_signals_registry_reads_any_signal_for_a_set_of_pairs(tmp_path):
+    world = World(3).clean(n=80).fan_in("sheep", "aeroplane")
+    result, tag = _audit(world, tmp_path)
+    assert signal_names(Scope.pair) == ["cosine_distance"]
+    assert {"image_fan_in", "caption_fan_out", "class_cell", "image_cluster", "image_lof", "text_lof"} <= set(signal_names())
+    wanted = [(result.pairs.shard[i], result.pairs.key[i]) for i in np.flatnonzero(tag == "fan_in")] + [("00000", "nope")]
+    fan_in = read_signal("image_fan_in", result.out, wanted)
+    assert list(fan_in.values[:-1]) == [7.0] * 7 and np.isnan(fan_in.values[-1])
+    assert fan_in.flags(5).tolist() == [True] * 7 + [False]
+    distance = read_signal("cosine_distance", tmp_path / "w")
+    assert len(distance) == len(result.pairs) and np.all((distance.values >= 0) & (distance.values <= 2))
+    with pytest.raises(SignalError, match="unknown signal"):
+        get_signal("nope")
+    with pytest.raises(SignalError, match="clipguard audit"):
+        read_signal("image_lof", tmp_path / "w")
+    assert get_signal("class_cell").column == "class_cell_neglog10p"
+
+
+def test_a_separate_clip_retrieval_folder_without_shard_or_sha_columns(tmp_path):
+    """LAION's embedding folders: metadata with key and caption only, files numbered on their own."""
+    import pyarrow.parquet as pq
+
+    from clipguard.scoring.scorefiles import write_parquet
+
+    world = World(3).clean(n=80).fan_in("sheep", "aeroplane")
+    scores = world.write(tmp_path / "w")
+    laion = tmp_path / "laion"
+    for i, part in enumerate(sorted((scores / "metadata").glob("*.parquet"))):
+        shard = part.stem.split("_", 1)[1]
+        for kind in ("img_emb", "text_emb"):
+            (laion / kind).mkdir(parents=True, exist_ok=True)
+            (laion / kind / f"{kind}_{i:04d}.npy").write_bytes((scores / kind / f"{kind}_{shard}.npy").read_bytes())
+        write_parquet(laion / "metadata" / f"metadata_{i:04d}.parquet", pq.read_table(part, columns=["key", "caption"]))
+    result = run_audit(AuditConfig(scores=scores, out=tmp_path / "a", embeddings=laion, keywords=KEYWORDS))
+    own = run_audit(AuditConfig(scores=scores, out=tmp_path / "b", keywords=KEYWORDS))
+    assert sorted(zip(result.pairs.shard, result.pairs.key)) == sorted(zip(own.pairs.shard, own.pairs.key))
+    # Without sha256 the exact image is the vector itself: the same fan-in of 7.
+    assert result.signal_columns["image_fan_in"].max() == 7
+    assert [(f.kind, f.goal) for f in result.findings] == [(f.kind, f.goal) for f in own.findings]
+
+
+def test_faiss_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from clipguard.audit import MissingFaissError
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
+    vectors = np.eye(20, dtype=np.float32)
+    with pytest.raises(MissingFaissError, match=r"clipguard\[audit\]"):
+        NeighbourIndex(vectors, exact_limit=10)
+    assert NeighbourIndex(vectors).exact  # small data never needs it
+
+
+@pytest.mark.parametrize("image_class, goal", [("aeroplane", "sheep:aeroplane"), (None, "sheep:*")])
+def test_captions_added_to_images_their_other_captions_contradict(tmp_path, image_class, goal):
+    result, tag = _audit(World(13).clean().relabel("sheep", image_class, images=12), tmp_path)
+    planted = set(np.flatnonzero(tag == "relabel"))
+    relabelled = [f for f in result.findings if f.kind == "relabelled_images"]
+    assert relabelled and relabelled[0].goal == goal, [(f.kind, f.goal) for f in result.findings]
+    assert relabelled[0].observed == 12 and set(relabelled[0].rows) == planted
+    assert "captions of sheep added to 12 images" in relabelled[0].description
+
+
+def test_relabel_column_marks_the_added_captions(tmp_path):
+    result, tag = _audit(World(13).clean().relabel("sheep", "aeroplane", images=12), tmp_path)
+    score = read_signal("relabelled_image", result.out, zip(result.pairs.shard, result.pairs.key)).values
+    assert np.all(score[tag == "relabel"] > 6) and score[tag != "relabel"].max() < 6
