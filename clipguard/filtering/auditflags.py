@@ -152,3 +152,20 @@ def audit_flags_from_options(folder: Path | str | None, signal_thresholds: list[
     if not use_findings and not rules:
         raise AuditFlagsError("--audit with --no-findings flags nothing: give --signal-threshold NAME=VALUE too")
     return AuditFlags.load(folder, rules, use_findings=use_findings)
+
+
+def check_audit_matches(threshold, audit: AuditFlags | None) -> None:
+    """A gamma calibrated together with an audit's findings is only the calibrated rule with them."""
+    wanted = getattr(threshold, "audit_findings_sha256", None)
+    if wanted is None:
+        return
+    if audit is None or not audit.use_findings:
+        raise AuditFlagsError(
+            f"the {threshold.source} chose gamma for 'distance >= gamma or in a finding of an audit': pass that "
+            "audit with --audit (and its findings), or calibrate again without --audit"
+        )
+    if audit.findings_sha256 != wanted:
+        raise AuditFlagsError(
+            f"the {threshold.source} was calibrated with another audit's findings than {audit.folder}'s: pass the "
+            "audit it was calibrated with, or calibrate again with this one"
+        )
