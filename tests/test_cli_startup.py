@@ -124,10 +124,12 @@ def test_cli_choices_and_defaults_match_the_core():
         assert [m.value for m in cli_choice] == [m.value for m in core_choice]
     assert (choices.DEFAULT_MAX_ERROR_RATE, choices.DEFAULT_EXAMPLES) == (gate.DEFAULT_MAX_ERROR_RATE, gate.DEFAULT_EXAMPLES)
     from clipguard.audit import AuditConfig
+    from clipguard.synth.noise import NOISE_KINDS, WebNoiseConfig
 
+    assert tuple(m.value for m in choices.NoiseKind) == NOISE_KINDS
     audit_config = AuditConfig(scores=Path("scores"), out=Path("audit"))
     for copy, core in [(choices.FINETUNE_DEFAULTS, FinetuneConfig()), (choices.WORLD_DEFAULTS, WorldSpec()),
-                       (choices.AUDIT_DEFAULTS, audit_config)]:
+                       (choices.AUDIT_DEFAULTS, audit_config), (choices.WEB_NOISE_DEFAULTS, WebNoiseConfig())]:
         for field in dataclasses.fields(copy):
             assert getattr(copy, field.name) == getattr(core, field.name), field.name
     for name in ("AttackKind", "CaptionSource", "KeyPolicy", "TriggerPattern", "TriggerPosition"):

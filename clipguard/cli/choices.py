@@ -56,6 +56,7 @@ class WorldDefaults:
 
 
 @dataclass(frozen=True)
+<<<<<<< HEAD
 class AuditDefaults:
     """clipguard.audit.AuditConfig() defaults that `clipguard audit` shows."""
 
@@ -64,11 +65,28 @@ class AuditDefaults:
     image_duplicate: float = 0.95
     text_duplicate: float = 0.95
     exact_limit: int = 50_000
+=======
+class WebNoiseDefaults:
+    """clipguard.synth.WebNoiseConfig() defaults that `clipguard synth --noise web` shows."""
+
+    partial_rate: float = 0.2
+    wrong_attribute_rate: float = 0.35
+    boilerplate_rate: float = 0.15
+    label_noise_rate: float = 0.06
+    stock_page_rate: float = 0.05
+    stock_max_pages: int = 5
+
+
+class NoiseKind(str, Enum):  # clipguard.synth.noise.NOISE_KINDS
+    none = "none"
+    web = "web"
+>>>>>>> wave4-noisy
 
 
 FINETUNE_DEFAULTS = FinetuneDefaults()
 AUDIT_DEFAULTS = AuditDefaults()
 WORLD_DEFAULTS = WorldDefaults()
+WEB_NOISE_DEFAULTS = WebNoiseDefaults()
 
 
 class AttackKind(str, Enum):  # clipguard.attacks.AttackKind

@@ -1,9 +1,11 @@
 """The built-in synthetic, labelled image-caption world (20 PASCAL VOC classes).
 
 `generate_world(out_dir, WorldSpec())` writes train / test / reference WebDataset shards,
-world.json and keywords.json; see `world.py` for the layout and `vocabulary.py` for the words.
+world.json and keywords.json; see `world.py` for the layout, `vocabulary.py` for the words and
+`noise.py` for the web-like noise of `WorldSpec(noise="web")`.
 """
 
+from clipguard.synth.noise import CAPTION_KINDS, NOISE_KINDS, WebNoiseConfig, WebNoiseError
 from clipguard.synth.render import render_contact_sheet, render_image
 from clipguard.synth.vocabulary import (
     ATTRIBUTE_NAMES,
@@ -37,6 +39,8 @@ from clipguard.synth.world import (
 
 __all__ = [
     "BACKGROUNDS",
+    "CAPTION_KINDS",
+    "NOISE_KINDS",
     "CLASS_KEYWORDS",
     "CLASSES",
     "COLOURS",
@@ -49,6 +53,8 @@ __all__ = [
     "Caption",
     "SplitInfo",
     "SynthSample",
+    "WebNoiseConfig",
+    "WebNoiseError",
     "WorldInfo",
     "WorldSpec",
     "WorldSpecError",

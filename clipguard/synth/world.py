@@ -10,6 +10,11 @@ ones the choice was made on.
 Every image has its own random stream, derived from (seed, split, image index): an image does
 not change when another split's size or the number of captions per image changes. Shards are
 byte-identical for the same spec: fixed JPEG settings, fixed tar member mtime, owner and mode.
+
+`WorldSpec(noise="web")` makes the train split look like a web scrape (`noise.py`): the same
+pictures and ordinary captions, then per-pair caption noise drawn from each image's own noise
+stream and stock pictures shown on several image slots. `noise="none"` draws nothing from those
+streams and writes exactly the world it always wrote.
 """
 
 from __future__ import annotations
@@ -28,6 +33,16 @@ import numpy as np
 import webdataset as wds
 
 from clipguard.errors import ClipguardError
+from clipguard.synth.noise import (
+    CAPTION_KINDS,
+    NOISE_KINDS,
+    NOISY_SPLITS,
+    NoisyCaption,
+    WebNoiseConfig,
+    caption_kind,
+    noisy_caption,
+    stock_sources,
+)
 from clipguard.synth.render import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, render_image
 from clipguard.synth.vocabulary import (
     CAPTION_TEMPLATES,
@@ -47,7 +62,10 @@ _SPLIT_STREAMS = {"train": 1, "test": 2, "reference": 3, "validation": 4}
 # Splits drawn like `test`: balanced per class, fully detailed captions.
 _TEST_LIKE = ("test", "validation")
 # Independent random streams per image: attributes, caption wording, drawing jitter.
-_ATTRIBUTE_STREAM, _CAPTION_STREAM, _DRAWING_STREAM = 0, 1, 2
+_ATTRIBUTE_STREAM, _CAPTION_STREAM, _DRAWING_STREAM, _NOISE_STREAM = 0, 1, 2, 3
+# The split's stock plan has a stream of its own: an "image index" no image has, and a non-zero
+# last entry (numpy's SeedSequence reads [a, b, c] and [a, b, c, 0] as the same seed).
+_PLAN_INDEX, _STOCK_STREAM = 2**31, 4
 # img2dataset keys: 5 digits of shard index then 4 digits of index in the shard.
 MAX_SHARD_SIZE = 10_000
 # Fixed tar member metadata so that bytes do not depend on the clock or the user.
@@ -85,6 +103,9 @@ class WorldSpec:
     train_class_skew: float = 1.0
     shard_size: int = 1000
     jpeg_quality: int = 90
+    # "web": the train split's clean data looks like a web scrape (see noise.py and web_noise).
+    noise: str = "none"
+    web_noise: WebNoiseConfig = WebNoiseConfig()
 
     def validate(self) -> None:
         problems = []
@@ -108,6 +129,12 @@ class WorldSpec:
             problems.append("attribute_mention_rate must be in [0, 1]")
         if self.seed < 0:
             problems.append("seed must be non-negative")
+        if self.noise not in NOISE_KINDS:
+            problems.append(f"noise must be one of {', '.join(NOISE_KINDS)}, not {self.noise!r}")
+        if not isinstance(self.web_noise, WebNoiseConfig):
+            problems.append("web_noise must be a WebNoiseConfig")
+        else:
+            problems.extend(self.web_noise.problems())
         if problems:
             raise WorldSpecError("invalid world spec: " + "; ".join(problems))
 
@@ -131,11 +158,34 @@ class WorldSpec:
     def pairs_in(self, split: str) -> int:
         return self.images_in(split) * self.captions_in(split)
 
+    def is_noisy(self, split: str) -> bool:
+        return self.noise == "web" and split in NOISY_SPLITS
+
 
 def _known(split: str) -> str:
     if split not in SPLITS:
         raise WorldSpecError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     return split
+
+
+@dataclass(frozen=True)
+class PairNoise:
+    """What web noise did to one pair of a noisy split: clean data, never poison."""
+
+    kind: str  # noise.CAPTION_KINDS: "none", "partial", "wrong_attribute", "boilerplate", "label_noise"
+    caption_class: str | None  # the class the caption names; None for boilerplate
+    wrong_attributes: tuple[str, ...]  # attributes the caption names wrongly (wrong_attribute)
+    page_id: str  # the image slot; image_id is the picture's, shared by a stock picture's slots
+    stock_pages: int  # slots showing this picture (1: not a stock picture)
+
+    def to_dict(self) -> dict:
+        return {
+            "noise": self.kind,
+            "caption_class": self.caption_class,
+            "wrong_attributes": list(self.wrong_attributes),
+            "page_id": self.page_id,
+            "stock_pages": self.stock_pages,
+        }
 
 
 @dataclass(frozen=True)
@@ -149,9 +199,12 @@ class SynthSample:
     attributes: Attributes
     caption: Caption
     jpeg: bytes
+    noise: PairNoise | None = None  # None in a clean split: its json is what it always was
 
     def metadata(self) -> dict:
+        extra = {} if self.noise is None else self.noise.to_dict()
         return {
+            **extra,
             "key": self.key,
             "caption": self.caption.text,
             "class": self.class_name,
@@ -178,9 +231,10 @@ class SplitInfo:
     pattern: str  # brace pattern relative to the world folder, e.g. "train/{000000..000003}.tar"
     shard_count: int
     pair_count: int
-    image_count: int
+    image_count: int  # distinct pictures (fewer than image slots where stock pictures repeat)
     captions_per_image: int
     pairs_per_class: dict[str, int]
+    noise_counts: dict[str, int] | None = None  # pairs per noise kind (+ "stock_pairs"); noisy splits only
 
 
 @dataclass(frozen=True)
@@ -268,14 +322,31 @@ class _PlannedImage:
     class_name: str
     attributes: Attributes
     captions: tuple[Caption, ...]
+    picture: int  # the slot whose picture this slot shows (itself unless a stock copy)
+    noise: tuple[NoisyCaption, ...] | None = None  # one per caption, noisy splits only
 
 
-def _plan_image(spec: WorldSpec, split: str, index: int, class_name: str) -> _PlannedImage:
-    attributes = sample_attributes(_image_rng(spec, split, index, _ATTRIBUTE_STREAM))
+def _plan_image(spec: WorldSpec, split: str, index: int, class_name: str, picture: int | None = None) -> _PlannedImage:
+    """Slot ``index``'s captions; a stock copy (``picture`` another slot, whose class is
+    ``class_name``) describes that slot's picture, with its own caption and noise streams."""
+    picture = index if picture is None else picture
+    attributes = sample_attributes(_image_rng(spec, split, picture, _ATTRIBUTE_STREAM))
     caption_rng = _image_rng(spec, split, index, _CAPTION_STREAM)
     count, short_rate = spec.captions_in(split), spec.short_caption_rate_in(split)
-    captions = _distinct_captions(class_name, attributes, caption_rng, count, short_rate, spec.mention_rate_in(split))
-    return _PlannedImage(class_name, attributes, captions)
+    mention_rate = spec.mention_rate_in(split)
+    captions = _distinct_captions(class_name, attributes, caption_rng, count, short_rate, mention_rate)
+    if not spec.is_noisy(split):
+        return _PlannedImage(class_name, attributes, captions, picture)
+    noise_rng = _image_rng(spec, split, index, _NOISE_STREAM)
+    noisy: list[NoisyCaption] = []
+    for ordinary in captions:
+        kind = caption_kind(spec.web_noise, noise_rng)
+        chosen = noisy_caption(kind, ordinary, class_name, attributes, noise_rng, spec.web_noise, short_rate, mention_rate)
+        # Two identical pairs are one pair twice, not two captions: keep the ordinary one.
+        if chosen.caption.text in {c.caption.text for c in noisy} | {o.text for o in captions if o is not ordinary}:
+            chosen = NoisyCaption(ordinary, "none", class_name)
+        noisy.append(chosen)
+    return _PlannedImage(class_name, attributes, tuple(c.caption for c in noisy), picture, tuple(noisy))
 
 
 def _distinct_captions(
@@ -304,32 +375,60 @@ def _render_jpeg(spec: WorldSpec, split: str, index: int, plan: _PlannedImage) -
     return _encode_jpeg(image, spec.jpeg_quality)
 
 
+def _stock_sources(spec: WorldSpec, split: str) -> dict[int, int]:
+    if not spec.is_noisy(split):
+        return {}
+    rng = np.random.default_rng([spec.seed, _SPLIT_STREAMS[split], _PLAN_INDEX, _STOCK_STREAM])
+    return stock_sources(spec.images_in(split), spec.web_noise, rng)
+
+
+def _plan_split(spec: WorldSpec, split: str) -> list[_PlannedImage]:
+    classes = split_classes(spec, split)
+    sources = _stock_sources(spec, split)
+    return [
+        _plan_image(spec, split, i, classes[sources.get(i, i)], sources.get(i))
+        for i in range(len(classes))
+    ]
+
+
+def _pair_noise(spec: WorldSpec, split: str, image_index: int, plan: _PlannedImage, caption_index: int,
+                pages: Counter) -> PairNoise | None:
+    if plan.noise is None:
+        return None
+    noisy = plan.noise[caption_index]
+    return PairNoise(noisy.kind, noisy.caption_class, noisy.wrong_attributes, f"{split}-{image_index:06d}",
+                     pages[plan.picture])
+
+
 def iter_split_samples(spec: WorldSpec, split: str) -> Iterator[SynthSample]:
     """The split's pairs in their shard order; captions of one image are spread apart."""
     spec.validate()
     _known(split)
-    plans = [_plan_image(spec, split, i, c) for i, c in enumerate(split_classes(spec, split))]
+    plans = _plan_split(spec, split)
+    pages = Counter(plan.picture for plan in plans)
     pairs = [(i, j) for i in range(len(plans)) for j in range(spec.captions_in(split))]
     order = _split_rng(spec, split).permutation(len(pairs))
-    pending = Counter(i for i, _ in pairs)
+    pending = Counter(plans[i].picture for i, _ in pairs)
     jpegs: dict[int, bytes] = {}
     for position, pair_index in enumerate(order):
         image_index, caption_index = pairs[pair_index]
         plan = plans[image_index]
-        if image_index not in jpegs:
-            jpegs[image_index] = _render_jpeg(spec, split, image_index, plan)
-        jpeg = jpegs[image_index]
-        pending[image_index] -= 1
-        if pending[image_index] == 0:
-            del jpegs[image_index]  # keeps memory to the images still waiting for a caption
+        picture = plan.picture
+        if picture not in jpegs:
+            jpegs[picture] = _render_jpeg(spec, split, picture, plans[picture])
+        jpeg = jpegs[picture]
+        pending[picture] -= 1
+        if pending[picture] == 0:
+            del jpegs[picture]  # keeps memory to the images still waiting for a caption
         yield SynthSample(
             key=image_key(position, spec.shard_size),
-            image_id=f"{split}-{image_index:06d}",
+            image_id=f"{split}-{picture:06d}",
             split=split,
             class_name=plan.class_name,
             attributes=plan.attributes,
             caption=plan.captions[caption_index],
             jpeg=jpeg,
+            noise=_pair_noise(spec, split, image_index, plan, caption_index, pages),
         )
 
 
@@ -344,21 +443,33 @@ def write_split(out_dir: Path, spec: WorldSpec, split: str) -> SplitInfo:
     split_dir = out_dir / split
     split_dir.mkdir(parents=True, exist_ok=True)
     per_class: Counter[str] = Counter()
+    noise_counts: Counter[str] = Counter()
+    pictures: set[str] = set()
     samples = iter_split_samples(spec, split)
     shard_count = 0
     while shard := list(islice(samples, spec.shard_size)):
         _write_shard(split_dir / f"{shard_count:06d}.tar", shard)
         per_class.update(sample.class_name for sample in shard)
+        pictures.update(sample.image_id for sample in shard)
+        for sample in shard:
+            if sample.noise is not None:
+                noise_counts[sample.noise.kind] += 1
+                noise_counts["stock_pairs"] += sample.noise.stock_pages > 1
         shard_count += 1
     return SplitInfo(
         name=split,
         pattern=shard_pattern(split, shard_count),
         shard_count=shard_count,
         pair_count=spec.pairs_in(split),
-        image_count=spec.images_in(split),
+        image_count=len(pictures),
         captions_per_image=spec.captions_in(split),
         pairs_per_class={name: per_class[name] for name in CLASSES},
+        noise_counts=_noise_counts(noise_counts) if spec.is_noisy(split) else None,
     )
+
+
+def _noise_counts(counts: Counter[str]) -> dict[str, int]:
+    return {kind: counts[kind] for kind in (*CAPTION_KINDS, "stock_pairs")}
 
 
 def _write_shard(path: Path, samples: list[SynthSample]) -> None:
@@ -407,13 +518,32 @@ def generate_world(out_dir: str | Path, spec: WorldSpec | None = None, overwrite
 
 
 def world_manifest(info: WorldInfo) -> dict:
-    return {
+    spec = asdict(info.spec)
+    splits = {name: asdict(split) for name, split in info.splits.items()}
+    if info.spec.noise == "none":
+        # A clean world's manifest stays what it always was, byte for byte.
+        del spec["noise"], spec["web_noise"]
+        for split in splits.values():
+            del split["noise_counts"]
+    manifest = {
         "format_version": FORMAT_VERSION,
-        "spec": asdict(info.spec),
+        "spec": spec,
         "classes": {name: list(CLASS_KEYWORDS[name]) for name in CLASSES},
         "keywords_file": info.keywords_json.name,
-        "splits": {name: asdict(split) for name, split in info.splits.items()},
+        "splits": splits,
     }
+    if info.spec.noise != "none":
+        manifest["noisy_splits"] = list(NOISY_SPLITS)
+    return manifest
+
+
+def _spec_from_manifest(content: dict) -> WorldSpec:
+    known = {f.name for f in fields(WorldSpec)}
+    values = {k: v for k, v in content.items() if k in known}
+    if isinstance(values.get("web_noise"), dict):
+        noise_fields = {f.name for f in fields(WebNoiseConfig)}
+        values["web_noise"] = WebNoiseConfig(**{k: v for k, v in values["web_noise"].items() if k in noise_fields})
+    return WorldSpec(**values)
 
 
 def _write_json(path: Path, content: dict) -> None:
@@ -431,8 +561,7 @@ def read_world_info(out_dir: str | Path) -> WorldInfo:
                 f"{root / 'world.json'} has format_version {manifest['format_version']}, "
                 f"this clipguard reads {FORMAT_VERSION}; regenerate the world"
             )
-        known = {f.name for f in fields(WorldSpec)}
-        spec = WorldSpec(**{k: v for k, v in manifest["spec"].items() if k in known})
+        spec = _spec_from_manifest(manifest["spec"])
         splits = {name: SplitInfo(**value) for name, value in manifest["splits"].items()}
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise WorldSpecError(f"{root} does not hold a readable synthetic world: {error}") from error
