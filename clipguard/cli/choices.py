@@ -56,7 +56,6 @@ class WorldDefaults:
 
 
 @dataclass(frozen=True)
-<<<<<<< HEAD
 class AuditDefaults:
     """clipguard.audit.AuditConfig() defaults that `clipguard audit` shows."""
 
@@ -65,7 +64,9 @@ class AuditDefaults:
     image_duplicate: float = 0.95
     text_duplicate: float = 0.95
     exact_limit: int = 50_000
-=======
+
+
+@dataclass(frozen=True)
 class WebNoiseDefaults:
     """clipguard.synth.WebNoiseConfig() defaults that `clipguard synth --noise web` shows."""
 
@@ -80,7 +81,6 @@ class WebNoiseDefaults:
 class NoiseKind(str, Enum):  # clipguard.synth.noise.NOISE_KINDS
     none = "none"
     web = "web"
->>>>>>> wave4-noisy
 
 
 FINETUNE_DEFAULTS = FinetuneDefaults()
