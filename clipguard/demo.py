@@ -1,9 +1,12 @@
 """The whole story on the built-in synthetic world: the attack works, the filter stops it, the
 sterilizing fine-tune repairs it (Yang et al. 2023, Tables 3, 16 and 8).
 
-world -> Attack II on train -> score the poisoned data with the reference model -> label a
-stratified sample (labels read from the poison manifest, as a person would give them) ->
-calibrate gamma -> filter -> fine-tune the victim on clean, poisoned and kept data, and sterilize
+world (the noisy web world by default: clean pairs that overlap the poisons in distance) ->
+Attack II on train -> score the poisoned data with the reference model, keeping embeddings ->
+audit them (cross-pair signals and findings) -> label a stratified sample (labels read from the
+poison manifest, as a person would give them) -> calibrate gamma twice, for pair distance alone
+and for the combination (distance or an audit finding), under the same false-positive target ->
+filter with the combination -> fine-tune the victim on clean, poisoned and kept data, and sterilize
 the poisoned victim on the reference split, watching the validation split to decide when to stop
 (two jobs at a time) -> evaluate every model on the test split, which no choice was made on.
 """
@@ -22,15 +25,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from clipguard.attacks import AttackConfig, AttackKind, parse_goal, run_attack
+from clipguard.audit import AuditConfig, run_audit
 from clipguard.calibration.run import CalibrateRequest, calibrate_scores
 from clipguard.data.shardspec import resolve_shards
 from clipguard.data.tarstream import ShardReport, iter_samples
-from clipguard.errors import ClipguardError
+from clipguard.errors import CalibrationError, ClipguardError
 from clipguard.evaluation import EvaluationReport, evaluate, load_test_set
+from clipguard.filtering.auditflags import AuditFlags
 from clipguard.filtering.run import FilterConfig, filter_shards
 from clipguard.filtering.threshold import load_calibration
 from clipguard.labels import make_labeler
+from clipguard.metrics import roc_auc
 from clipguard.model.loading import ModelSpec, load_model
 from clipguard.reporting import ReportRequest, write_report
 from clipguard.scoring.run import ScoreConfig, score_shards
@@ -81,6 +89,8 @@ class DemoConfig:
     goal: str = "sheep:aeroplane"
     rate: float = 0.005
     seed: int = 0
+    # `WorldSpec(noise="web")` (demo --noise web) is the world where a pair filter struggles; it
+    # becomes the default once the audit raises no false findings there (docs/results.md).
     world: WorldSpec = field(default_factory=WorldSpec)
     victim_lr: float = 1e-3
     victim_min_lr: float = 1e-4
@@ -148,6 +158,9 @@ class DemoResult:
     report_path: Path
     figures: list[Path]
     html_report: Path | None = None  # the audit page of the poisoned data (`clipguard report`)
+    # Pair distance alone against the combination, measured on every pair (the truth is known)
+    detection: list[dict[str, Any]] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # the audit's findings, most significant first
 
     def row(self, name: str) -> ModelRow:
         return next(r for r in self.rows if r.name == name)
@@ -198,18 +211,35 @@ def run_demo(
         )
     reference = load_model(ModelSpec(REFERENCE))
     with stage("score the poisoned data with the reference model"):
-        score_shards(resolve_shards(str(out_dir / "poisoned")), reference, out_dir / "scores", ScoreConfig(batch_size=128),
+        score_shards(resolve_shards(str(out_dir / "poisoned")), reference, out_dir / "scores",
+                     ScoreConfig(batch_size=128, save_embeddings=True),
                      progress=lambda e: report(StageProgress("score", e.shards_done, e.shards_total, "shards", e.pairs_done)))
-    with stage("label a stratified sample and calibrate gamma"):
-        calibration = calibrate_scores(out_dir / "scores", CalibrateRequest(
-            labels=attack.manifest_path, out_dir=out_dir / "calibration", target_fpr=config.target_fpr,
-            labels_sample=config.labels, stratify=True, seed=config.seed,
-        ))
-    with stage("filter the poisoned data"):
+    with stage("audit the scored data: fan-in, fan-out, class cells, clusters, density"):
+        audit = run_audit(AuditConfig(scores=out_dir / "scores", out=out_dir / "audit", keywords=world.keywords_json))
+        flags = AuditFlags.load(out_dir / "audit")
+    with stage("label a stratified sample and calibrate gamma (distance alone, and with the audit)"):
+        def calibrate(folder: str, with_audit: AuditFlags | None):
+            return calibrate_scores(out_dir / "scores", CalibrateRequest(
+                labels=attack.manifest_path, out_dir=out_dir / folder, target_fpr=config.target_fpr,
+                labels_sample=config.labels, stratify=True, seed=config.seed, audit=with_audit,
+            ))
+
+        alone = calibrate("calibration-distance-alone", None)
+        try:
+            calibration = calibrate("calibration", flags)
+        except CalibrationError as exc:
+            # The findings alone flag more labelled clean pairs than the target allows: say so,
+            # and filter by distance alone rather than over the budget.
+            combination_refused = str(exc)
+            calibration, flags = alone, None
+        else:
+            combination_refused = None
+    with stage("filter the poisoned data (distance or an audit finding)"):
         threshold = load_calibration(calibration.calibration_path)
         filtered = filter_shards(
             resolve_shards(str(out_dir / "poisoned")), reference, threshold,
-            FilterConfig(clean_dir=out_dir / "filtered", quarantine_dir=out_dir / "quarantine", reuse_scores=out_dir / "scores"),
+            FilterConfig(clean_dir=out_dir / "filtered", quarantine_dir=out_dir / "quarantine", reuse_scores=out_dir / "scores",
+                         audit=flags),
             progress=lambda e: report(StageProgress(e.phase, e.shards_done, e.shards_total, "shards", e.pairs_done)),
         )
     with stage("write the audit report of the poisoned data"):
@@ -250,6 +280,8 @@ def run_demo(
         report_path=out_dir / "report.json",
         figures=figures,
         html_report=audit_page,
+        detection=_detection(out_dir / "scores", attack, flags, alone, calibration, combination_refused),
+        findings=[f.description for f in audit.findings],
     )
     result.report_path.write_text(json.dumps(_report(result, config, reports, repaired), indent=2, default=str) + "\n")
     return result
@@ -363,6 +395,38 @@ def _quarantined_keys(quarantine_dir: Path) -> set[str]:
     return keys
 
 
+def _detection(scores: Path, attack, flags: AuditFlags | None, alone, combined,
+               refused: str | None) -> list[dict[str, Any]]:
+    """Each rule's recall and false-positive rate over every scored pair (the manifest is the
+    truth), beside the calibration's estimate from the labelled sample."""
+    from clipguard.calibration.combined import finding_members
+    from clipguard.calibration.scored import load_population
+
+    population = load_population(scores)
+    truth = np.zeros(population.size, dtype=bool)
+    for poison in attack.manifest.poisons:  # located as calibrate locates them (the shard may be named otherwise)
+        row = population.locate(poison.key, poison.shard)
+        row = population.locate(poison.key) if row is None else row
+        if row is not None:
+            truth[row] = True
+    rows = []
+    if refused is not None:
+        rows.append({"rule": "distance + audit findings", "refused": refused})
+    nothing = np.zeros(population.size, dtype=bool)
+    members = nothing if flags is None else finding_members(population.shards, population.keys, flags.finding_of)
+    rules = [("pair distance alone", alone, nothing)] + ([] if refused else [("distance + audit findings", combined, members)])
+    for name, run, extra in rules:
+        flagged = (population.distances >= run.calibration.gamma) | extra
+        rows.append({
+            "rule": name, "gamma": run.calibration.gamma,
+            "recall": float(flagged[truth].mean()) if truth.any() else None,
+            "false_positive_rate": float(flagged[~truth].mean()),
+            "estimated_false_positive_rate": _calibration_summary(run)["false_positive_rate"],
+            "roc_auc_of_distance": float(roc_auc(population.distances, truth)) if truth.any() and (~truth).any() else None,
+        })
+    return rows
+
+
 def _calibration_summary(run) -> dict[str, Any]:
     estimates = run.calibration.estimates
     def interval(e):  # noqa: E306
@@ -395,4 +459,6 @@ def _report(result: DemoResult, config: DemoConfig, reports: dict[str, Evaluatio
         "stage_seconds": result.stage_seconds,
         "figures": [str(p) for p in result.figures],
         "html_report": str(result.html_report),
+        "detection": result.detection,
+        "findings": result.findings,
     }

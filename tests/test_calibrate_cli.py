@@ -293,3 +293,66 @@ def test_the_reported_fpr_bound_keeps_the_target(seed, target):
     sample = label_sample(design, distances, design.indices, poison[design.indices])
     calibration = choose_threshold(sample, distances, target_fpr=target)
     assert calibration.estimates.false_positive_rate.upper <= target
+
+
+def write_audit(folder: Path, pairs: list[tuple[str, str]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "findings.json").write_text(json.dumps({"format": "clipguard-audit/1", "findings": [
+        {"name": "class-pair concentration: cat:dog", "description": "", "p_value": 1e-9,
+         "pairs": [{"shard": s, "key": k} for s, k in pairs]},
+    ]}))
+    return folder
+
+
+def test_with_an_audit_gamma_is_chosen_for_distance_or_finding_and_filter_needs_that_audit(tmp_path, world):
+    distances, truth = population(world)
+    table = read_scores(world.scores)
+    ok = table.status == "ok"
+    ids = list(zip(table.shard[ok], table.key[ok]))
+    # The finding holds the three poisons of lowest distance (those a pair filter misses first) and one clean pair.
+    poison_rows = sorted(np.flatnonzero(truth), key=lambda i: distances[i])[:3]
+    clean_row = int(np.flatnonzero(~truth)[0])
+    members = np.zeros(len(ids), dtype=bool)
+    members[[*poison_rows, clean_row]] = True
+    audit = write_audit(tmp_path / "audit", [ids[i] for i in np.flatnonzero(members)])
+
+    result = invoke("calibrate", world.scores, "--labels", world.poisoned / "poison_manifest.json", "--out", tmp_path / "cal",
+                    "--target-fpr", 0.1, "--criterion", "point", "--audit", audit)
+    assert result.exit_code == 0, result.output
+    payload = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert payload["audit"]["finding_pairs_in_population"] == 4 and payload["audit"]["finding_pairs_labelled_clean"] == 1
+    assert payload["flag_rule"].endswith("or in a finding of the audit") and "d >= gamma or in a finding" in said(result)
+    flagged = (distances >= payload["gamma"]) | members
+    exact = {"recall": (flagged & truth).sum() / truth.sum(),
+             "false_positive_rate": (flagged & ~truth).sum() / (~truth).sum()}
+    for name, value in exact.items():
+        assert payload["estimates"][name]["point"] == pytest.approx(value)
+    assert exact["false_positive_rate"] <= 0.1
+    # Distance alone at the same target, for comparison: the union never recalls less.
+    alone = invoke("calibrate", world.scores, "--labels", world.poisoned / "poison_manifest.json", "--out", tmp_path / "alone",
+                   "--target-fpr", 0.1, "--criterion", "point")
+    assert alone.exit_code == 0
+    alone_recall = json.loads((tmp_path / "alone" / "calibration.json").read_text())["estimates"]["recall"]["point"]
+    assert exact["recall"] >= alone_recall
+
+    # That gamma is only the calibrated rule with that audit's findings.
+    args = ["filter", world.poisoned, "--out", tmp_path / "clean", "--quarantine", tmp_path / "q", "--scores", world.scores,
+            "--model", world.checkpoint, "--workers", 0, "--calibration", tmp_path / "cal" / "calibration.json"]
+    without = invoke(*args)
+    assert without.exit_code == 2 and "pass that audit with --audit" in said(without)
+    other = write_audit(tmp_path / "other", [ids[0]])
+    mismatched = invoke(*args, "--audit", other)
+    assert mismatched.exit_code == 2 and "another audit's findings" in said(mismatched)
+    matched = invoke(*args, "--audit", audit)
+    assert matched.exit_code == 0, matched.output
+    manifest = json.loads((tmp_path / "clean" / "filter_manifest.json").read_text())
+    assert manifest["totals"]["flagged"] == int(flagged.sum())
+
+
+def test_an_audit_works_with_a_stratified_sample_of_labels(tmp_path, world):
+    table = read_scores(world.scores)
+    audit = write_audit(tmp_path / "audit", [(table.shard[0], table.key[0])])
+    result = invoke("calibrate", world.scores, "--labels", labels_by_distance(world, "strat.csv"), "--out", tmp_path,
+                    "--target-fpr", 0.2, "--criterion", "point", "--audit", audit)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "calibration.json").read_text())["audit"]["finding_pairs_in_population"] == 1

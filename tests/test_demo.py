@@ -52,6 +52,14 @@ def test_demo_prints_the_paper_shaped_table_and_writes_its_report(demo):
     pairs = report["filter"]["read"]
     assert f'id="summary-pairs" data-value="{pairs}"' in page and 'id="classes"' in page
     assert len(report["sterilization"]["curve"]) >= 2
+    # Pair distance alone beside the combination (or the reason the combination was not used),
+    # each measured on every pair against the manifest.
+    rules = {row["rule"]: row for row in report["detection"]}
+    assert set(rules) == {"pair distance alone", "distance + audit findings"} and "Pair distance alone" in output
+    alone = rules["pair distance alone"]
+    assert 0 <= alone["false_positive_rate"] <= 1 and alone["recall"] >= 0.9
+    combined = rules["distance + audit findings"]
+    assert "refused" in combined or combined["recall"] >= alone["recall"]
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ import numpy as np
 
 from clipguard.attacks.manifest import MANIFEST_NAME as POISON_MANIFEST_NAME, read_manifest
 from clipguard.calibration.canaries import CanarySet, build_canaries
+from clipguard.calibration.combined import finding_members, with_members_flagged
 from clipguard.calibration.estimates import Population, weighted_roc_auc
 from clipguard.calibration.labelsample import DESIGN_NAME, StoredDesign, parse_design, read_design, same_sample
 from clipguard.calibration.plots import plot_distance_densities
@@ -69,6 +70,9 @@ class CalibrateRequest:
     canary_shard_urls: dict[str, str] | None = None
     device: str = "cpu"
     allow_pipe: bool = False
+    # An audit (clipguard.filtering.auditflags.AuditFlags): its findings' pairs count as flagged
+    # at every gamma, and gamma is chosen for the union (calibration/combined.py).
+    audit: Any = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class CalibrationRun:
     calibration_path: Path
     densities_path: Path
     canaries_path: Path | None
+    audit: dict[str, Any] | None = None  # the audit whose findings the rule counts, and its pairs
 
 
 def calibrate_scores(scores_dir: Path, request: CalibrateRequest) -> CalibrationRun:
@@ -114,9 +119,14 @@ def calibrate_scores(scores_dir: Path, request: CalibrateRequest) -> Calibration
                 f"none of the {request.canaries} canaries could be built or scored "
                 f"({_describe_counts(canaries.failures_by_reason())}); check that the shards are readable"
             )
+    rule_sample, rule_population = sample, Population.from_distances(population.distances, sample.design)
+    members = None
+    if request.audit is not None:
+        members = finding_members(population.shards, population.keys, request.audit.finding_of)
+        rule_population, rule_sample = with_members_flagged(population.distances, members, sample.design, sample)
     calibration = choose_threshold(
-        sample,
-        Population.from_distances(population.distances, sample.design),
+        rule_sample,
+        rule_population,
         target_fpr=request.target_fpr,
         target_recall=request.target_recall,
         max_f1=request.max_f1,
@@ -142,6 +152,12 @@ def calibrate_scores(scores_dir: Path, request: CalibrateRequest) -> Calibration
         calibration=calibration, plan=plan, source=source, population_size=population.size,
         n_error_pairs=len(population.error_pairs), canaries=canaries, canary_auc=canary_auc,
         calibration_path=out_dir / CALIBRATION_NAME, densities_path=densities_path, canaries_path=canaries_path,
+        audit=None if members is None else {
+            **request.audit.settings(), "findings": request.audit.n_findings,
+            "finding_pairs_in_population": int(members.sum()),
+            "finding_pairs_labelled": int(members[sample.indices].sum()),
+            "finding_pairs_labelled_clean": int((members[sample.indices] & ~sample.labels.astype(bool)).sum()),
+        },
     )
     atomic_write_json(run.calibration_path, calibration_payload(run, population))
     return run
@@ -356,7 +372,8 @@ def calibration_payload(run: CalibrationRun, population: ScoredPopulation) -> di
     payload = {
         "format": CALIBRATION_FORMAT,
         **calibration.to_dict(),
-        "flag_rule": FLAG_RULE,
+        "flag_rule": FLAG_RULE if run.audit is None else f"{FLAG_RULE} or in a finding of the audit",
+        "audit": run.audit,
         "fingerprint": population.fingerprint,
         "model": population.model,
         "scores": str(population.scores_dir.resolve()),

@@ -43,6 +43,7 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="Seed of --labels-sample, the canaries and the interval simulation.")] = 0,
     device: DeviceOpt = "cpu",
     allow_pipe: AllowPipeOpt = False,
+    audit: Annotated[Optional[Path], typer.Option("--audit", file_okay=False, help="An audit folder (clipguard audit): its findings' pairs count as flagged, and gamma is chosen for 'distance >= gamma or in a finding' under the same target.")] = None,
 ) -> None:
     """Choose the threshold gamma from labelled pairs, with precision, recall and FPR for the full data, each with an interval.
 
@@ -55,6 +56,7 @@ def calibrate(
     """
     from clipguard.calibration.run import CalibrateRequest, calibrate_scores
     from clipguard.data.shardspec import resolve_shards
+    from clipguard.filtering.auditflags import AuditFlags
 
     with user_errors():
         if target_fpr is None and target_recall is None and not max_f1:
@@ -67,6 +69,7 @@ def calibrate(
             criterion=criterion.value, confidence=confidence, width=width, design=design,
             labels_sample=labels_sample, stratify=stratify, seed=seed, canaries=canaries,
             canary_shard_urls=shard_urls, device=device, allow_pipe=allow_pipe,
+            audit=None if audit is None else AuditFlags.load(audit),
         )
         if canaries:
             err_console.print(f"building and scoring {canaries} canaries with the score folder's model", markup=False)
@@ -103,6 +106,10 @@ def print_report(run: CalibrationRun) -> None:
     table.add_column(f"{level} interval", justify="right")
     table.add_column("from")
     table.add_row("gamma", f"{c.gamma:.4f}", "", _target_text(run))
+    if run.audit is not None:  # every estimate below is of the union rule
+        table.add_row("rule", "d >= gamma or in a finding", "",
+                      f"{run.audit['findings']} finding(s), {run.audit['finding_pairs_in_population']:,} pairs "
+                      f"({run.audit['finding_pairs_labelled']} labelled, {run.audit['finding_pairs_labelled_clean']} of them clean)")
     table.add_row("flagged fraction", f"{c.flagged_fraction:.2%}", "(exact)", f"{run.population_size:,} scored pairs")
     table.add_row("poisons", *_interval(e.n_poisons, percent=False), "labels")
     table.add_row("precision", *_interval(e.precision), "labels")

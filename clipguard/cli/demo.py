@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from clipguard.cli.choices import NoiseKind
 from clipguard.cli.common import compact_table, console, progress_reporter, user_errors
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Report folder (world, shards, models, plots, report.json).")] = Path("demo-out"),
     quick: Annotated[bool, typer.Option("--quick", help="The story on a budget, about 2.5 minutes on 2 CPU cores (the full demo: about 9): 2 epochs per fine-tune instead of 8, so 5% of the pairs poisoned instead of 0.5%.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the attack, sampling and training.")] = 0,
+    noise: Annotated[NoiseKind, typer.Option(help="The world: none (clean captions: any threshold works) or web (captions as loose as a scrape's, where clean and poisoned distances overlap).")] = NoiseKind.none,
 ) -> None:
     """Synthesize, poison, train, score, calibrate, filter, retrain, sterilize, evaluate.
 
@@ -33,7 +35,9 @@ def demo(
     from clipguard.demo import DemoConfig, run_demo
 
     config = DemoConfig.quick() if quick else DemoConfig()
-    config = DemoConfig(**{**config.__dict__, "seed": seed})
+    from clipguard.synth import WorldSpec
+
+    config = DemoConfig(**{**config.__dict__, "seed": seed, "world": WorldSpec(noise=noise.value)})
     started = time.perf_counter()
 
     with user_errors(), progress_reporter() as progress:
@@ -78,6 +82,23 @@ def print_table(result: DemoResult, config: DemoConfig) -> None:
         f"FPR {c['false_positive_rate']['point']:.4f} [{c['false_positive_rate']['lower']:.4f}, "
         f"{c['false_positive_rate']['upper']:.4f}]"
     )
+    detection = compact_table(
+        f"Pair distance alone against the combination, each at a target FPR of {config.target_fpr:.0%} "
+        f"from {c['labelled']} labelled pairs: measured on all pairs",
+        ("gamma", "recall", "FPR", "estimated FPR"),
+    )
+    for row in result.detection:
+        if "refused" in row:
+            console.print(f"{row['rule']}: not used, {row['refused']}", markup=False)
+            continue
+        est = row["estimated_false_positive_rate"]
+        detection.add_row(row["rule"], f"{row['gamma']:.4f}", f"{row['recall']:.3f}", f"{row['false_positive_rate']:.4f}",
+                          f"{est['point']:.4f} [{est['lower']:.4f}, {est['upper']:.4f}]")
+    console.print(detection)
+    if result.findings:
+        console.print(f"audit: {len(result.findings)} finding(s); first: {result.findings[0]}", markup=False)
+    else:
+        console.print("audit: no finding at the significance level")
     f = result.filter_counts
     console.print(f"filter: {f['read']:,} read, {f['kept']:,} kept, {f['flagged']:,} flagged, {f['errored']:,} errors; "
                   f"{result.poisons_quarantined}/{result.poisons} poisons quarantined")

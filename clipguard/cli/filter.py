@@ -129,8 +129,11 @@ def filter_command(
     keep_list: Annotated[Optional[Path], typer.Option("--keep-list", dir_okay=False, help="Also write a Parquet of the kept pairs' key, uid, url and shard.")] = None,
     subset_file: Annotated[Optional[Path], typer.Option("--subset-file", dir_okay=False, help="Also write DataComp's subset file: the kept uids as a sorted u8,u8 .npy for its resharder.")] = None,
     copy_shards: Annotated[bool, typer.Option(help="Copy pairs into clean and quarantine tars; --no-copy-shards writes only the lists and the manifest.")] = True,
+    audit: Annotated[Optional[Path], typer.Option("--audit", file_okay=False, help="An audit folder (clipguard audit): also flag every pair of its findings.")] = None,
+    signal_threshold: Annotated[Optional[list[str]], typer.Option("--signal-threshold", help="With --audit: also flag pairs whose cross-pair signal is above VALUE, as NAME=VALUE (e.g. image_fan_in=5); repeat for several.")] = None,
+    findings: Annotated[bool, typer.Option(help="With --audit: flag the findings' pairs (--no-findings: only the --signal-threshold rules).")] = True,
 ) -> None:
-    """Write clean shards and quarantine shards: a pair is flagged when cosine distance >= gamma.
+    """Write clean shards and quarantine shards: a pair is flagged when cosine distance >= gamma (or, with --audit, by the audit).
 
     Every input pair ends in exactly one place, its members copied byte for byte. Flagged pairs and pairs that could not be scored go to quarantine with a <key>.clipguard.json member giving the reason. Outputs are per input shard (<shard>-clean-000000.tar, ...), and a rerun skips input shards that are already done.
 
@@ -140,6 +143,7 @@ def filter_command(
         --calibration calibration/calibration.json --scores scores/
     """
     from clipguard.data.shardspec import resolve_shards
+    from clipguard.filtering.auditflags import audit_flags_from_options
     from clipguard.filtering.run import FilterConfig, check_output_folders, filter_shards
     from clipguard.filtering.threshold import resolve_threshold
 
@@ -151,6 +155,7 @@ def filter_command(
         config = FilterConfig(
             clean_dir=out, quarantine_dir=quarantine, shard_size=shard_size, reuse_scores=scores,
             keep_list=keep_list, subset_file=subset_file, copy_shards=copy_shards,
+            audit=audit_flags_from_options(audit, signal_threshold, findings),
         )
         check_output_folders(shard_list, config)
         options = ScoringOptions(
@@ -193,7 +198,15 @@ def print_summary(summary: FilterSummary) -> None:
     table.add_row("input shards", f"{len(summary.shards)} ({skipped} already done, skipped; scores reused for {reused})")
     table.add_row("pairs read", f"{summary.read:,}")
     table.add_row("kept", f"{summary.kept:,}")
-    table.add_row("flagged", f"{summary.flagged:,} (cosine distance >= {summary.threshold.gamma:.4f})")
+    by = {}
+    for r in summary.shards:
+        for name, count in r.flagged_by.items():
+            by[name] = by.get(name, 0) + count
+    if by:  # with an audit: what flagged them (a pair flagged by two rules counts under both)
+        rules = ", ".join(f"{name}: {count:,}" for name, count in sorted(by.items()))
+        table.add_row("flagged", f"{summary.flagged:,} (distance >= {summary.threshold.gamma:.4f} or the audit; {rules})")
+    else:
+        table.add_row("flagged", f"{summary.flagged:,} (cosine distance >= {summary.threshold.gamma:.4f})")
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
     table.add_row("errored", f"{summary.errored:,} ({errors})")
     parts_clean = sum(len(r.clean) for r in summary.shards)

@@ -96,6 +96,9 @@ def gate(
     ray_address: RayAddressOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = 0.0,
     allow_pipe: AllowPipeOpt = False,
+    audit: Annotated[Optional[Path], typer.Option("--audit", file_okay=False, help="An audit folder (clipguard audit): its findings' pairs count as flagged, and findings are gated by --max-findings.")] = None,
+    signal_threshold: Annotated[Optional[list[str]], typer.Option("--signal-threshold", help="With --audit: pairs whose cross-pair signal is above VALUE count as flagged, as NAME=VALUE; repeat for several.")] = None,
+    max_findings: Annotated[Optional[int], typer.Option(min=0, help="With --audit: fail when the audit holds more findings in these shards (default 0: any finding fails).")] = None,
 ) -> None:
     """CI gate: exit 0 when the flagged rate (cosine distance >= gamma, among scored pairs) and the
     error rate are within policy, 1 when not, 2 when the gate could not decide.
@@ -106,12 +109,13 @@ def gate(
         --calibration calibration/calibration.json --format markdown
     """
     report = _run_gate(
-        shards, (max_flagged_rate, max_error_rate, allow_truncated), gamma, calibration, scores, save_scores, examples,
+        shards, (max_flagged_rate, max_error_rate, allow_truncated, _max_findings(audit, max_findings)), gamma, calibration,
+        scores, save_scores, examples,
         ScoringOptions(
             model, pretrained, model_config, batch_size, precision, workers, device, max_pixels, max_caption_bytes,
             jpeg_draft, executor, ray_address, gpus_per_worker,
         ),
-        allow_pipe, report_format,
+        allow_pipe, report_format, (audit, signal_threshold),
     )
     # Plain echo, not rich: the report holds attacker-written captions, which must not be read
     # as console markup, and JSON on stdout must stay exactly JSON.
@@ -120,9 +124,13 @@ def gate(
         raise typer.Exit(code=FAIL_EXIT)
 
 
+def _max_findings(audit: Path | None, max_findings: int | None) -> int | None:
+    return max_findings if max_findings is not None or audit is None else 0
+
+
 def _run_gate(
     shards: list[str],
-    policy_request: tuple[float, float, bool],
+    policy_request: tuple[float, float, bool, int | None],
     gamma: float | None,
     calibration: Path | None,
     scores: Path | None,
@@ -131,11 +139,13 @@ def _run_gate(
     options: ScoringOptions,
     allow_pipe: bool,
     report_format: ReportFormat = ReportFormat.text,
+    audit_request: tuple[Path | None, list[str] | None] = (None, None),
 ) -> GateReport:
     try:
         with user_errors(), _json_errors(report_format):
             # Inside the try: an import that fails is a crash (exit 2), never a verdict (exit 1).
             from clipguard.data.shardspec import resolve_shards
+            from clipguard.filtering.auditflags import audit_flags_from_options
             from clipguard.filtering.gate import GateConfig, GatePolicy, gate_shards
             from clipguard.filtering.threshold import resolve_threshold
 
@@ -145,7 +155,10 @@ def _run_gate(
             policy = GatePolicy(*policy_request)
             shard_list = resolve_shards(shards, allow_pipe=allow_pipe)
             loaded, score_config = load_scoring(options, scores, calibration)
-            config = GateConfig(policy=policy, reuse_scores=scores, save_scores=save_scores, examples=examples, score=score_config)
+            if policy.max_findings is not None and audit_request[0] is None:
+                raise ClipguardError("--max-findings needs --audit AUDIT (the folder `clipguard audit` wrote)")
+            config = GateConfig(policy=policy, reuse_scores=scores, save_scores=save_scores, examples=examples, score=score_config,
+                                audit=audit_flags_from_options(*audit_request))
             err_console.print(
                 f"gating {len(shard_list)} shard(s) at gamma {threshold.gamma:.4f} ({threshold.source}) "
                 f"with {loaded.info.architecture}",

@@ -17,7 +17,7 @@ _OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 class Verdict(str, Enum):
     kept = "kept"
-    flagged = "flagged"  # scored, and cosine distance >= gamma
+    flagged = "flagged"  # scored, and cosine distance >= gamma, or flagged by an audit
     errored = "errored"  # could not be scored (or could not be read safely), so it cannot be vetted
 
 
@@ -32,7 +32,9 @@ class Decision:
         return self.verdict is not Verdict.kept
 
 
-def decide(scored: ScoredSample, threshold: Threshold) -> Decision:
+def decide(scored: ScoredSample, threshold: Threshold, audit_reason: str | None = None) -> Decision:
+    """``audit_reason``: why an audit flags this pair (a finding it belongs to, a cross-pair
+    signal over its threshold), or None; see `clipguard.filtering.auditflags`."""
     # The reader's problems come first: a sample with an unsafe or truncated member must never be
     # kept, whatever a score file says about it.
     if scored.sample.problems:
@@ -41,7 +43,11 @@ def decide(scored: ScoredSample, threshold: Threshold) -> Decision:
         return Decision(Verdict.errored, "error: " + _OBJECT_ADDRESS.sub("", scored.error), None)
     if scored.distance is None:
         return Decision(Verdict.errored, "error: the score file holds no distance for this pair", None)
+    why = []
     if threshold.flags(scored.distance):
-        reason = f"flagged: distance {scored.distance:.4f} >= gamma {threshold.gamma:.4f}"
-        return Decision(Verdict.flagged, reason, scored.distance)
+        why.append(f"distance {scored.distance:.4f} >= gamma {threshold.gamma:.4f}")
+    if audit_reason:
+        why.append(f"audit: {audit_reason}")
+    if why:
+        return Decision(Verdict.flagged, "flagged: " + "; ".join(why), scored.distance)
     return Decision(Verdict.kept, None, scored.distance)

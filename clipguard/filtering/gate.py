@@ -26,6 +26,7 @@ from clipguard.data.shardspec import Shard
 from clipguard.data.sourcemeta import SourceMeta, meta_from_json
 from clipguard.data.tarstream import ShardReport
 from clipguard.errors import ClipguardError
+from clipguard.filtering.auditflags import AuditFlags, AuditReason, check_audit_matches
 from clipguard.filtering.scores import ScoreSources, ShardScores, gather_scores, read_shard_scores, scored_samples
 from clipguard.filtering.threshold import FLAG_RULE, Threshold, check_threshold_model
 from clipguard.model.loading import LoadedModel
@@ -41,6 +42,8 @@ class GatePolicy:
     max_flagged_rate: float
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE
     allow_truncated: bool = False
+    # With an audit: at most this many of its findings may hold pairs of these shards (None: no limit)
+    max_findings: int | None = None
 
     def __post_init__(self):
         for name in ("max_flagged_rate", "max_error_rate"):
@@ -56,6 +59,7 @@ class GateConfig:
     save_scores: Path | None = None  # where to score missing shards; a temporary folder if None
     examples: int = DEFAULT_EXAMPLES
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    audit: AuditFlags | None = None  # its findings' pairs and signal rules count as flagged too
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ class GateReport:
     shards: list[GateShard]
     top_flagged: list[FlaggedExample]
     wall_seconds: float
+    audit: dict[str, Any] | None = None  # findings in these shards, flagged counts by rule
 
     @property
     def flagged_rate(self) -> float | None:
@@ -130,6 +135,8 @@ class GateReport:
             "shards": [vars(s) for s in self.shards],
             "truncated_shards": [s.shard for s in self.shards if s.truncated],
             "top_flagged": [vars(e) for e in self.top_flagged],
+            "audit": self.audit,
+            "max_findings": self.policy.max_findings,
             "wall_seconds": self.wall_seconds,
         }
 
@@ -144,6 +151,7 @@ def gate_shards(
     start = time.perf_counter()
     fingerprint = loaded.info.fingerprint()
     check_threshold_model(threshold, fingerprint)
+    check_audit_matches(threshold, config.audit)
     with tempfile.TemporaryDirectory(prefix="clipguard-gate-") as scratch:
         scores_dir = Path(config.save_scores) if config.save_scores is not None else Path(scratch)
         sources = gather_scores(shards, loaded, config.reuse_scores, scores_dir, config.score, progress)
@@ -152,7 +160,26 @@ def gate_shards(
         _refuse_unreadable(tables)
         examples = _top_flagged(tables, threshold, config.examples)
         captions = _verify_and_read_captions(shards, tables, sources, examples)
-    return _report(tables, sources, threshold, fingerprint, config.policy, examples, captions, start)
+    audit = _audit_verdicts(tables, config.audit) if config.audit is not None else None
+    return _report(tables, sources, threshold, fingerprint, config.policy, examples, captions, start, audit)
+
+
+@dataclass
+class _AuditVerdicts:
+    """Per shard, the keys the audit flags and by what; the findings that hold pairs of these shards."""
+
+    by_shard: dict[str, dict[str, AuditReason]]
+    findings: list[str]
+    folder: str
+
+    def flags(self, shard: str, key: str) -> bool:
+        return key in self.by_shard.get(shard, {})
+
+
+def _audit_verdicts(tables: list[ShardScores], audit: AuditFlags) -> _AuditVerdicts:
+    names = {t.shard for t in tables}
+    findings = list(dict.fromkeys(name for (shard, _), name in audit.finding_of.items() if shard in names))
+    return _AuditVerdicts({t.shard: audit.shard_reasons(t.shard) for t in tables}, findings, str(audit.folder))
 
 
 def _refuse_failed(sources: ScoreSources) -> None:
@@ -239,13 +266,20 @@ def _report(
     examples: list[_Candidate],
     captions: "_ReadBack",
     start: float,
+    audit: _AuditVerdicts | None = None,
 ) -> GateReport:
-    shard_rows, reasons = [], Counter()
+    shard_rows, reasons, flagged_by = [], Counter(), Counter()
     for table in tables:
         ok = sum(error is None for error in table.errors)
-        flagged = sum(
-            1 for d, error in zip(table.distances, table.errors) if error is None and d is not None and threshold.flags(d)
-        )
+        flagged = 0
+        for key, d, error in zip(table.keys, table.distances, table.errors):
+            if error is not None:
+                continue
+            by = ["distance"] if d is not None and threshold.flags(d) else []
+            if audit is not None and audit.flags(table.shard, key):
+                by += list(audit.by_shard[table.shard][key].by)
+            flagged += bool(by)
+            flagged_by.update(by)
         reasons.update(error.split(":", 1)[0] for error in table.errors if error is not None)
         shard_rows.append(
             GateShard(table.shard, len(table), ok, len(table) - ok, flagged, table.truncated, sources.origin(table.shard))
@@ -254,6 +288,13 @@ def _report(
     ok = sum(s.ok for s in shard_rows)
     flagged = sum(s.flagged for s in shard_rows)
     failures = policy_failures(pairs, ok, flagged, policy, [t.shard for t in tables if t.truncated])
+    audit_entry = None
+    if audit is not None:
+        audit_entry = {"folder": audit.folder, "findings": audit.findings, "flagged_by": dict(sorted(flagged_by.items()))}
+        if policy.max_findings is not None and len(audit.findings) > policy.max_findings:
+            shown = "; ".join(audit.findings[:3]) + ("; ..." if len(audit.findings) > 3 else "")
+            failures.append(f"the audit holds {len(audit.findings)} finding(s) in these shards, more than the maximum "
+                            f"{policy.max_findings}: {shown}")
     return GateReport(
         passed=not failures,
         failures=failures,
@@ -279,6 +320,7 @@ def _report(
             for c in examples
         ],
         wall_seconds=time.perf_counter() - start,
+        audit=audit_entry,
     )
 
 

@@ -36,6 +36,12 @@ def render_text(report: GateReport) -> str:
         f"   max {report.policy.max_error_rate:.3%}   {_mark(_errors_ok(report))}"
         + (f"   ({_reasons(report)})" if report.errors_by_reason else "")
     )
+    if report.audit is not None:
+        lines.append(
+            f"findings   {len(report.audit['findings'])} in these shards   max {_max_findings(report)}   "
+            f"{_mark(_findings_ok(report))}" + "".join(f"\n  - {_line(name)}" for name in report.audit["findings"][:10])
+        )
+        lines.append(f"flagged by {_flagged_by(report)}")
     lines.append(f"threshold  gamma {report.threshold.gamma:.4f} from {_line(report.threshold.source)}; flagged when {FLAG_RULE}")
     lines.append(f"model      {describe_fingerprint(report.fingerprint)}")
     lines.append(f"scores     {_scores_origin(report)}")
@@ -64,6 +70,11 @@ def render_markdown(report: GateReport) -> str:
         f"| ≤ {report.policy.max_flagged_rate:.3%} | {_md_mark(_flagged_ok(report))} |",
         f"| error rate | {report.errors:,} of {report.pairs:,} pairs = {report.error_rate:.3%} "
         f"| ≤ {report.policy.max_error_rate:.3%} | {_md_mark(_errors_ok(report))} |",
+    ]
+    if report.audit is not None:
+        lines.append(f"| audit findings | {len(report.audit['findings'])} in these shards | ≤ {_max_findings(report)} "
+                     f"| {_md_mark(_findings_ok(report))} |")
+    lines += [
         "",
         f"- pairs: {report.pairs:,} in {len(report.shards)} shard(s)"
         + (f"; errors by reason: {_reasons(report)}" if report.errors_by_reason else ""),
@@ -72,6 +83,9 @@ def render_markdown(report: GateReport) -> str:
         f"- model: {_md(describe_fingerprint(report.fingerprint))}",
         f"- scores: {_scores_origin(report)}",
     ]
+    if report.audit is not None:
+        lines.append(f"- flagged by: {_md(_flagged_by(report))}")
+        lines += [f"- finding: {_md(name)}" for name in report.audit["findings"][:10]]
     truncated = [s.shard for s in report.shards if s.truncated]
     if truncated:
         lines.append(f"- truncated shards: {_md(', '.join(truncated))}")
@@ -91,6 +105,20 @@ def render_markdown(report: GateReport) -> str:
 
 def _flagged_ok(report: GateReport) -> bool:
     return report.ok > 0 and not any(f.startswith("flagged rate") for f in report.failures)
+
+
+def _findings_ok(report: GateReport) -> bool:
+    return not any(f.startswith("the audit holds") for f in report.failures)
+
+
+def _max_findings(report: GateReport) -> str:
+    return "no limit" if report.policy.max_findings is None else str(report.policy.max_findings)
+
+
+def _flagged_by(report: GateReport) -> str:
+    """Flagged pairs by rule (distance, finding, a signal); a pair flagged by two counts under both."""
+    by = (report.audit or {}).get("flagged_by") or {}
+    return ", ".join(f"{name} {count:,}" for name, count in by.items()) or "nothing"
 
 
 def _errors_ok(report: GateReport) -> bool:

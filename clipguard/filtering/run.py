@@ -36,6 +36,7 @@ from clipguard.data.writer import TEMPORARY_SUFFIX, Payload, ShardSequenceWriter
 from clipguard.errors import ClipguardError
 from clipguard.data.sourcemeta import ScrapeSidecar, meta_from_json, read_sidecar
 from clipguard.filtering import keeplist
+from clipguard.filtering.auditflags import AuditFlags, AuditReason, check_audit_matches
 from clipguard.filtering.decide import Decision, Verdict, decide
 from clipguard.filtering.scores import ScoredSample, ScoreSources, gather_scores, read_shard_scores, scored_samples
 from clipguard.filtering.threshold import FLAG_RULE, Threshold, check_threshold_model, same_fingerprint
@@ -62,6 +63,7 @@ class FilterConfig:
     keep_list: Path | None = None  # a Parquet of kept key / uid / url / shard
     subset_file: Path | None = None  # DataComp's subset .npy of kept uids
     copy_shards: bool = True  # False: only the lists and the manifest, no tars
+    audit: AuditFlags | None = None  # flag also a finding's pairs and cross-pair signals over their thresholds
 
     @property
     def wants_lists(self) -> bool:
@@ -101,6 +103,9 @@ class InputShardResult:
 
     failed: bool = False  # the source failed (see ShardReport.failed): no output was kept
     scrape: dict | None = None  # img2dataset's report beside the shard: downloads the scrape lost
+    # flagged pairs by what flagged them: "distance", "finding", or a cross-pair signal's name
+    # (a pair flagged by two counts under both); empty without an audit
+    flagged_by: dict[str, int] = field(default_factory=dict)
 
     @property
     def unreadable(self) -> bool:
@@ -165,6 +170,7 @@ def filter_shards(
 ) -> FilterSummary:
     fingerprint = loaded.info.fingerprint()
     check_threshold_model(threshold, fingerprint)
+    check_audit_matches(threshold, config.audit)
     if config.shard_size < 1:
         raise ClipguardError("--shard-size must be at least 1")
     clean_out, quarantine_out = OutputFolder.at(config.clean_dir), OutputFolder.at(config.quarantine_dir)
@@ -191,6 +197,8 @@ def _filter_shards(
     settings = _settings(threshold, fingerprint, config.shard_size, mirror.quarantine.location if mirror else quarantine_dir)
     if not config.copy_shards:
         settings["copy_shards"] = False  # only when off, so records of earlier runs still match
+    if config.audit is not None:
+        settings["audit"] = config.audit.settings()  # only when given, likewise
     results: dict[str, InputShardResult] = {}
     pending: list[Shard] = []
     for shard in shards:
@@ -394,10 +402,15 @@ def _filter_one(
     reasons: Counter = Counter()
     sidecar = read_sidecar(shard)
     kept_pairs: list[keeplist.KeptPair] = []
+    audit_reasons = config.audit.shard_reasons(shard.name) if config.audit is not None else {}
+    flagged_by: Counter = Counter()
     try:
         for scored in scored_samples(shard, scores, report, True, limits.max_member_bytes):
-            decision = decide(scored, threshold)
+            audit_reason = audit_reasons.get(scored.sample.key)
+            decision = decide(scored, threshold, audit_reason.text if audit_reason else None)
             verdicts[decision.verdict] += 1
+            if decision.verdict is Verdict.flagged and config.audit is not None:
+                flagged_by.update(_flagged_by(threshold, scored, audit_reason))
             if decision.verdict is Verdict.kept:
                 kept_pairs.append(_kept_pair(scored, shard.name, sidecar))
                 if config.copy_shards:
@@ -439,6 +452,7 @@ def _filter_one(
         quarantine=[p.to_dict() for p in quarantine_parts],
         failed=report.failed,
         scrape=sidecar.report.to_dict() if sidecar.report is not None else None,
+        flagged_by=dict(sorted(flagged_by.items())),
     )
     assert result.kept + result.quarantined == result.read
     if not result.unreadable:
@@ -447,6 +461,12 @@ def _filter_one(
         record = {"source": shard.location, "settings": settings, "result": asdict(result)}
         atomic_write_json(record_path(clean_dir, shard.name), record)
     return result
+
+
+def _flagged_by(threshold: Threshold, scored: ScoredSample, audit_reason: AuditReason | None) -> list[str]:
+    """Which rules flagged this pair, for the counts a person compares signals by."""
+    by = ["distance"] if scored.distance is not None and threshold.flags(scored.distance) else []
+    return by + list(audit_reason.by if audit_reason else ())
 
 
 def _kept_pair(scored: ScoredSample, shard_name: str, sidecar: ScrapeSidecar) -> keeplist.KeptPair:
@@ -595,6 +615,7 @@ def _write_manifest(context: _ManifestContext, results: dict[str, InputShardResu
         "truncated_shards": [r.shard for r in done if r.truncated],
         "totals": totals,
         "errors_by_reason": dict(sorted(reasons.items())),
+        "audit": _audit_entry(context.config.audit, done),
         "inputs": [_input_entry(r) for r in done],
         "outputs": {
             CLEAN_TAG: [{**p, "source_shard": r.shard} for r in done for p in r.clean],
@@ -606,6 +627,16 @@ def _write_manifest(context: _ManifestContext, results: dict[str, InputShardResu
     atomic_write_json(context.quarantine_dir / MANIFEST_NAME, manifest)
     if context.mirror is not None:
         context.mirror.push_manifest(manifest)
+
+
+def _audit_entry(audit: AuditFlags | None, done: list[InputShardResult]) -> dict[str, Any] | None:
+    if audit is None:
+        return None
+    flagged_by: Counter = Counter()
+    for r in done:
+        flagged_by.update(r.flagged_by)
+    return {**audit.settings(), "findings": audit.n_findings, "finding_pairs": len(audit.finding_of),
+            "flagged_by": dict(sorted(flagged_by.items()))}
 
 
 def _input_entry(result: InputShardResult) -> dict[str, Any]:

@@ -26,6 +26,9 @@ class Threshold:
     source: str  # "--gamma" or "calibration <path>"
     calibration_sha256: str | None = None
     fingerprint: dict[str, Any] | None = None  # the model the calibration was computed with
+    # The audit findings the calibration counted as flagged (their file's sha256), if any: gamma
+    # was chosen for "distance >= gamma or in a finding", and holds only with that audit.
+    audit_findings_sha256: str | None = None
 
     def flags(self, distance: float) -> bool:
         return distance >= self.gamma
@@ -64,11 +67,13 @@ def load_calibration(path: Path) -> Threshold:
         )
     gamma = _valid_gamma(payload["gamma"], f"\"gamma\" in {path}")
     fingerprint = _calibration_fingerprint(payload, path)
+    audit = payload.get("audit")
     return Threshold(
         gamma=gamma,
         source=f"calibration {path}",
         calibration_sha256=hashlib.sha256(raw).hexdigest(),
         fingerprint=fingerprint,
+        audit_findings_sha256=audit.get("findings_sha256") if isinstance(audit, dict) else None,
     )
 
 

@@ -1,0 +1,198 @@
+"""Pair distance alone against the combination (distance + audit findings), per attack, on the
+noisy web world, with thresholds from a small labelled sample: the honest table's first columns.
+
+For each attack (Yang I/II/III, Carlini-Terzis targeted and backdoor, and the --evade variants
+asked for) on the default noisy world (`WorldSpec(noise="web")`, seed --world-seed) at phi
+--rate: mount it on the train split, score with the bundled reference (`clipguard-reference`)
+keeping embeddings, run `clipguard audit` with the world's keywords, and then:
+
+- AUROC of every signal alone over all pairs (poison = positive; `clipguard.metrics.roc_auc`);
+- a labelled sample of --labelled pairs drawn uniformly (the person's labels are the truth
+  here), and from it two rules at one false-positive budget (--fpr):
+  * distance alone: the smallest gamma whose measured FPR on the sample's clean pairs is <= budget;
+  * combination: a pair is flagged when it belongs to an audit finding or its distance >= gamma',
+    gamma' the smallest whose union's FPR on the sample's clean pairs is <= budget;
+  each rule's recall and FPR measured on the whole world (every pair's truth is known);
+- goal discovery: the top-ranked finding, whether it names the injected goal, and the share of
+  its pairs that are poisons.
+
+The fine-tune and Hit@10 after filtering are not run here (minutes per cell on 2 cores).
+
+Usage: python benchmarks/bench_signals.py [--attacks I,II,III,targeted,backdoor] [--rate 0.005]
+       [--labelled 500] [--fpr 0.01] [--seeds 1] [--out bench-out/signals]
+Prints a table and writes OUT/signals_benchmark.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from clipguard import api
+from clipguard.attacks import AttackConfig, AttackKind, Goal, run_attack
+from clipguard.audit import AuditConfig, run_audit
+from clipguard.labels import LabelSource
+from clipguard.metrics import roc_auc
+from clipguard.synth import WorldSpec, generate_world
+
+REFERENCE = "clipguard-reference"
+# name -> (kind, goals, evade variant or None, the audit goals that name it: "caption class:image class",
+# or a cluster's caption class)
+ATTACKS = {
+    "I": (AttackKind.single_image, (Goal("sheep", "aeroplane"),), None, {"sheep:aeroplane"}),
+    "II": (AttackKind.single_label, (Goal("sheep", "aeroplane"),), None, {"sheep:aeroplane"}),
+    "III": (AttackKind.multi_label, (Goal("sheep", "aeroplane"), Goal("dog", "train")), None,
+            {"sheep:aeroplane", "dog:train"}),
+    # Carlini-Terzis: images of the source class (any, for the backdoor) to be read as the target label
+    "targeted": (AttackKind.targeted, (Goal("aeroplane", "sheep"),), None, {"sheep:aeroplane"}),
+    "backdoor": (AttackKind.backdoor, (Goal("*", "sheep"),), None, {"sheep"}),
+}
+
+
+def stem(shard: str) -> str:
+    name = Path(shard).name
+    return name[: -len(".tar")] if name.endswith(".tar") else name
+
+
+def attack_config(name: str, rate: float, seed: int, keywords: Path, evade: str | None) -> AttackConfig:
+    kind, goals, default_evade, _ = ATTACKS[name]
+    return AttackConfig(kind=kind, goals=goals, rate=rate, seed=seed, label_source=LabelSource.keywords,
+                        keywords=keywords, overwrite=True, evade=evade or default_evade)
+
+
+def smallest_gamma(distance: np.ndarray, clean: np.ndarray, also: np.ndarray, budget: float) -> float:
+    """The smallest gamma at which (distance >= gamma or also) flags at most ``budget`` of ``clean``."""
+    base = also[clean].sum()
+    d = np.sort(distance[clean & ~also])[::-1]
+    allowed = int(np.floor(budget * clean.sum())) - int(base)
+    if allowed < 0:
+        return np.inf  # the audit alone spends the budget: distance flags nothing more
+    if allowed >= len(d):
+        return -np.inf
+    return float(np.nextafter(d[allowed], np.inf))  # strictly above the first clean pair not allowed
+
+
+def one_cell(world: Path, name: str, evade: str | None, rate: float, seed: int, args, work: Path) -> dict:
+    shutil.rmtree(work, ignore_errors=True)
+    started = time.perf_counter()
+    result = run_attack(str(world / "train"), work / "poisoned", attack_config(name, rate, seed, world / "keywords.json", evade))
+    api.score(str(work / "poisoned"), work / "scores", model=REFERENCE, save_embeddings=True)
+    score_s = time.perf_counter() - started
+    started = time.perf_counter()
+    audit = run_audit(AuditConfig(scores=work / "scores", out=work / "audit", keywords=world / "keywords.json"))
+    audit_s = time.perf_counter() - started
+
+    ids = [(stem(s), str(k)) for s, k in zip(audit.pairs.shard, audit.pairs.key)]
+    poisons = {(stem(p.shard), p.key) for p in result.manifest.poisons}
+    truth = np.array([i in poisons for i in ids])
+    distance = {}
+    for path in sorted((work / "scores").glob("*.parquet")):
+        for row in pq.read_table(path, columns=["shard", "key", "cosine_distance"]).to_pylist():
+            distance[stem(row["shard"]), row["key"]] = row["cosine_distance"]
+    d = np.array([distance.get(i, np.nan) for i in ids], dtype=np.float64)
+    row_of = {i: n for n, i in enumerate(ids)}
+    member = np.zeros(len(ids), dtype=bool)
+    for finding in audit.findings:
+        member[finding.rows] = True
+
+    aurocs = {"cosine_distance": roc_auc(d, truth)}
+    for column, values in audit.signal_columns.items():
+        values = np.asarray(values)
+        if values.dtype.kind in "fiu":
+            aurocs[column] = roc_auc(np.nan_to_num(values.astype(np.float64), nan=-np.inf), truth)
+
+    rng = np.random.default_rng(1000 + seed)
+    sample = rng.choice(len(ids), size=min(args.labelled, len(ids)), replace=False)
+    in_sample = np.zeros(len(ids), dtype=bool)
+    in_sample[sample] = True
+    clean_sample = in_sample & ~truth
+    nothing = np.zeros(len(ids), dtype=bool)
+    gamma_alone = smallest_gamma(d, clean_sample, nothing, args.fpr)
+    gamma_combined = smallest_gamma(d, clean_sample, member, args.fpr)
+
+    def measured(flags: np.ndarray) -> dict:
+        return {"recall": round(float(flags[truth].mean()), 4) if truth.any() else None,
+                "fpr": round(float(flags[~truth].mean()), 5),
+                "fpr_on_labelled_sample": round(float(flags[clean_sample].mean()), 5)}
+
+    alone = measured(d >= gamma_alone)
+    combined = measured((d >= gamma_combined) | member)
+    top = audit.findings[0] if audit.findings else None
+    goals = ATTACKS[name][3]
+    return {
+        "attack": name, "evade": evade, "seed": seed, "pairs": len(ids), "poisons": int(truth.sum()),
+        "auroc": {k: round(v, 4) for k, v in aurocs.items()},
+        "distance_alone": {"gamma": gamma_alone, **alone},
+        "combination": {"gamma": gamma_combined, **combined},
+        "findings": len(audit.findings),
+        "top_finding": None if top is None else {
+            "kind": top.kind, "goal": top.goal,
+            "names_goal": top.goal in goals or (name == "backdoor" and top.goal.split(":")[0] in goals),
+            "pairs": int(len(top.rows)), "poison_share": round(float(truth[top.rows].mean()), 3),
+            "neglog10_p": round(top.neglog10_p, 1)},
+        "finding_pairs_poison_share": round(float(truth[member].mean()), 3) if member.any() else None,
+        "score_seconds": round(score_s, 1), "audit_seconds": round(audit_s, 1),
+        "audit_seconds_per_10k_pairs": round(audit_s / len(ids) * 10_000, 2),
+        "_unused": len(row_of),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attacks", default="I,II,III,targeted,backdoor")
+    parser.add_argument("--evade", default="", help="comma-separated attack=variant cells to add, e.g. II=blend,II=nearest")
+    parser.add_argument("--rate", type=float, default=0.005)
+    parser.add_argument("--labelled", type=int, default=500)
+    parser.add_argument("--fpr", type=float, default=0.01)
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--world-seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench-out/signals"))
+    args = parser.parse_args()
+    world = args.out / "world"
+    shutil.rmtree(world, ignore_errors=True)
+    generate_world(world, WorldSpec(seed=args.world_seed, noise="web"))
+    cells = [(a, None) for a in args.attacks.split(",") if a]
+    cells += [tuple(c.split("=", 1)) for c in args.evade.split(",") if c]
+    rows = []
+    for name, evade in cells:
+        for seed in range(args.seeds):
+            row = one_cell(world, name, evade, args.rate, seed, args, args.out / f"{name}-{evade or 'plain'}-{seed}")
+            row.pop("_unused")
+            rows.append(row)
+            a, c = row["distance_alone"], row["combination"]
+            top = row["top_finding"]
+            print(f"{name:9}{(evade or ''):14}seed {seed}  poisons {row['poisons']:3}  AUROC(d) {row['auroc']['cosine_distance']:.3f}"
+                  f"  alone: recall {a['recall']:.3f} fpr {a['fpr']:.4f}  combined: recall {c['recall']:.3f} fpr {c['fpr']:.4f}"
+                  f"  top finding: {top and (top['kind'] + ' ' + top['goal'] + (' (goal)' if top['names_goal'] else ''))}"
+                  f"  audit {row['audit_seconds_per_10k_pairs']} s/10k", flush=True)
+    clean = one_clean(world, args)
+    result = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or "unknown", "cores": len(os.sched_getaffinity(0)),
+              "rate": args.rate, "labelled": args.labelled, "fpr_budget": args.fpr, "world_seed": args.world_seed,
+              "cells": rows, "clean_world": clean}
+    print(f"clean noisy world: {clean['findings']} finding(s) on {clean['pairs']} pairs")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "signals_benchmark.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+
+
+def one_clean(world: Path, args) -> dict:
+    """No attack: how many findings the audit raises on clean noisy data."""
+    work = args.out / "clean"
+    shutil.rmtree(work, ignore_errors=True)
+    api.score(str(world / "train"), work / "scores", model=REFERENCE, save_embeddings=True)
+    audit = run_audit(AuditConfig(scores=work / "scores", out=work / "audit", keywords=world / "keywords.json"))
+    return {"pairs": len(audit.pairs), "findings": len(audit.findings),
+            "names": [f"{f.kind} {f.goal}" for f in audit.findings]}
+
+
+if __name__ == "__main__":
+    main()
