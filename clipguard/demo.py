@@ -234,7 +234,7 @@ def run_demo(
             calibration, flags = alone, None
         else:
             combination_refused = None
-    with stage("filter the poisoned data (distance or an audit finding)"):
+    with stage("filter the poisoned data"):  # by distance or an audit finding
         threshold = load_calibration(calibration.calibration_path)
         filtered = filter_shards(
             resolve_shards(str(out_dir / "poisoned")), reference, threshold,

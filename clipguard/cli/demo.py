@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -35,9 +36,7 @@ def demo(
     from clipguard.demo import DemoConfig, run_demo
 
     config = DemoConfig.quick() if quick else DemoConfig()
-    from clipguard.synth import WorldSpec
-
-    config = DemoConfig(**{**config.__dict__, "seed": seed, "world": WorldSpec(noise=noise.value)})
+    config = DemoConfig(**{**config.__dict__, "seed": seed, "world": dataclasses.replace(config.world, noise=noise.value)})
     started = time.perf_counter()
 
     with user_errors(), progress_reporter() as progress:
