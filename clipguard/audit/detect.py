@@ -163,7 +163,7 @@ def _geometric_tail(counts: np.ndarray) -> float:
     return max(mean, 1e-3) / (1.0 + max(mean, 1e-3))
 
 
-def _hurdle_tail(values: np.ndarray, x: int, own: int) -> float:
+def _hurdle_tail(values: np.ndarray, x: int, own: int, dispersed: bool = False) -> float:
     """P(X >= x) for one group under the data's other groups: the share of them with X > 0 times a
     geometric tail fitted to their positive part, the group's own value ``own`` left out. Near-
     duplicate groups are rare but, where they occur, of any size; one geometric over all groups
@@ -176,6 +176,16 @@ def _hurdle_tail(values: np.ndarray, x: int, own: int) -> float:
         positive = np.delete(positive, np.flatnonzero(positive == own)[0])
     share = max(len(positive), 1) / max(n, 1)
     mean = max(float(np.mean(positive - 1)) if len(positive) else 0.0, 0.5)  # a floor: few groups, wide tail
+    if dispersed and len(positive) >= 10:
+        # A negative binomial with the positive part's own mean and variance (method of moments):
+        # the geometric is its one-parameter case, so a heavy-tailed reuse (LAION's) keeps a heavy
+        # tail, while a bounded one (stock photos on 2-5 pages) is not given a geometric's long tail
+        # that would hide a 20-caption fan-in. The variance is floored just above the mean (a
+        # Poisson is the thinnest tail a count of reuse can have).
+        var = max(float(np.var(positive - 1, ddof=1)), 1.05 * mean)
+        p = mean / var
+        r = mean * p / (1.0 - p)
+        return min(1.0, share * math.exp(stats.nbinom.logsf(x - 2, r, p)))
     return min(1.0, share * (mean / (1.0 + mean)) ** (x - 1))
 
 
@@ -193,7 +203,32 @@ def _group_mislabel(groups: list[_ImageGroup], classes: int) -> np.ndarray:
 def _joint_mismatch(counts: np.ndarray, label: int, image_class: int, own: bool) -> float:
     column = counts[:, image_class] if image_class >= 0 else counts.sum(axis=1)
     cell = column[label] - (1 if own else 0)  # the group tested is left out of its own background
-    return float((max(cell, 0) + 0.5) / (max(column.sum() - (1 if own else 0), 0) + 1.0))
+    rest = max(column.sum() - (1 if own else 0), 0)
+    # An empty cell's prior (one pseudo-group): the column's own share of mismatched groups spread
+    # over the rows as the other columns spread theirs, so a reference whose neighbours rarely
+    # misjudge an image (few off-diagonal groups) is not credited a mismatch rate it never shows.
+    off = counts.copy()
+    np.fill_diagonal(off, 0)
+    off_share = (off.sum() - (max(cell, 0) if label != image_class else 0) + 1.0) / (counts.sum() + 2.0)
+    row_share = (off[label].sum() + 1.0) / (off.sum() + len(counts))
+    return float((max(cell, 0) + off_share * row_share) / (rest + 1.0))
+
+
+def _caption_noise(t: AuditTables, groups: list[_ImageGroup]) -> float:
+    """The rate at which one distinct caption of a reused image names one given other class than
+    its image's majority (natural label noise, per class): measured on the data's groups with at
+    least three labelled distinct captions, floored so that clean data never makes it zero."""
+    classes = max(len(t.classes), 2)
+    off, total = 0, 0
+    for g in groups:
+        labelled = g.rows[t.caption_class[g.rows] >= 0]
+        _, first = np.unique(t.caption_id[labelled], return_index=True)
+        if len(first) < 3:
+            continue
+        counts = np.bincount(t.caption_class[labelled[first]], minlength=classes)
+        off += int(len(first) - counts.max())
+        total += len(first)
+    return float(min(1.0, (off + 1.0) / (total + 1.0) / (classes - 1)))
 
 
 def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
@@ -213,13 +248,15 @@ def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
     def excess(g: _ImageGroup) -> int:
         return max(0, g.captions - usual_captions * g.images)
 
-    caption_tail = _geometric_tail(np.array([excess(g) for g in groups]))
+    excesses = np.array([excess(g) for g in groups])
+    noise = _caption_noise(t, groups)
     extra_images = np.array([g.images - 1 for g in groups])
     mislabel = _group_mislabel(groups, classes)
     fan_in = [g for g in groups if g.images < config.min_cluster and g.captions >= config.min_fan_in]
     clusters = [g for g in groups if g.images >= config.min_cluster]
     rate = _caption_rate(t)
     found = []
+    candidates, fan_in_tests = [], 0
     for g in fan_in:
         best = None
         for a in range(classes):
@@ -231,21 +268,34 @@ def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
                 continue
             p0 = t.cells.per_pair_rate(a, g.image_class, "image") if g.image_class != NO_CLASS else rate[a]
             p0 = min(max(p0, 1e-12), 1.0)
-            joint = caption_tail ** excess(g) * _joint_mismatch(mislabel, a, g.image_class, a == g.label)
+            # The whole group mislabelled at once (a stock photo its neighbours misjudge): as large a
+            # group as this one among the data's other reused images (`_hurdle_tail`: web data has
+            # stock photos on many pages), times the rate at which a group's captions name A where
+            # its neighbours say B, times the chance that its own captions also name B by label
+            # noise as often as they do (the attacked image keeps its original captions).
+            joint = _hurdle_tail(excesses, excess(g), excess(g), dispersed=True) * _joint_mismatch(mislabel, a, g.image_class, a == g.label)
+            if g.image_class != NO_CLASS:
+                support = len(np.unique(t.caption_id[g.rows[t.caption_class[g.rows] == g.image_class]]))
+                if support:
+                    joint *= math.exp(stats.binom.logsf(support - 1, g.captions, noise))
             p = min(1.0, joint + math.exp(stats.binom.logsf(m - 1, g.captions, p0)))
-            score = neglog10_tail(math.log(p) if p > 0 else -math.inf, len(fan_in) * (classes - 1))
-            if best is None or score > best[0]:
-                best = (score, a, m, g.captions * p0, named)
-        if best is None:
-            continue
-        score, a, m, expected, named = best
+            fan_in_tests += 1
+            logp = math.log(p) if p > 0 else -math.inf
+            if best is None or logp < best[0]:
+                best = (logp, a, m, g.captions * p0, named)
+        if best is not None:
+            candidates.append((g, best))
+    # One test per (group, class named by at least min_cell_pairs of its captions): a class that
+    # names fewer cannot be a finding, so the correction counts the tests that could be.
+    for g, (logp, a, m, expected, named) in candidates:
+        score = neglog10_tail(logp, fan_in_tests)
         what = "one image" if g.images == 1 else f"one image and {g.images - 1} near-duplicate(s)"
         of = t.classes[g.image_class] if g.image_class != NO_CLASS else "?"
         found.append(Finding(
             "image_fan_in", f"{t.classes[a]}:{of}",
             f"{what} (of {of}) behind {m} different {t.classes[a]} captions ({g.captions} distinct captions in all; "
             f"{expected:.2g} {t.classes[a]} captions expected), {describe_p(score)}",
-            m, expected, score, len(fan_in) * (classes - 1), named))
+            m, expected, score, fan_in_tests, named))
     for g in clusters:
         if g.label < 0:
             continue  # a cluster whose captions name no class is no attack goal
