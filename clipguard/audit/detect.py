@@ -58,6 +58,9 @@ class AuditTables:
     caption_group: np.ndarray  # near-identical caption group
     strong_mismatch: np.ndarray  # no neighbour of the image is captioned with the pair's caption class
     cells: CellTable
+    # Cosine similarity of each pair's own image and caption: which of an image's captions were
+    # added (`_orient`). None: every pair equally close.
+    pair_similarity: np.ndarray | None = None
 
 
 @dataclass
@@ -360,6 +363,41 @@ def _caption_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
     return found
 
 
+ORIENT_P = 0.01  # how sure a whole cell must be to be turned around
+
+
+def _farther(t: AuditTables, labelled: np.ndarray, a: int, b: int) -> int:
+    """+1 where the image's A captions sit farther from it than its B captions (A looks added),
+    -1 the other way, 0 when unknown or equal."""
+    if t.pair_similarity is None:
+        return 0
+    sim = t.pair_similarity[labelled]
+    mine = t.caption_class[labelled]
+    return int(np.sign(float(np.mean(sim[mine == b])) - float(np.mean(sim[mine == a]))))
+
+
+def _orient(cells: np.ndarray, members: dict, votes: dict, t: AuditTables) -> None:
+    """Turn a cell around where its pairs' own distances say so. At a high poisoning rate the
+    added captions outnumber an image's original ones (Attack II at 5%: five sheep captions beside
+    two aeroplane ones), so the majority calls the original class the added one. The added
+    captions are the ones far from the image: one image's comparison is weak under the bundled
+    reference, but over a cell's groups it is not, so cell (A added, B majority) becomes (B added,
+    A images) when its groups' B captions are the farther ones significantly more often (sign
+    test). (The neighbours' class cannot decide it: under the bundled reference the poisoned
+    aeroplane images' neighbours are mostly people, chairs or cars.) The moved groups' members
+    are their B captions."""
+    for (a, b), signs in list(votes.items()):
+        signs = np.asarray(signs)
+        a_added, b_added = int((signs > 0).sum()), int((signs < 0).sum())
+        if b_added <= a_added or stats.binom.sf(b_added - 1, a_added + b_added, 0.5) >= ORIENT_P:
+            continue
+        cells[b, a] += cells[a, b]
+        cells[a, b] = 0
+        moved = [np.flatnonzero(np.isin(t.image_group, t.image_group[rows])) for rows in members.pop((a, b))]
+        members.setdefault((b, a), []).extend(rows[t.caption_class[rows] == b] for rows in moved)
+        votes.pop((a, b))
+
+
 def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
     """Images (with their near-duplicates) that also carry captions of another class: the image's
     own majority caption class is its class here, no neighbour vote needed. Attack II copies
@@ -369,6 +407,7 @@ def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
     classes = len(t.classes)
     cells = np.zeros((classes, classes), np.int64)
     members: dict[tuple[int, int], list[np.ndarray]] = {}
+    votes: dict[tuple[int, int], list[int]] = {}  # the neighbours' class of each group in a cell
     order = np.argsort(t.image_group, kind="stable")
     bounds = np.flatnonzero(np.diff(t.image_group[order])) + 1
     for rows in np.split(order, bounds):
@@ -387,6 +426,8 @@ def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
         for a in np.flatnonzero((counts > 0) & (np.arange(classes) != b)):
             cells[a, b] += 1
             members.setdefault((int(a), b), []).append(labelled[t.caption_class[labelled] == a])
+            votes.setdefault((int(a), b), []).append(_farther(t, labelled, int(a), b))
+    _orient(cells, members, votes, t)
     total = cells.sum()
     if total == 0:
         return []
