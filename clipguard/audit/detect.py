@@ -398,16 +398,13 @@ def _orient(cells: np.ndarray, members: dict, votes: dict, t: AuditTables) -> No
         votes.pop((a, b))
 
 
-def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
-    """Images (with their near-duplicates) that also carry captions of another class: the image's
-    own majority caption class is its class here, no neighbour vote needed. Attack II copies
-    images of B and captions them A; a backdoor stamps copies of images of any class and captions
-    them with the target. Per (minority A, majority B) cell and per minority label A (any B),
-    counted in image groups, against the leave-out expectation of natural mislabelling."""
+def _relabel_cells(t: AuditTables, resolve_ties: bool) -> tuple[np.ndarray, dict]:
+    """(added class A, image class B) -> image groups, and their A pairs, oriented (`_orient`).
+    With ``resolve_ties`` an image with one caption of each of two classes counts too."""
     classes = len(t.classes)
     cells = np.zeros((classes, classes), np.int64)
     members: dict[tuple[int, int], list[np.ndarray]] = {}
-    votes: dict[tuple[int, int], list[int]] = {}  # the neighbours' class of each group in a cell
+    votes: dict[tuple[int, int], list[int]] = {}  # per group in a cell: which of its captions look added
     order = np.argsort(t.image_group, kind="stable")
     bounds = np.flatnonzero(np.diff(t.image_group[order])) + 1
     for rows in np.split(order, bounds):
@@ -420,31 +417,55 @@ def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
         if (counts > 0).sum() < 2:
             continue
         top = np.flatnonzero(counts == counts.max())
-        if len(top) != 1:
+        if resolve_ties and len(top) == 2 and (counts > 0).sum() == 2:
+            # One caption of each of two classes (an Attack II copy whose own other caption is
+            # boilerplate): the one farther from the image is the added one.
+            sign = _farther(t, labelled, int(top[0]), int(top[1]))
+            if sign == 0:
+                continue
+            b = int(top[1]) if sign > 0 else int(top[0])
+        elif len(top) != 1:
             continue  # no majority: which caption was added cannot be told
-        b = int(top[0])
+        else:
+            b = int(top[0])
         for a in np.flatnonzero((counts > 0) & (np.arange(classes) != b)):
             cells[a, b] += 1
             members.setdefault((int(a), b), []).append(labelled[t.caption_class[labelled] == a])
             votes.setdefault((int(a), b), []).append(_farther(t, labelled, int(a), b))
     _orient(cells, members, votes, t)
+    return cells, members
+
+
+def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
+    """Images (with their near-duplicates) that also carry captions of another class: the image's
+    own majority caption class is its class here, no neighbour vote needed. Attack II copies
+    images of B and captions them A; a backdoor stamps copies of images of any class and captions
+    them with the target. Per (minority A, majority B) cell and per minority label A (any B),
+    counted in image groups, against the leave-out expectation of natural mislabelling."""
+    classes = len(t.classes)
+    # Per (A, B) cell, images with one caption of each class count too (their farther caption is
+    # the added one); per A alone they do not: natural label noise on two-caption images is
+    # spread over every class, and would dilute the per-A finding (a backdoor's) with clean pairs.
+    cells, members = _relabel_cells(t, resolve_ties=True)
+    strict, strict_members = _relabel_cells(t, resolve_ties=False)
     total = cells.sum()
     if total == 0:
         return []
     found = []
     row_sum, col_sum = cells.sum(axis=1), cells.sum(axis=0)
     share = np.bincount(t.caption_class[t.caption_class >= 0], minlength=classes) / max((t.caption_class >= 0).sum(), 1)
+    strict_rows, strict_total = strict.sum(axis=1), strict.sum()
     for a in range(classes):
-        if row_sum[a] >= config.min_cell_pairs:  # label A added to images of any class
-            others = total - row_sum[a]
+        if strict_rows[a] >= config.min_cell_pairs:  # label A added to images of any class
+            others = strict_total - strict_rows[a]
             expected = max(others * share[a] / max(1 - share[a], 1e-9), MIN_EXPECTED_COUNT)
-            score = neglog10_tail(stats.poisson.logsf(row_sum[a] - 1, expected), classes)
-            rows = np.concatenate([r for (x, _), rs in members.items() if x == a for r in rs])
+            score = neglog10_tail(stats.poisson.logsf(strict_rows[a] - 1, expected), classes)
+            rows = np.concatenate([r for (x, _), rs in strict_members.items() if x == a for r in rs])
             found.append(Finding(
                 "relabelled_images", f"{t.classes[a]}:*",
-                f"captions of {t.classes[a]} added to {row_sum[a]} images that otherwise carry captions of other "
+                f"captions of {t.classes[a]} added to {strict_rows[a]} images that otherwise carry captions of other "
                 f"classes, where {expected:.2g} are expected, {describe_p(score)}",
-                int(row_sum[a]), expected, score, classes, rows))
+                int(strict_rows[a]), expected, score, classes, rows))
         for b in range(classes):
             n = int(cells[a, b])
             if a == b or n < config.min_cell_pairs:
