@@ -10,13 +10,17 @@ and every kind compares against the rate at which the data mismatches those clas
 - image_fan_in: one image (with its near-duplicates) behind many distinct captions of class A,
   A not the image's class. The captions of one image are not independent (a stock photo, a
   misjudged image class mismatch all of them at once), so the null is the chance of a group this
-  large (the data's geometric tail of distinct captions per image) times the per-image rate of
-  A-captioned groups among B images, plus the binomial tail of A captions one by one;
+  large (the data's own reuse: the share of images with extra captions times a negative binomial
+  fitted to their number, `_hurdle_tail`) times the per-image rate of A-captioned groups among B
+  images (and the chance of its B captions by label noise), plus the binomial tail of A
+  captions one by one;
 - image_cluster: many distinct near-identical images, most captioned with one label L: the data's
   tail of distinct images per group (`_hurdle_tail`; times the per-image mismatch rate, plus the binomial tail at
   L's caption rate, when L is not the cluster's class);
 - relabelled_images: images whose other captions (exact or near-duplicate copies) name another
   class: the image's class without any neighbour vote; per (added A, majority B) cell and per A;
+  a cell is turned around where the pairs' own distances say the majority is the added side
+  (`_orient`: Attack II at a high rate);
 - caption_fan_out: one caption (with near-identical ones) of class A behind many distinct images
   of class B; binomial tail at P(B image | A caption).
 """
