@@ -368,6 +368,7 @@ def _caption_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
 
 
 ORIENT_P = 0.01  # how sure a whole cell must be to be turned around
+REDUNDANT = 0.8
 
 
 def _farther(t: AuditTables, labelled: np.ndarray, a: int, b: int) -> int:
@@ -482,4 +483,11 @@ def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
                 f"captions of {t.classes[a]} added to {n} images of {t.classes[b]} (their other captions say so), "
                 f"where {expected:.2g} are expected, {describe_p(score)}",
                 n, expected, score, classes * (classes - 1), np.concatenate(members[(a, b)])))
-    return found
+    # A per-A finding that one of its cells, itself a finding, holds (at least REDUNDANT of its
+    # images) says the same thing less precisely: Attack II's "sheep:*" beside "sheep:aeroplane".
+    # Left out so that the cell ranks first; a backdoor's spread over many B keeps its row.
+    threshold = -math.log10(config.alpha)
+    significant = {f.goal for f in found if not f.goal.endswith(":*") and f.neglog10_p > threshold}
+    return [f for f in found if not (f.goal.endswith(":*") and any(
+        f"{t.classes[a]}:{t.classes[b]}" in significant and cells[a, b] >= REDUNDANT * strict_rows[a]
+        for a in [t.classes.index(f.goal[:-2])] for b in range(classes)))]
