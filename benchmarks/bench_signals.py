@@ -16,10 +16,20 @@ keeping embeddings, run `clipguard audit` with the world's keywords, and then:
 - goal discovery: the top-ranked finding, whether it names the injected goal, and the share of
   its pairs that are poisons.
 
+- goal rank: the rank of the first finding that names the injected goal (None: not found);
+- clean worlds: findings on the clean noisy world and the clean default world, --clean-seeds
+  world seeds each (goal 1: none should pass the significance level).
+
+--high-rate cells (Attack II at 5% by default, the demo's quick mode) are added beside --rate.
+Each world, clean score folder and attacked score folder is kept under OUT with a `done` mark and
+reused by a later run with the same OUT (attack and score are deterministic for a seed), so a
+change to the audit is re-measured in minutes: the audit itself always runs again.
+
 The fine-tune and Hit@10 after filtering are not run here (minutes per cell on 2 cores).
 
 Usage: python benchmarks/bench_signals.py [--attacks I,II,III,targeted,backdoor] [--rate 0.005]
-       [--labelled 500] [--fpr 0.01] [--seeds 1] [--out bench-out/signals]
+       [--high-rate II=0.05] [--labelled 500] [--fpr 0.01] [--seeds 10] [--clean-seeds 5]
+       [--out bench-out/signals]
 Prints a table and writes OUT/signals_benchmark.json.
 """
 
@@ -31,6 +41,7 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,18 +93,37 @@ def smallest_gamma(distance: np.ndarray, clean: np.ndarray, also: np.ndarray, bu
     return float(np.nextafter(d[allowed], np.inf))  # strictly above the first clean pair not allowed
 
 
+def prepared(folder: Path, make) -> Path:
+    """``folder``, made by ``make(folder)`` unless a finished earlier run left it (its `done` mark)."""
+    if not (folder / "done").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        make(folder)
+        (folder / "done").write_text("1\n")
+    return folder
+
+
+def world_folder(out: Path, noise: str, seed: int) -> Path:
+    return prepared(out / f"world-{noise}-{seed}", lambda f: generate_world(f, WorldSpec(seed=seed, noise=noise)))
+
+
+def attacked_folder(world: Path, name: str, evade: str | None, rate: float, seed: int, work: Path) -> Path:
+    def make(folder: Path) -> None:
+        result = run_attack(str(world / "train"), folder / "poisoned", attack_config(name, rate, seed, world / "keywords.json", evade))
+        api.score(str(folder / "poisoned"), folder / "scores", model=REFERENCE, save_embeddings=True)
+        (folder / "poisons.json").write_text(json.dumps([[stem(p.shard), p.key] for p in result.manifest.poisons]))
+    return prepared(work, make)
+
+
 def one_cell(world: Path, name: str, evade: str | None, rate: float, seed: int, args, work: Path) -> dict:
-    shutil.rmtree(work, ignore_errors=True)
     started = time.perf_counter()
-    result = run_attack(str(world / "train"), work / "poisoned", attack_config(name, rate, seed, world / "keywords.json", evade))
-    api.score(str(work / "poisoned"), work / "scores", model=REFERENCE, save_embeddings=True)
+    attacked_folder(world, name, evade, rate, seed, work)
     score_s = time.perf_counter() - started
     started = time.perf_counter()
     audit = run_audit(AuditConfig(scores=work / "scores", out=work / "audit", keywords=world / "keywords.json"))
     audit_s = time.perf_counter() - started
 
     ids = [(stem(s), str(k)) for s, k in zip(audit.pairs.shard, audit.pairs.key)]
-    poisons = {(stem(p.shard), p.key) for p in result.manifest.poisons}
+    poisons = {tuple(p) for p in json.loads((work / "poisons.json").read_text())}
     truth = np.array([i in poisons for i in ids])
     distance = {}
     for path in sorted((work / "scores").glob("*.parquet")):
@@ -129,19 +159,30 @@ def one_cell(world: Path, name: str, evade: str | None, rate: float, seed: int, 
     combined = measured((d >= gamma_combined) | member)
     top = audit.findings[0] if audit.findings else None
     goals = ATTACKS[name][3]
+
+    def names_goal(f) -> bool:
+        if f.goal in goals or (name == "backdoor" and f.goal.split(":")[0] in goals):
+            return True
+        # A fan-in finding points at one image: its caption class is the goal's, its image class
+        # only what the reference's neighbours make of that image (rarely "aeroplane" under the
+        # bundled reference), so the caption class is what it can name.
+        return f.kind == "image_fan_in" and f.goal.split(":")[0] in {g.split(":")[0] for g in goals}
+
+    rank = next((i + 1 for i, f in enumerate(audit.findings) if names_goal(f)), None)
     return {
-        "attack": name, "evade": evade, "seed": seed, "pairs": len(ids), "poisons": int(truth.sum()),
+        "attack": name, "evade": evade, "rate": rate, "seed": seed, "pairs": len(ids), "poisons": int(truth.sum()),
+        "goal_rank": rank,
         "auroc": {k: round(v, 4) for k, v in aurocs.items()},
         "distance_alone": {"gamma": gamma_alone, **alone},
         "combination": {"gamma": gamma_combined, **combined},
         "findings": len(audit.findings),
         "top_finding": None if top is None else {
             "kind": top.kind, "goal": top.goal,
-            "names_goal": top.goal in goals or (name == "backdoor" and top.goal.split(":")[0] in goals),
+            "names_goal": names_goal(top), "poisons_in_it": int(truth[top.rows].sum()),
             "pairs": int(len(top.rows)), "poison_share": round(float(truth[top.rows].mean()), 3),
             "neglog10_p": round(top.neglog10_p, 1)},
         "finding_pairs_poison_share": round(float(truth[member].mean()), 3) if member.any() else None,
-        "score_seconds": round(score_s, 1), "audit_seconds": round(audit_s, 1),
+        "attack_and_score_seconds": round(score_s, 1), "audit_seconds": round(audit_s, 1),
         "audit_seconds_per_10k_pairs": round(audit_s / len(ids) * 10_000, 2),
         "_unused": len(row_of),
     }
@@ -152,46 +193,56 @@ def main() -> None:
     parser.add_argument("--attacks", default="I,II,III,targeted,backdoor")
     parser.add_argument("--evade", default="", help="comma-separated attack=variant cells to add, e.g. II=blend,II=nearest")
     parser.add_argument("--rate", type=float, default=0.005)
+    parser.add_argument("--high-rate", default="II=0.05", help="comma-separated attack=rate cells run beside --rate")
+    parser.add_argument("--high-rate-seeds", type=int, default=2)
     parser.add_argument("--labelled", type=int, default=500)
     parser.add_argument("--fpr", type=float, default=0.01)
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--clean-seeds", type=int, default=5)
     parser.add_argument("--world-seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench-out/signals"))
     args = parser.parse_args()
-    world = args.out / "world"
-    shutil.rmtree(world, ignore_errors=True)
-    generate_world(world, WorldSpec(seed=args.world_seed, noise="web"))
-    cells = [(a, None) for a in args.attacks.split(",") if a]
-    cells += [tuple(c.split("=", 1)) for c in args.evade.split(",") if c]
+    world = world_folder(args.out, "web", args.world_seed)
+    cells = [(a, None, args.rate) for a in args.attacks.split(",") if a]
+    cells += [(*c.split("=", 1), args.rate) for c in args.evade.split(",") if c]
+    high = [(c.split("=", 1)[0], None, float(c.split("=", 1)[1])) for c in args.high_rate.split(",") if c]
     rows = []
-    for name, evade in cells:
-        for seed in range(args.seeds):
-            row = one_cell(world, name, evade, args.rate, seed, args, args.out / f"{name}-{evade or 'plain'}-{seed}")
+    for (name, evade, rate), seeds in [(c, args.seeds) for c in cells] + [(c, args.high_rate_seeds) for c in high]:
+        for seed in range(seeds):
+            work = args.out / f"atk-web-{args.world_seed}-{name}{'-' + evade if evade else ''}-{rate}-{seed}"
+            row = one_cell(world, name, evade, rate, seed, args, work)
             row.pop("_unused")
             rows.append(row)
             a, c = row["distance_alone"], row["combination"]
             top = row["top_finding"]
-            print(f"{name:9}{(evade or ''):14}seed {seed}  poisons {row['poisons']:3}  AUROC(d) {row['auroc']['cosine_distance']:.3f}"
+            print(f"{name:9}{(evade or ''):6}phi {rate:<6}seed {seed}  poisons {row['poisons']:3}  AUROC(d) {row['auroc']['cosine_distance']:.3f}"
                   f"  alone: recall {a['recall']:.3f} fpr {a['fpr']:.4f}  combined: recall {c['recall']:.3f} fpr {c['fpr']:.4f}"
-                  f"  top finding: {top and (top['kind'] + ' ' + top['goal'] + (' (goal)' if top['names_goal'] else ''))}"
+                  f"  goal rank {row['goal_rank']}  top: {top and (top['kind'] + ' ' + top['goal'] + ' ' + str(top['poisons_in_it']) + '/' + str(top['pairs']))}"
                   f"  audit {row['audit_seconds_per_10k_pairs']} s/10k", flush=True)
-    clean = one_clean(world, args)
+    clean = []
+    for noise in ("web", "none"):
+        for seed in range(args.clean_seeds):
+            clean.append(one_clean(args.out, noise, seed))
+            print(f"clean {noise} world seed {seed}: {clean[-1]['findings']} finding(s) on {clean[-1]['pairs']} pairs "
+                  f"(largest -log10 p {clean[-1]['largest_neglog10_p']})", flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or "unknown", "cores": len(os.sched_getaffinity(0)),
               "rate": args.rate, "labelled": args.labelled, "fpr_budget": args.fpr, "world_seed": args.world_seed,
-              "cells": rows, "clean_world": clean}
-    print(f"clean noisy world: {clean['findings']} finding(s) on {clean['pairs']} pairs")
+              "cells": rows, "clean_worlds": clean}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "signals_benchmark.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
 
 
-def one_clean(world: Path, args) -> dict:
-    """No attack: how many findings the audit raises on clean noisy data."""
-    work = args.out / "clean"
-    shutil.rmtree(work, ignore_errors=True)
-    api.score(str(world / "train"), work / "scores", model=REFERENCE, save_embeddings=True)
+def one_clean(out: Path, noise: str, seed: int) -> dict:
+    """No attack: how many findings the audit raises on a clean world, and the nearest miss."""
+    world = world_folder(out, noise, seed)
+    work = prepared(out / f"clean-{noise}-{seed}",
+                    lambda f: api.score(str(world / "train"), f / "scores", model=REFERENCE, save_embeddings=True))
     audit = run_audit(AuditConfig(scores=work / "scores", out=work / "audit", keywords=world / "keywords.json"))
-    return {"pairs": len(audit.pairs), "findings": len(audit.findings),
-            "names": [f"{f.kind} {f.goal}" for f in audit.findings]}
+    from clipguard.audit.detect import DetectConfig, detect  # every test's score, not only the findings
+    tested = detect(audit.tables, replace(DetectConfig(), alpha=1.0 - 1e-12)).findings
+    return {"noise": noise, "world_seed": seed, "pairs": len(audit.pairs), "findings": len(audit.findings),
+            "names": [f"{f.kind} {f.goal}" for f in audit.findings],
+            "largest_neglog10_p": round(max((f.neglog10_p for f in tested), default=0.0), 2)}
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ class World:
     def __post_init__(self):
         self.rng = np.random.default_rng(self.seed)
         self.image_centres = self._unit(self.rng.normal(size=(len(CLASSES), DIM)))
-        self.text_centres = self._unit(self.rng.normal(size=(len(CLASSES), DIM)))
+        # A class's captions sit near its images, as in a CLIP space (a pair's own distance is what
+        # tells an image's added captions from its original ones), yet text space is its own.
+        self.text_centres = self._unit(self.image_centres + self._unit(self.rng.normal(size=(len(CLASSES), DIM))))
         self.counter = 0
 
     def _unit(self, v: np.ndarray) -> np.ndarray:

@@ -10,13 +10,17 @@ and every kind compares against the rate at which the data mismatches those clas
 - image_fan_in: one image (with its near-duplicates) behind many distinct captions of class A,
   A not the image's class. The captions of one image are not independent (a stock photo, a
   misjudged image class mismatch all of them at once), so the null is the chance of a group this
-  large (the data's geometric tail of distinct captions per image) times the per-image rate of
-  A-captioned groups among B images, plus the binomial tail of A captions one by one;
+  large (the data's own reuse: the share of images with extra captions times a negative binomial
+  fitted to their number, `_hurdle_tail`) times the per-image rate of A-captioned groups among B
+  images (and the chance of its B captions by label noise), plus the binomial tail of A
+  captions one by one;
 - image_cluster: many distinct near-identical images, most captioned with one label L: the data's
   tail of distinct images per group (`_hurdle_tail`; times the per-image mismatch rate, plus the binomial tail at
   L's caption rate, when L is not the cluster's class);
 - relabelled_images: images whose other captions (exact or near-duplicate copies) name another
   class: the image's class without any neighbour vote; per (added A, majority B) cell and per A;
+  a cell is turned around where the pairs' own distances say the majority is the added side
+  (`_orient`: Attack II at a high rate);
 - caption_fan_out: one caption (with near-identical ones) of class A behind many distinct images
   of class B; binomial tail at P(B image | A caption).
 """
@@ -58,6 +62,9 @@ class AuditTables:
     caption_group: np.ndarray  # near-identical caption group
     strong_mismatch: np.ndarray  # no neighbour of the image is captioned with the pair's caption class
     cells: CellTable
+    # Cosine similarity of each pair's own image and caption: which of an image's captions were
+    # added (`_orient`). None: every pair equally close.
+    pair_similarity: np.ndarray | None = None
 
 
 @dataclass
@@ -163,7 +170,7 @@ def _geometric_tail(counts: np.ndarray) -> float:
     return max(mean, 1e-3) / (1.0 + max(mean, 1e-3))
 
 
-def _hurdle_tail(values: np.ndarray, x: int, own: int) -> float:
+def _hurdle_tail(values: np.ndarray, x: int, own: int, dispersed: bool = False) -> float:
     """P(X >= x) for one group under the data's other groups: the share of them with X > 0 times a
     geometric tail fitted to their positive part, the group's own value ``own`` left out. Near-
     duplicate groups are rare but, where they occur, of any size; one geometric over all groups
@@ -176,6 +183,16 @@ def _hurdle_tail(values: np.ndarray, x: int, own: int) -> float:
         positive = np.delete(positive, np.flatnonzero(positive == own)[0])
     share = max(len(positive), 1) / max(n, 1)
     mean = max(float(np.mean(positive - 1)) if len(positive) else 0.0, 0.5)  # a floor: few groups, wide tail
+    if dispersed and len(positive) >= 10:
+        # A negative binomial with the positive part's own mean and variance (method of moments):
+        # the geometric is its one-parameter case, so a heavy-tailed reuse (LAION's) keeps a heavy
+        # tail, while a bounded one (stock photos on 2-5 pages) is not given a geometric's long tail
+        # that would hide a 20-caption fan-in. The variance is floored just above the mean (a
+        # Poisson is the thinnest tail a count of reuse can have).
+        var = max(float(np.var(positive - 1, ddof=1)), 1.05 * mean)
+        p = mean / var
+        r = mean * p / (1.0 - p)
+        return min(1.0, share * math.exp(stats.nbinom.logsf(x - 2, r, p)))
     return min(1.0, share * (mean / (1.0 + mean)) ** (x - 1))
 
 
@@ -193,7 +210,32 @@ def _group_mislabel(groups: list[_ImageGroup], classes: int) -> np.ndarray:
 def _joint_mismatch(counts: np.ndarray, label: int, image_class: int, own: bool) -> float:
     column = counts[:, image_class] if image_class >= 0 else counts.sum(axis=1)
     cell = column[label] - (1 if own else 0)  # the group tested is left out of its own background
-    return float((max(cell, 0) + 0.5) / (max(column.sum() - (1 if own else 0), 0) + 1.0))
+    rest = max(column.sum() - (1 if own else 0), 0)
+    # An empty cell's prior (one pseudo-group): the column's own share of mismatched groups spread
+    # over the rows as the other columns spread theirs, so a reference whose neighbours rarely
+    # misjudge an image (few off-diagonal groups) is not credited a mismatch rate it never shows.
+    off = counts.copy()
+    np.fill_diagonal(off, 0)
+    off_share = (off.sum() - (max(cell, 0) if label != image_class else 0) + 1.0) / (counts.sum() + 2.0)
+    row_share = (off[label].sum() + 1.0) / (off.sum() + len(counts))
+    return float((max(cell, 0) + off_share * row_share) / (rest + 1.0))
+
+
+def _caption_noise(t: AuditTables, groups: list[_ImageGroup]) -> float:
+    """The rate at which one distinct caption of a reused image names one given other class than
+    its image's majority (natural label noise, per class): measured on the data's groups with at
+    least three labelled distinct captions, floored so that clean data never makes it zero."""
+    classes = max(len(t.classes), 2)
+    off, total = 0, 0
+    for g in groups:
+        labelled = g.rows[t.caption_class[g.rows] >= 0]
+        _, first = np.unique(t.caption_id[labelled], return_index=True)
+        if len(first) < 3:
+            continue
+        counts = np.bincount(t.caption_class[labelled[first]], minlength=classes)
+        off += int(len(first) - counts.max())
+        total += len(first)
+    return float(min(1.0, (off + 1.0) / (total + 1.0) / (classes - 1)))
 
 
 def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
@@ -213,13 +255,15 @@ def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
     def excess(g: _ImageGroup) -> int:
         return max(0, g.captions - usual_captions * g.images)
 
-    caption_tail = _geometric_tail(np.array([excess(g) for g in groups]))
+    excesses = np.array([excess(g) for g in groups])
+    noise = _caption_noise(t, groups)
     extra_images = np.array([g.images - 1 for g in groups])
     mislabel = _group_mislabel(groups, classes)
     fan_in = [g for g in groups if g.images < config.min_cluster and g.captions >= config.min_fan_in]
     clusters = [g for g in groups if g.images >= config.min_cluster]
     rate = _caption_rate(t)
     found = []
+    candidates, fan_in_tests = [], 0
     for g in fan_in:
         best = None
         for a in range(classes):
@@ -231,21 +275,34 @@ def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
                 continue
             p0 = t.cells.per_pair_rate(a, g.image_class, "image") if g.image_class != NO_CLASS else rate[a]
             p0 = min(max(p0, 1e-12), 1.0)
-            joint = caption_tail ** excess(g) * _joint_mismatch(mislabel, a, g.image_class, a == g.label)
+            # The whole group mislabelled at once (a stock photo its neighbours misjudge): as large a
+            # group as this one among the data's other reused images (`_hurdle_tail`: web data has
+            # stock photos on many pages), times the rate at which a group's captions name A where
+            # its neighbours say B, times the chance that its own captions also name B by label
+            # noise as often as they do (the attacked image keeps its original captions).
+            joint = _hurdle_tail(excesses, excess(g), excess(g), dispersed=True) * _joint_mismatch(mislabel, a, g.image_class, a == g.label)
+            if g.image_class != NO_CLASS:
+                support = len(np.unique(t.caption_id[g.rows[t.caption_class[g.rows] == g.image_class]]))
+                if support:
+                    joint *= math.exp(stats.binom.logsf(support - 1, g.captions, noise))
             p = min(1.0, joint + math.exp(stats.binom.logsf(m - 1, g.captions, p0)))
-            score = neglog10_tail(math.log(p) if p > 0 else -math.inf, len(fan_in) * (classes - 1))
-            if best is None or score > best[0]:
-                best = (score, a, m, g.captions * p0, named)
-        if best is None:
-            continue
-        score, a, m, expected, named = best
+            fan_in_tests += 1
+            logp = math.log(p) if p > 0 else -math.inf
+            if best is None or logp < best[0]:
+                best = (logp, a, m, g.captions * p0, named)
+        if best is not None:
+            candidates.append((g, best))
+    # One test per (group, class named by at least min_cell_pairs of its captions): a class that
+    # names fewer cannot be a finding, so the correction counts the tests that could be.
+    for g, (logp, a, m, expected, named) in candidates:
+        score = neglog10_tail(logp, fan_in_tests)
         what = "one image" if g.images == 1 else f"one image and {g.images - 1} near-duplicate(s)"
         of = t.classes[g.image_class] if g.image_class != NO_CLASS else "?"
         found.append(Finding(
             "image_fan_in", f"{t.classes[a]}:{of}",
             f"{what} (of {of}) behind {m} different {t.classes[a]} captions ({g.captions} distinct captions in all; "
             f"{expected:.2g} {t.classes[a]} captions expected), {describe_p(score)}",
-            m, expected, score, len(fan_in) * (classes - 1), named))
+            m, expected, score, fan_in_tests, named))
     for g in clusters:
         if g.label < 0:
             continue  # a cluster whose captions name no class is no attack goal
@@ -310,15 +367,49 @@ def _caption_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
     return found
 
 
-def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
-    """Images (with their near-duplicates) that also carry captions of another class: the image's
-    own majority caption class is its class here, no neighbour vote needed. Attack II copies
-    images of B and captions them A; a backdoor stamps copies of images of any class and captions
-    them with the target. Per (minority A, majority B) cell and per minority label A (any B),
-    counted in image groups, against the leave-out expectation of natural mislabelling."""
+ORIENT_P = 0.01  # how sure a whole cell must be to be turned around
+REDUNDANT = 0.8
+
+
+def _farther(t: AuditTables, labelled: np.ndarray, a: int, b: int) -> int:
+    """+1 where the image's A captions sit farther from it than its B captions (A looks added),
+    -1 the other way, 0 when unknown or equal."""
+    if t.pair_similarity is None:
+        return 0
+    sim = t.pair_similarity[labelled]
+    mine = t.caption_class[labelled]
+    return int(np.sign(float(np.mean(sim[mine == b])) - float(np.mean(sim[mine == a]))))
+
+
+def _orient(cells: np.ndarray, members: dict, votes: dict, t: AuditTables) -> None:
+    """Turn a cell around where its pairs' own distances say so. At a high poisoning rate the
+    added captions outnumber an image's original ones (Attack II at 5%: five sheep captions beside
+    two aeroplane ones), so the majority calls the original class the added one. The added
+    captions are the ones far from the image: one image's comparison is weak under the bundled
+    reference, but over a cell's groups it is not, so cell (A added, B majority) becomes (B added,
+    A images) when its groups' B captions are the farther ones significantly more often (sign
+    test). (The neighbours' class cannot decide it: under the bundled reference the poisoned
+    aeroplane images' neighbours are mostly people, chairs or cars.) The moved groups' members
+    are their B captions."""
+    for (a, b), signs in list(votes.items()):
+        signs = np.asarray(signs)
+        a_added, b_added = int((signs > 0).sum()), int((signs < 0).sum())
+        if b_added <= a_added or stats.binom.sf(b_added - 1, a_added + b_added, 0.5) >= ORIENT_P:
+            continue
+        cells[b, a] += cells[a, b]
+        cells[a, b] = 0
+        moved = [np.flatnonzero(np.isin(t.image_group, t.image_group[rows])) for rows in members.pop((a, b))]
+        members.setdefault((b, a), []).extend(rows[t.caption_class[rows] == b] for rows in moved)
+        votes.pop((a, b))
+
+
+def _relabel_cells(t: AuditTables, resolve_ties: bool) -> tuple[np.ndarray, dict]:
+    """(added class A, image class B) -> image groups, and their A pairs, oriented (`_orient`).
+    With ``resolve_ties`` an image with one caption of each of two classes counts too."""
     classes = len(t.classes)
     cells = np.zeros((classes, classes), np.int64)
     members: dict[tuple[int, int], list[np.ndarray]] = {}
+    votes: dict[tuple[int, int], list[int]] = {}  # per group in a cell: which of its captions look added
     order = np.argsort(t.image_group, kind="stable")
     bounds = np.flatnonzero(np.diff(t.image_group[order])) + 1
     for rows in np.split(order, bounds):
@@ -331,29 +422,55 @@ def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
         if (counts > 0).sum() < 2:
             continue
         top = np.flatnonzero(counts == counts.max())
-        if len(top) != 1:
+        if resolve_ties and len(top) == 2 and (counts > 0).sum() == 2:
+            # One caption of each of two classes (an Attack II copy whose own other caption is
+            # boilerplate): the one farther from the image is the added one.
+            sign = _farther(t, labelled, int(top[0]), int(top[1]))
+            if sign == 0:
+                continue
+            b = int(top[1]) if sign > 0 else int(top[0])
+        elif len(top) != 1:
             continue  # no majority: which caption was added cannot be told
-        b = int(top[0])
+        else:
+            b = int(top[0])
         for a in np.flatnonzero((counts > 0) & (np.arange(classes) != b)):
             cells[a, b] += 1
             members.setdefault((int(a), b), []).append(labelled[t.caption_class[labelled] == a])
+            votes.setdefault((int(a), b), []).append(_farther(t, labelled, int(a), b))
+    _orient(cells, members, votes, t)
+    return cells, members
+
+
+def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
+    """Images (with their near-duplicates) that also carry captions of another class: the image's
+    own majority caption class is its class here, no neighbour vote needed. Attack II copies
+    images of B and captions them A; a backdoor stamps copies of images of any class and captions
+    them with the target. Per (minority A, majority B) cell and per minority label A (any B),
+    counted in image groups, against the leave-out expectation of natural mislabelling."""
+    classes = len(t.classes)
+    # Per (A, B) cell, images with one caption of each class count too (their farther caption is
+    # the added one); per A alone they do not: natural label noise on two-caption images is
+    # spread over every class, and would dilute the per-A finding (a backdoor's) with clean pairs.
+    cells, members = _relabel_cells(t, resolve_ties=True)
+    strict, strict_members = _relabel_cells(t, resolve_ties=False)
     total = cells.sum()
     if total == 0:
         return []
     found = []
     row_sum, col_sum = cells.sum(axis=1), cells.sum(axis=0)
     share = np.bincount(t.caption_class[t.caption_class >= 0], minlength=classes) / max((t.caption_class >= 0).sum(), 1)
+    strict_rows, strict_total = strict.sum(axis=1), strict.sum()
     for a in range(classes):
-        if row_sum[a] >= config.min_cell_pairs:  # label A added to images of any class
-            others = total - row_sum[a]
+        if strict_rows[a] >= config.min_cell_pairs:  # label A added to images of any class
+            others = strict_total - strict_rows[a]
             expected = max(others * share[a] / max(1 - share[a], 1e-9), MIN_EXPECTED_COUNT)
-            score = neglog10_tail(stats.poisson.logsf(row_sum[a] - 1, expected), classes)
-            rows = np.concatenate([r for (x, _), rs in members.items() if x == a for r in rs])
+            score = neglog10_tail(stats.poisson.logsf(strict_rows[a] - 1, expected), classes)
+            rows = np.concatenate([r for (x, _), rs in strict_members.items() if x == a for r in rs])
             found.append(Finding(
                 "relabelled_images", f"{t.classes[a]}:*",
-                f"captions of {t.classes[a]} added to {row_sum[a]} images that otherwise carry captions of other "
+                f"captions of {t.classes[a]} added to {strict_rows[a]} images that otherwise carry captions of other "
                 f"classes, where {expected:.2g} are expected, {describe_p(score)}",
-                int(row_sum[a]), expected, score, classes, rows))
+                int(strict_rows[a]), expected, score, classes, rows))
         for b in range(classes):
             n = int(cells[a, b])
             if a == b or n < config.min_cell_pairs:
@@ -366,4 +483,11 @@ def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
                 f"captions of {t.classes[a]} added to {n} images of {t.classes[b]} (their other captions say so), "
                 f"where {expected:.2g} are expected, {describe_p(score)}",
                 n, expected, score, classes * (classes - 1), np.concatenate(members[(a, b)])))
-    return found
+    # A per-A finding that one of its cells, itself a finding, holds (at least REDUNDANT of its
+    # images) says the same thing less precisely: Attack II's "sheep:*" beside "sheep:aeroplane".
+    # Left out so that the cell ranks first; a backdoor's spread over many B keeps its row.
+    threshold = -math.log10(config.alpha)
+    significant = {f.goal for f in found if not f.goal.endswith(":*") and f.neglog10_p > threshold}
+    return [f for f in found if not (f.goal.endswith(":*") and any(
+        f"{t.classes[a]}:{t.classes[b]}" in significant and cells[a, b] >= REDUNDANT * strict_rows[a]
+        for a in [t.classes.index(f.goal[:-2])] for b in range(classes)))]

@@ -107,6 +107,7 @@ def run_audit(config: AuditConfig) -> AuditResult:
         caption_id=caption_id, image_id=image_id, image_group=image_group,
         caption_group=caption_group_of[caption_id], strong_mismatch=strong,
         cells=cell_table(caption_class, image_class, len(classes), image_group, strong),
+        pair_similarity=np.einsum("ij,ij->i", pairs.image, pairs.text),
     )
     if classes:
         detection = detect(tables, config.detect)
