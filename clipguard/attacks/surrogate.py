@@ -37,27 +37,18 @@ class Surrogate:
         return {"name": self.name, "architecture": info.architecture, "weights_sha256": info.weights_sha256}
 
     def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
-        import torch
+        from clipguard.evaluation import EvaluationError, embed_image_bytes
 
-        from clipguard.data.pairs import DecodeLimits, open_image
-        from clipguard.model.encoding import encode_images
-
-        loaded, limits, rows = self._model(), DecodeLimits(), []
-        for start in range(0, len(images), BATCH_SIZE):
-            pixels = []
-            for data in images[start:start + BATCH_SIZE]:
-                image, error = open_image(data, limits)
-                if image is None:
-                    raise AttackError(f"surrogate {self.name}: a candidate image does not decode ({error})")
-                pixels.append(loaded.preprocess(image))
-            rows.append(encode_images(loaded, torch.stack(pixels)).numpy())
-        return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+        if not images:
+            return np.zeros((0, 0), dtype=np.float32)
+        try:
+            return embed_image_bytes(self._model(), images, BATCH_SIZE).numpy()
+        except EvaluationError as exc:
+            raise AttackError(f"surrogate {self.name}: a candidate image does not decode ({exc})") from None
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        from clipguard.model.encoding import encode_texts, tokenize
+        from clipguard.evaluation import embed_texts
 
-        loaded, rows = self._model(), []
-        for start in range(0, len(texts), BATCH_SIZE):
-            tokens = tokenize(loaded.tokenizer, list(texts[start:start + BATCH_SIZE])).tokens
-            rows.append(encode_texts(loaded, tokens).numpy())
-        return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        return embed_texts(self._model(), texts, BATCH_SIZE).numpy()
