@@ -29,7 +29,7 @@ import numpy as np
 
 from clipguard.attacks import AttackConfig, AttackKind, parse_goal, run_attack
 from clipguard.audit import AuditConfig, run_audit
-from clipguard.calibration.run import CalibrateRequest, calibrate_scores
+from clipguard.calibration.run import CalibrateRequest, calibrate_scores, poison_flags
 from clipguard.data.shardspec import resolve_shards
 from clipguard.data.tarstream import ShardReport, iter_samples
 from clipguard.errors import CalibrationError, ClipguardError
@@ -403,12 +403,7 @@ def _detection(scores: Path, attack, flags: AuditFlags | None, alone, combined,
     from clipguard.calibration.scored import load_population
 
     population = load_population(scores)
-    truth = np.zeros(population.size, dtype=bool)
-    for poison in attack.manifest.poisons:  # located as calibrate locates them (the shard may be named otherwise)
-        row = population.locate(poison.key, poison.shard)
-        row = population.locate(poison.key) if row is None else row
-        if row is not None:
-            truth[row] = True
+    truth, _ = poison_flags(population, [(p.shard, p.key) for p in attack.manifest.poisons], attack.manifest_path)
     rows = []
     if refused is not None:
         rows.append({"rule": "distance + audit findings", "refused": refused})

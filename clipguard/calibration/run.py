@@ -290,7 +290,7 @@ def _from_poison_manifest(
     population: ScoredPopulation, path: Path, request: CalibrateRequest
 ) -> tuple[LabelledSample, LabelSource]:
     manifest = read_manifest(path)
-    is_poison, unscored = _poison_flags(population, [(p.shard, p.key) for p in manifest.poisons], path)
+    is_poison, unscored = poison_flags(population, [(p.shard, p.key) for p in manifest.poisons], path)
     if request.labels_sample is None:
         design = draw_sample(population.distances, population.size, request.seed)
         mode = "census"
@@ -310,7 +310,7 @@ def _from_poison_manifest(
     return sample, source
 
 
-def _poison_flags(population: ScoredPopulation, poisons: list[tuple[str, str]], path: Path) -> tuple[np.ndarray, int]:
+def poison_flags(population: ScoredPopulation, poisons: list[tuple[str, str]], path: Path) -> tuple[np.ndarray, int]:
     """A poison flag per population row; poisons that failed to score are counted, unknown keys refused."""
     flags = np.zeros(population.size, dtype=bool)
     unknown, unscored = [], 0

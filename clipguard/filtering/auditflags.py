@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,14 @@ class AuditFlags:
                    finding_of=finding_of if use_findings else {},
                    findings_sha256=hashlib.sha256(path.read_bytes()).hexdigest(), n_findings=len(audit.findings))
 
+    @cached_property
+    def findings_by_shard(self) -> dict[str, dict[str, str]]:
+        """shard -> key -> finding name: each shard looks up only its own pairs."""
+        by_shard: dict[str, dict[str, str]] = {}
+        for (shard, key), name in self.finding_of.items():
+            by_shard.setdefault(shard, {})[key] = name
+        return by_shard
+
     def settings(self) -> dict:
         """What a finished shard's outputs depend on: a changed audit or rule redoes the shard."""
         return {"folder": str(self.folder.resolve()), "findings_sha256": self.findings_sha256,
@@ -107,9 +116,8 @@ class AuditFlags:
     def shard_reasons(self, shard: str) -> dict[str, "AuditReason"]:
         """key -> why the audit flags that pair of ``shard`` (absent keys: the audit does not)."""
         reasons: dict[str, list[tuple[str, str]]] = {}
-        for (finding_shard, key), name in self.finding_of.items():
-            if finding_shard == shard:
-                reasons.setdefault(key, []).append(("finding", f"finding '{name}'"))
+        for key, name in self.findings_by_shard.get(shard, {}).items():
+            reasons.setdefault(key, []).append(("finding", f"finding '{name}'"))
         if self.rules:
             path = self.folder / AUDIT_SIGNALS_DIR / f"{shard}.parquet"
             if not path.is_file():
