@@ -29,15 +29,6 @@ def with_members_flagged(
     distances: np.ndarray, members: np.ndarray, design: SampleDesign, sample: LabelledSample
 ) -> tuple[Population, LabelledSample]:
     """The population and labelled sample as the union rule sees them (see the module docstring)."""
-    distances = np.asarray(distances, dtype=np.float64)
-    stratum = design.stratum_of(distances)  # as drawn: from the real distances
-    effective = np.where(members, MAX_DISTANCE, distances)
-    sizes = np.bincount(stratum, minlength=len(design.strata))
-    order = np.argsort(stratum, kind="stable")
-    grouped = effective[order]
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    population = Population(
-        size=int(distances.size),
-        sorted_by_stratum=tuple(np.sort(grouped[bounds[h]:bounds[h + 1]]) for h in range(sizes.size)),
-    )
+    effective = np.where(members, MAX_DISTANCE, np.asarray(distances, dtype=np.float64))
+    population = Population.from_distances(distances, design, flagged_as=effective)
     return population, dataclasses.replace(sample, distances=effective[sample.indices])

@@ -172,7 +172,9 @@ class Population:
     sorted_by_stratum: tuple[np.ndarray, ...]
 
     @classmethod
-    def from_distances(cls, distances: np.ndarray, design: SampleDesign) -> "Population":
+    def from_distances(cls, distances: np.ndarray, design: SampleDesign, flagged_as: np.ndarray | None = None) -> "Population":
+        """``flagged_as``: the values the rule compares with gamma, when they are not the distances
+        the design's strata were drawn by (calibration/combined.py); strata always come from ``distances``."""
         distances = validate_distances(distances)
         if distances.size != design.population_size:
             raise CalibrationError(
@@ -188,7 +190,7 @@ class Population:
                 f"{sizes.tolist()} vs {expected.tolist()}); score the same shards with the same model"
             )
         order = np.argsort(stratum, kind="stable")
-        grouped = distances[order]
+        grouped = (distances if flagged_as is None else np.asarray(flagged_as, dtype=np.float64))[order]
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         return cls(
             size=int(distances.size),
