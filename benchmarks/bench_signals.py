@@ -9,9 +9,12 @@ keeping embeddings, run `clipguard audit` with the world's keywords, and then:
 - AUROC of every signal alone over all pairs (poison = positive; `clipguard.metrics.roc_auc`);
 - a labelled sample of --labelled pairs drawn uniformly (the person's labels are the truth
   here), and from it two rules at one false-positive budget (--fpr):
-  * distance alone: the smallest gamma whose measured FPR on the sample's clean pairs is <= budget;
+  * distance alone: the smallest gamma whose FPR on the sample's clean pairs is within budget;
   * combination: a pair is flagged when it belongs to an audit finding or its distance >= gamma',
-    gamma' the smallest whose union's FPR on the sample's clean pairs is <= budget;
+    gamma' the smallest whose union's FPR on the sample's clean pairs is within budget;
+  "within budget" as `clipguard calibrate` means it by default (--criterion bound): the FPR's
+  95% Clopper-Pearson upper bound <= budget (at ~495 labelled clean pairs and 1%: none of them
+  flagged), or its point estimate (--criterion point);
   each rule's recall and FPR measured on the whole world (every pair's truth is known);
 - goal discovery: the top-ranked finding, whether it names the injected goal, and the share of
   its pairs that are poisons.
@@ -52,6 +55,7 @@ import pyarrow.parquet as pq
 from clipguard import api
 from clipguard.attacks import AttackConfig, AttackKind, Goal, run_attack
 from clipguard.audit import AuditConfig, run_audit
+from clipguard.calibration.estimates import clopper_pearson
 from clipguard.labels import LabelSource
 from clipguard.metrics import roc_auc
 from clipguard.synth import WorldSpec, generate_world
@@ -81,11 +85,25 @@ def attack_config(name: str, rate: float, seed: int, keywords: Path, evade: str 
                         keywords=keywords, overwrite=True, evade=evade or default_evade)
 
 
-def smallest_gamma(distance: np.ndarray, clean: np.ndarray, also: np.ndarray, budget: float) -> float:
-    """The smallest gamma at which (distance >= gamma or also) flags at most ``budget`` of ``clean``."""
+def allowed_false_positives(clean: int, budget: float, criterion: str) -> int:
+    """How many of ``clean`` labelled clean pairs a rule may flag and keep its FPR within budget:
+    criterion "bound" (calibrate's default) keeps the Clopper-Pearson upper bound (95%) <= budget,
+    "point" the point estimate."""
+    if criterion == "point":
+        return int(np.floor(budget * clean))
+    counts = np.arange(clean + 1)
+    upper = clopper_pearson(counts, np.full(clean + 1, clean))[1]
+    keeps = np.flatnonzero(upper <= budget)
+    return int(keeps[-1]) if len(keeps) else -1
+
+
+def smallest_gamma(distance: np.ndarray, clean: np.ndarray, also: np.ndarray, budget: float,
+                   criterion: str = "bound") -> float:
+    """The smallest gamma at which (distance >= gamma or also) keeps the FPR on ``clean`` within
+    ``budget`` (`allowed_false_positives`)."""
     base = also[clean].sum()
     d = np.sort(distance[clean & ~also])[::-1]
-    allowed = int(np.floor(budget * clean.sum())) - int(base)
+    allowed = allowed_false_positives(int(clean.sum()), budget, criterion) - int(base)
     if allowed < 0:
         return np.inf  # the audit alone spends the budget: distance flags nothing more
     if allowed >= len(d):
@@ -147,8 +165,8 @@ def one_cell(world: Path, name: str, evade: str | None, rate: float, seed: int, 
     in_sample[sample] = True
     clean_sample = in_sample & ~truth
     nothing = np.zeros(len(ids), dtype=bool)
-    gamma_alone = smallest_gamma(d, clean_sample, nothing, args.fpr)
-    gamma_combined = smallest_gamma(d, clean_sample, member, args.fpr)
+    gamma_alone = smallest_gamma(d, clean_sample, nothing, args.fpr, args.criterion)
+    gamma_combined = smallest_gamma(d, clean_sample, member, args.fpr, args.criterion)
 
     def measured(flags: np.ndarray) -> dict:
         return {"recall": round(float(flags[truth].mean()), 4) if truth.any() else None,
@@ -197,6 +215,8 @@ def main() -> None:
     parser.add_argument("--high-rate-seeds", type=int, default=2)
     parser.add_argument("--labelled", type=int, default=500)
     parser.add_argument("--fpr", type=float, default=0.01)
+    parser.add_argument("--criterion", choices=("bound", "point"), default="bound",
+                        help="FPR within budget by its 95%% upper bound (calibrate's default) or its point estimate")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--clean-seeds", type=int, default=5)
     parser.add_argument("--world-seed", type=int, default=0)
@@ -226,7 +246,7 @@ def main() -> None:
             print(f"clean {noise} world seed {seed}: {clean[-1]['findings']} finding(s) on {clean[-1]['pairs']} pairs "
                   f"(largest -log10 p {clean[-1]['largest_neglog10_p']})", flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or "unknown", "cores": len(os.sched_getaffinity(0)),
-              "rate": args.rate, "labelled": args.labelled, "fpr_budget": args.fpr, "world_seed": args.world_seed,
+              "rate": args.rate, "labelled": args.labelled, "fpr_budget": args.fpr, "criterion": args.criterion, "world_seed": args.world_seed,
               "cells": rows, "clean_worlds": clean}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "signals_benchmark.json").write_text(json.dumps(result, indent=2, default=float) + "\n")

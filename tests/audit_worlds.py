@@ -112,9 +112,11 @@ class World:
             self.add(self.caption(c), (images[i].image, images[i].sha), self.text(c), "cell")
         return self
 
-    def relabel(self, caption_class: str, image_class: str | None, images: int = 12):
+    def relabel(self, caption_class: str, image_class: str | None, images: int = 12, undecided: int = 0):
         """Copies of images that carry two captions of their class, captioned `caption_class`: Attack
-        II on images of one class, or (image_class None) a backdoor's stamped copies of any class."""
+        II on images of one class, or (image_class None) a backdoor's stamped copies of any class.
+        ``undecided`` more images of `image_class` carry one caption of their class and one of a
+        third class beside the planted one (a stock photo's pages disagree: no majority)."""
         c = CLASSES.index(caption_class)
         for i in range(images):
             b = CLASSES.index(image_class) if image_class else [x for x in range(len(CLASSES)) if x != c][i % (len(CLASSES) - 1)]
@@ -122,6 +124,13 @@ class World:
             for _ in range(2):
                 self.add(self.caption(b), image, self.text(b))
             self.add(self.caption(c), image, self.text(c), "relabel")
+        for i in range(undecided):
+            b = CLASSES.index(image_class)
+            third = [x for x in range(len(CLASSES)) if x not in (b, c)][i % (len(CLASSES) - 2)]
+            image = self.image(b)
+            self.add(self.caption(b), image, self.text(b))
+            self.add(self.caption(third), image, self.text(third))
+            self.add(self.caption(c), image, self.text(c), "relabel_undecided")
         return self
 
     def cluster(self, label: str, images: int = 30):

@@ -214,6 +214,34 @@ def test_captions_added_to_images_their_other_captions_contradict(tmp_path, imag
     assert "captions of sheep added to 12 images" in relabelled[0].description
 
 
+def test_a_relabelled_cell_takes_in_the_images_without_a_majority(tmp_path):
+    # Six more aeroplane images carry an aeroplane, a third class's and a sheep caption: the cell
+    # cannot count them (no majority says which was added), but once "sheep added to aeroplane
+    # images" is established their sheep captions are explained by it; the third class's are not.
+    result, tag = _audit(World(13).clean().relabel("sheep", "aeroplane", images=12, undecided=6), tmp_path)
+    finding = next(f for f in result.findings if f.kind == "relabelled_images")
+    assert finding.goal == "sheep:aeroplane" and finding.observed == 12
+    assert set(finding.rows) == set(np.flatnonzero(np.isin(tag, ["relabel", "relabel_undecided"])))
+    assert "6 more sheep caption(s) on images that also carry a aeroplane caption" in finding.description
+
+
+def test_a_cell_under_a_significant_row_is_corrected_for_its_row_only():
+    from clipguard.audit.detect import Finding, _test_children
+
+    rows = np.arange(3)
+    parent = Finding("relabelled_images", "sheep:*", "", 10, 0.1, 9.0, 8, rows)
+    child = Finding("relabelled_images", "sheep:aeroplane", "", 7, 0.1, 5.5, 56, rows)  # raw 10^-7.25
+    orphan = Finding("relabelled_images", "dog:cat", "", 7, 0.1, 5.0, 56, rows)
+    found = [parent, child, orphan]
+    _test_children(found, threshold=6.0, classes=8)
+    assert found[1].tests == 7 and found[1].neglog10_p == pytest.approx(5.5 + np.log10(56) - np.log10(7))
+    assert found[1].neglog10_p > 6.0  # a finding now
+    assert found[2] is orphan  # no significant parent: the table-wide correction stands
+    found = [Finding("relabelled_images", "sheep:*", "", 4, 0.1, 3.0, 8, rows), child]
+    _test_children(found, threshold=6.0, classes=8)
+    assert found[1] is child  # a parent that is not itself a finding opens nothing
+
+
 def test_relabel_column_marks_the_added_captions(tmp_path):
     result, tag = _audit(World(13).clean().relabel("sheep", "aeroplane", images=12), tmp_path)
     score = read_signal("relabelled_image", result.out, zip(result.pairs.shard, result.pairs.key)).values

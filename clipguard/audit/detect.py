@@ -21,6 +21,9 @@ and every kind compares against the rate at which the data mismatches those clas
   class: the image's class without any neighbour vote; per (added A, majority B) cell and per A;
   a cell is turned around where the pairs' own distances say the majority is the added side
   (`_orient`: Attack II at a high rate);
+  a cell under a significant per-A row is tested again against that row's C - 1 cells only
+  (`_test_children`), and a significant cell takes in the A captions on images that also carry a
+  B caption without a majority (`_with_co_occurring`);
 - caption_fan_out: one caption (with near-identical ones) of class A behind many distinct images
   of class B; binomial tail at P(B image | A caption).
 """
@@ -483,11 +486,73 @@ def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
                 f"captions of {t.classes[a]} added to {n} images of {t.classes[b]} (their other captions say so), "
                 f"where {expected:.2g} are expected, {describe_p(score)}",
                 n, expected, score, classes * (classes - 1), np.concatenate(members[(a, b)])))
+    threshold = -math.log10(config.alpha)
+    _test_children(found, threshold, classes)
     # A per-A finding that one of its cells, itself a finding, holds (at least REDUNDANT of its
     # images) says the same thing less precisely: Attack II's "sheep:*" beside "sheep:aeroplane".
     # Left out so that the cell ranks first; a backdoor's spread over many B keeps its row.
-    threshold = -math.log10(config.alpha)
     significant = {f.goal for f in found if not f.goal.endswith(":*") and f.neglog10_p > threshold}
-    return [f for f in found if not (f.goal.endswith(":*") and any(
+    kept = [f for f in found if not (f.goal.endswith(":*") and any(
         f"{t.classes[a]}:{t.classes[b]}" in significant and cells[a, b] >= REDUNDANT * strict_rows[a]
         for a in [t.classes.index(f.goal[:-2])] for b in range(classes)))]
+    return [_with_co_occurring(f, t) if f.neglog10_p > threshold and not f.goal.endswith(":*") else f for f in kept]
+
+
+def _test_children(found: list[Finding], threshold: float, classes: int) -> None:
+    """Hierarchical testing: once "A added to images of any class" is a finding, its cells (A, B)
+    are tested again with a correction for the C - 1 cells of that row only, instead of all
+    C(C - 1) cells. A child is tested only where its parent was rejected at the same level, so
+    the family-wise error stays at alpha (Meinshausen 2008's hierarchical procedure). Attack III
+    splits its poisons over two goals: ten per cell are a finding in their row, not in the table."""
+    parents = {f.goal[:-2] for f in found if f.goal.endswith(":*") and f.neglog10_p > threshold}
+    for i, f in enumerate(found):
+        if f.goal.endswith(":*") or f.goal.split(":")[0] not in parents or f.neglog10_p > threshold:
+            continue
+        raw = f.neglog10_p + math.log10(max(f.tests, 1))  # undo the table-wide correction
+        row_tests = max(classes - 1, 1)
+        found[i] = Finding(f.kind, f.goal, f.description, f.observed, f.expected,
+                           max(0.0, raw - math.log10(row_tests)), row_tests, f.rows)
+
+
+def _with_co_occurring(f: Finding, t: AuditTables) -> Finding:
+    """A relabelled-images finding, widened to the other images it explains.
+
+    The cell counts an image only where its majority says which caption was added. Web images
+    often have no majority for A: an Attack II copy of an aeroplane image whose page also says "three
+    kittens" carries one aeroplane, one sheep and one cat caption. Once "sheep added to aeroplane
+    images" is established, its sheep caption is explained by the finding too: an A caption on an
+    image group that also carries a B caption and on which A is not ahead of B. Such groups are rare in clean data (a stock photo whose pages name A and B), and every
+    pair added is one more the defender's labelled sample measures the rule's FPR on. "A:*" is
+    not widened: A captions beside some other class are common on reused web images (18 clean
+    sheep captions to 1-5 backdoor poisons in the noisy world)."""
+    a_name, b_name = f.goal.split(":")
+    a = t.classes.index(a_name)
+    b = t.classes.index(b_name)
+    extra = [rows[t.caption_class[rows] == a] for rows, counts in _group_class_counts(t)
+             if counts[a] and _a_not_ahead(counts, a, b)]
+    added = np.setdiff1d(np.concatenate(extra + [np.zeros(0, np.int64)]), f.rows)
+    if not len(added):
+        return f
+    return Finding(f.kind, f.goal, f"{f.description}; {len(added)} more {a_name} caption(s) on images that also "
+                   f"carry a {b_name} caption without a majority for {a_name}",
+                   f.observed, f.expected, f.neglog10_p, f.tests, np.union1d(f.rows, added))
+
+
+def _a_not_ahead(counts: np.ndarray, a: int, b: int) -> bool:
+    return counts[b] > 0 and counts[a] <= counts[b]
+
+
+def _group_class_counts(t: AuditTables):
+    """Per image group whose distinct captions name at least two classes: (its labelled rows, the
+    number of distinct captions of each class)."""
+    classes = len(t.classes)
+    order = np.argsort(t.image_group, kind="stable")
+    bounds = np.flatnonzero(np.diff(t.image_group[order])) + 1
+    for rows in np.split(order, bounds):
+        labelled = rows[t.caption_class[rows] >= 0]
+        if len(labelled) < 2:
+            continue
+        _, first = np.unique(t.caption_id[labelled], return_index=True)
+        counts = np.bincount(t.caption_class[labelled[first]], minlength=classes)
+        if (counts > 0).sum() >= 2:
+            yield labelled, counts
