@@ -202,6 +202,7 @@ def one_cell(world: Path, name: str, evade: str | None, rate: float, seed: int, 
         "finding_pairs_poison_share": round(float(truth[member].mean()), 3) if member.any() else None,
         "attack_and_score_seconds": round(score_s, 1), "audit_seconds": round(audit_s, 1),
         "audit_seconds_per_10k_pairs": round(audit_s / len(ids) * 10_000, 2),
+        "audit_stage_seconds_per_10k_pairs": {k: round(v / len(ids) * 10_000, 3) for k, v in audit.seconds.items()},
         "_unused": len(row_of),
     }
 

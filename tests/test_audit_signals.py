@@ -242,6 +242,22 @@ def test_a_cell_under_a_significant_row_is_corrected_for_its_row_only():
     assert found[1] is child  # a parent that is not itself a finding opens nothing
 
 
+def test_the_audit_states_what_each_stage_cost(tmp_path):
+    import json
+
+    result, _ = _audit(World(3).clean().fan_in("sheep", "aeroplane", captions=7), tmp_path)
+    summary = json.loads((result.out / "findings.json").read_text())
+    stages = summary["seconds"]
+    for name in ("image neighbours and near-duplicate groups", "text neighbours and near-identical caption groups",
+                 "test: class-pair cells", "test: image fan-in and clusters", "test: relabelled images",
+                 "test: caption fan-out", "density (kNN distance, LOF)"):
+        assert stages[name] >= 0, name
+    assert stages == result.seconds and 0 < sum(stages.values()) < 60
+    per = summary["seconds_per_10k_pairs"]
+    assert per["test: class-pair cells"] == pytest.approx(stages["test: class-pair cells"] / len(result.pairs) * 1e4, abs=1e-3)
+    assert "## Cost" in (result.out / "findings.md").read_text()
+
+
 def test_relabel_column_marks_the_added_captions(tmp_path):
     result, tag = _audit(World(13).clean().relabel("sheep", "aeroplane", images=12), tmp_path)
     score = read_signal("relabelled_image", result.out, zip(result.pairs.shard, result.pairs.key)).values

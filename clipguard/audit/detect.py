@@ -37,6 +37,7 @@ import numpy as np
 from scipy import stats
 
 from clipguard.audit.classes import NO_CLASS, CellTable, plurality
+from clipguard.audit.timing import StageClock
 
 LN10 = math.log(10.0)
 MIN_EXPECTED_COUNT = 0.1  # as classes.MIN_EXPECTED: an empty background is no proof of impossibility
@@ -105,14 +106,21 @@ class Detection:
     relabel_score: np.ndarray  # per pair: -log10 corrected p of its relabelled-images cell, 0 if none
 
 
-def detect(t: AuditTables, config: DetectConfig) -> Detection:
-    cell_findings, cell_score = _class_pairs(t, config)
-    relabel_findings = _relabelled_images(t, config)
+def detect(t: AuditTables, config: DetectConfig, clock: StageClock | None = None) -> Detection:
+    clock = clock or StageClock()
+    with clock("test: class-pair cells"):
+        cell_findings, cell_score = _class_pairs(t, config)
+    with clock("test: relabelled images"):
+        relabel_findings = _relabelled_images(t, config)
     relabel_score = np.zeros(len(t.caption_class))
     for f in relabel_findings:
         if not f.goal.endswith(":*"):
             relabel_score[f.rows] = np.maximum(relabel_score[f.rows], f.neglog10_p)
-    tested = cell_findings + _image_groups(t, config) + _caption_groups(t, config) + relabel_findings
+    with clock("test: image fan-in and clusters"):
+        image_findings = _image_groups(t, config)
+    with clock("test: caption fan-out"):
+        caption_findings = _caption_groups(t, config)
+    tested = cell_findings + image_findings + caption_findings + relabel_findings
     threshold = -math.log10(config.alpha)
     findings = [f for f in tested if f.neglog10_p > threshold]
     findings.sort(key=lambda f: (-f.neglog10_p, -(f.observed / max(f.expected, 1e-9))))

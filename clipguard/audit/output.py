@@ -90,6 +90,12 @@ def _markdown(records: list[dict], summary: dict) -> str:
         if len(record["pairs"]) > MARKDOWN_PAIRS:
             lines.append(f"| ... | {len(record['pairs']) - MARKDOWN_PAIRS} more in findings.json | |")
         lines.append("")
+    seconds = summary.get("seconds") or {}
+    if seconds:
+        per = summary.get("seconds_per_10k_pairs", {})
+        lines += ["## Cost", "", "| stage | seconds | per 10,000 pairs |", "|---|---:|---:|"]
+        lines += [f"| {name} | {s:.2f} | {per.get(name, 0.0):.2f} |" for name, s in seconds.items()]
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ from clipguard.audit.grouping import components, distinct_per_group, factorize, 
 from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
 from clipguard.audit.neighbours import EXACT_LIMIT, NeighbourIndex
 from clipguard.audit.output import write_findings, write_signals
+from clipguard.audit.timing import StageClock
 from clipguard.labels import KeywordLabeler, load_keywords
 
 
@@ -65,6 +66,7 @@ class AuditResult:
     signal_columns: dict[str, np.ndarray]
     classes_known: bool
     exact_search: bool
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage (`StageClock`)
 
 
 def run_audit(config: AuditConfig) -> AuditResult:
@@ -72,36 +74,42 @@ def run_audit(config: AuditConfig) -> AuditResult:
         raise AuditInputError(f"the significance level must be in (0, 1), got {config.alpha}")
     if not (0 < config.image_duplicate <= 1 and 0 < config.text_duplicate <= 1):
         raise AuditInputError("near-duplicate similarities must be in (0, 1]")
-    pairs = load_pairs(config.scores, config.embeddings)
+    clock = StageClock()
+    with clock("read scores and embeddings"):
+        pairs = load_pairs(config.scores, config.embeddings)
     if len(pairs) == 0:
         raise AuditInputError(f"no scored pairs with embeddings in {config.embeddings or config.scores}")
     keywords = config.keywords
     labeler = KeywordLabeler(load_keywords(keywords) if isinstance(keywords, (str, Path)) else keywords) if keywords else None
     classes = labeler.classes if labeler else []
-    caption_class = caption_classes(pairs.caption, labeler) if labeler else np.full(len(pairs), NO_CLASS)
-
-    caption_text = np.asarray([normalise_caption(c) for c in pairs.caption], dtype=object)
-    caption_id, n_captions = factorize(caption_text.tolist())
-    image_id, n_images = factorize(image_identity(pairs.image_sha256, pairs.image))
+    with clock("caption classes (keywords)"):
+        caption_class = caption_classes(pairs.caption, labeler) if labeler else np.full(len(pairs), NO_CLASS)
+    with clock("exact identities (caption text, image sha256)"):
+        caption_text = np.asarray([normalise_caption(c) for c in pairs.caption], dtype=object)
+        caption_id, n_captions = factorize(caption_text.tolist())
+        image_id, n_images = factorize(image_identity(pairs.image_sha256, pairs.image))
 
     # Neighbours among distinct images and distinct captions: a reused image is not its own neighbour.
-    first_image = _first_rows(image_id, n_images)
-    image_index = NeighbourIndex(pairs.image[first_image], config.exact_limit, config.nprobe)
-    image_nn = image_index.self_neighbours(config.k)
-    image_duplicate = duplicate_similarity(image_nn, config.image_duplicate)
-    image_group_of = components(n_images, image_nn, image_duplicate)
-    n_image_groups = int(image_group_of.max()) + 1 if n_images else 0
-    first_caption = _first_rows(caption_id, n_captions)
-    text_index = NeighbourIndex(pairs.text[first_caption], config.exact_limit, config.nprobe)
-    text_nn = text_index.self_neighbours(config.k)
-    text_duplicate = duplicate_similarity(text_nn, config.text_duplicate)
-    caption_group_of = components(n_captions, text_nn, text_duplicate)
+    with clock("image neighbours and near-duplicate groups"):
+        first_image = _first_rows(image_id, n_images)
+        image_index = NeighbourIndex(pairs.image[first_image], config.exact_limit, config.nprobe)
+        image_nn = image_index.self_neighbours(config.k)
+        image_duplicate = duplicate_similarity(image_nn, config.image_duplicate)
+        image_group_of = components(n_images, image_nn, image_duplicate)
+        n_image_groups = int(image_group_of.max()) + 1 if n_images else 0
+    with clock("text neighbours and near-identical caption groups"):
+        first_caption = _first_rows(caption_id, n_captions)
+        text_index = NeighbourIndex(pairs.text[first_caption], config.exact_limit, config.nprobe)
+        text_nn = text_index.self_neighbours(config.k)
+        text_duplicate = duplicate_similarity(text_nn, config.text_duplicate)
+        caption_group_of = components(n_captions, text_nn, text_duplicate)
 
-    image_group = image_group_of[image_id]
-    image_class, caption_votes, image_votes = _image_classes(
-        image_index, image_id, image_group_of, caption_class, len(classes), config.k)
-    own_class = _own_classes(image_group, caption_id, caption_class, len(classes))
-    strong = strong_mismatch(caption_class, image_class, caption_votes, image_votes, len(classes), own_class)
+    with clock("image classes from neighbours"):
+        image_group = image_group_of[image_id]
+        image_class, caption_votes, image_votes = _image_classes(
+            image_index, image_id, image_group_of, caption_class, len(classes), config.k)
+        own_class = _own_classes(image_group, caption_id, caption_class, len(classes))
+        strong = strong_mismatch(caption_class, image_class, caption_votes, image_votes, len(classes), own_class)
     tables = AuditTables(
         classes=classes, caption_class=caption_class, image_class=image_class, caption_text=caption_text,
         caption_id=caption_id, image_id=image_id, image_group=image_group,
@@ -110,13 +118,15 @@ def run_audit(config: AuditConfig) -> AuditResult:
         pair_similarity=np.einsum("ij,ij->i", pairs.image, pairs.text),
     )
     if classes:
-        detection = detect(tables, config.detect)
+        detection = detect(tables, config.detect, clock)
     else:
         detection = Detection([], np.zeros(len(pairs)), np.zeros(len(pairs)))
     findings = detection.findings
 
-    image_density, text_density = density(image_nn), density(text_nn)
+    with clock("density (kNN distance, LOF)"):
+        image_density, text_density = density(image_nn), density(text_nn)
     n_caption_groups = int(tables.caption_group.max()) + 1
+    clock.start("per-pair columns and writing")
     columns = {
         "image_fan_in": distinct_per_group(image_id, caption_id, n_images)[image_id],
         "image_fan_in_near": distinct_per_group(image_group, caption_id, n_image_groups)[image_group],
@@ -136,14 +146,17 @@ def run_audit(config: AuditConfig) -> AuditResult:
     }
     out = Path(config.out)
     write_signals(out, pairs, columns)
+    clock.stop()
     write_findings(out, pairs, findings, summary={
         "scores": str(config.scores), "embeddings": str(config.embeddings or config.scores),
         "pairs_scored": pairs.scored, "pairs_audited": len(pairs), "pairs_without_embeddings": pairs.without_embeddings,
         "alpha": config.alpha, "classes": classes, "exact_search": image_index.exact and text_index.exact,
         "image_duplicate": image_duplicate, "text_duplicate": text_duplicate, "k": config.k,
+        "seconds": clock.seconds, "seconds_per_10k_pairs": clock.per(len(pairs), 10_000),
     })
     return AuditResult(out=out, pairs=pairs, tables=tables, findings=findings, signal_columns=columns,
-                       classes_known=bool(classes), exact_search=image_index.exact and text_index.exact)
+                       classes_known=bool(classes), exact_search=image_index.exact and text_index.exact,
+                       seconds=clock.seconds)
 
 
 def _image_classes(index: NeighbourIndex, image_id: np.ndarray, image_group_of: np.ndarray, caption_class: np.ndarray,
