@@ -421,17 +421,7 @@ def _relabel_cells(t: AuditTables, resolve_ties: bool) -> tuple[np.ndarray, dict
     cells = np.zeros((classes, classes), np.int64)
     members: dict[tuple[int, int], list[np.ndarray]] = {}
     votes: dict[tuple[int, int], list[int]] = {}  # per group in a cell: which of its captions look added
-    order = np.argsort(t.image_group, kind="stable")
-    bounds = np.flatnonzero(np.diff(t.image_group[order])) + 1
-    for rows in np.split(order, bounds):
-        labelled = rows[t.caption_class[rows] >= 0]
-        if len(labelled) < 2:
-            continue
-        # One vote per distinct caption: the same caption copied twice is not two witnesses.
-        _, first = np.unique(t.caption_id[labelled], return_index=True)
-        counts = np.bincount(t.caption_class[labelled[first]], minlength=classes)
-        if (counts > 0).sum() < 2:
-            continue
+    for labelled, counts in _group_class_counts(t):
         top = np.flatnonzero(counts == counts.max())
         if resolve_ties and len(top) == 2 and (counts > 0).sum() == 2:
             # One caption of each of two classes (an Attack II copy whose own other caption is
@@ -552,7 +542,8 @@ def _a_not_ahead(counts: np.ndarray, a: int, b: int) -> bool:
 
 def _group_class_counts(t: AuditTables):
     """Per image group whose distinct captions name at least two classes: (its labelled rows, the
-    number of distinct captions of each class)."""
+    number of distinct captions of each class). One vote per distinct caption: the same caption
+    copied twice is not two witnesses."""
     classes = len(t.classes)
     order = np.argsort(t.image_group, kind="stable")
     bounds = np.flatnonzero(np.diff(t.image_group[order])) + 1

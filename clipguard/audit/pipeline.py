@@ -91,18 +91,12 @@ def run_audit(config: AuditConfig) -> AuditResult:
 
     # Neighbours among distinct images and distinct captions: a reused image is not its own neighbour.
     with clock("image neighbours and near-duplicate groups"):
-        first_image = _first_rows(image_id, n_images)
-        image_index = NeighbourIndex(pairs.image[first_image], config.exact_limit, config.nprobe)
-        image_nn = image_index.self_neighbours(config.k)
-        image_duplicate = duplicate_similarity(image_nn, config.image_duplicate)
-        image_group_of = components(n_images, image_nn, image_duplicate)
+        image_index, image_nn, image_duplicate, image_group_of = _near_duplicates(
+            pairs.image, image_id, n_images, config.image_duplicate, config)
         n_image_groups = int(image_group_of.max()) + 1 if n_images else 0
     with clock("text neighbours and near-identical caption groups"):
-        first_caption = _first_rows(caption_id, n_captions)
-        text_index = NeighbourIndex(pairs.text[first_caption], config.exact_limit, config.nprobe)
-        text_nn = text_index.self_neighbours(config.k)
-        text_duplicate = duplicate_similarity(text_nn, config.text_duplicate)
-        caption_group_of = components(n_captions, text_nn, text_duplicate)
+        text_index, text_nn, text_duplicate, caption_group_of = _near_duplicates(
+            pairs.text, caption_id, n_captions, config.text_duplicate, config)
 
     with clock("image classes from neighbours"):
         image_group = image_group_of[image_id]
@@ -126,27 +120,26 @@ def run_audit(config: AuditConfig) -> AuditResult:
     with clock("density (kNN distance, LOF)"):
         image_density, text_density = density(image_nn), density(text_nn)
     n_caption_groups = int(tables.caption_group.max()) + 1
-    clock.start("per-pair columns and writing")
-    columns = {
-        "image_fan_in": distinct_per_group(image_id, caption_id, n_images)[image_id],
-        "image_fan_in_near": distinct_per_group(image_group, caption_id, n_image_groups)[image_group],
-        "image_group": image_group,
-        "caption_fan_out": distinct_per_group(caption_id, image_id, n_captions)[caption_id],
-        "caption_fan_out_near": distinct_per_group(tables.caption_group, image_id, n_caption_groups)[tables.caption_group],
-        "caption_group": tables.caption_group,
-        "class_cell_neglog10p": detection.cell_score,
-        "relabel_neglog10p": detection.relabel_score,
-        "caption_class": np.asarray([classes[c] if c >= 0 else None for c in caption_class], dtype=object),
-        "image_class": np.asarray([classes[c] if c >= 0 else None for c in image_class], dtype=object),
-        "image_cluster_size": distinct_per_group(image_group, image_id, n_image_groups)[image_group],
-        "image_knn_distance": image_density.knn_distance[image_id],
-        "image_lof": image_density.outlier_ratio[image_id],
-        "text_knn_distance": text_density.knn_distance[caption_id],
-        "text_lof": text_density.outlier_ratio[caption_id],
-    }
-    out = Path(config.out)
-    write_signals(out, pairs, columns)
-    clock.stop()
+    with clock("per-pair columns and writing"):
+        columns = {
+            "image_fan_in": distinct_per_group(image_id, caption_id, n_images)[image_id],
+            "image_fan_in_near": distinct_per_group(image_group, caption_id, n_image_groups)[image_group],
+            "image_group": image_group,
+            "caption_fan_out": distinct_per_group(caption_id, image_id, n_captions)[caption_id],
+            "caption_fan_out_near": distinct_per_group(tables.caption_group, image_id, n_caption_groups)[tables.caption_group],
+            "caption_group": tables.caption_group,
+            "class_cell_neglog10p": detection.cell_score,
+            "relabel_neglog10p": detection.relabel_score,
+            "caption_class": np.asarray([classes[c] if c >= 0 else None for c in caption_class], dtype=object),
+            "image_class": np.asarray([classes[c] if c >= 0 else None for c in image_class], dtype=object),
+            "image_cluster_size": distinct_per_group(image_group, image_id, n_image_groups)[image_group],
+            "image_knn_distance": image_density.knn_distance[image_id],
+            "image_lof": image_density.outlier_ratio[image_id],
+            "text_knn_distance": text_density.knn_distance[caption_id],
+            "text_lof": text_density.outlier_ratio[caption_id],
+        }
+        out = Path(config.out)
+        write_signals(out, pairs, columns)
     write_findings(out, pairs, findings, summary={
         "scores": str(config.scores), "embeddings": str(config.embeddings or config.scores),
         "pairs_scored": pairs.scored, "pairs_audited": len(pairs), "pairs_without_embeddings": pairs.without_embeddings,
@@ -157,6 +150,15 @@ def run_audit(config: AuditConfig) -> AuditResult:
     return AuditResult(out=out, pairs=pairs, tables=tables, findings=findings, signal_columns=columns,
                        classes_known=bool(classes), exact_search=image_index.exact and text_index.exact,
                        seconds=clock.seconds)
+
+
+def _near_duplicates(vectors: np.ndarray, ids: np.ndarray, count: int, floor: float, config: AuditConfig):
+    """Neighbours among the distinct items (first row of each id), the near-duplicate similarity
+    (`duplicate_similarity`) and each distinct item's near-duplicate group."""
+    index = NeighbourIndex(vectors[_first_rows(ids, count)], config.exact_limit, config.nprobe)
+    neighbours = index.self_neighbours(config.k)
+    threshold = duplicate_similarity(neighbours, floor)
+    return index, neighbours, threshold, components(count, neighbours, threshold)
 
 
 def _image_classes(index: NeighbourIndex, image_id: np.ndarray, image_group_of: np.ndarray, caption_class: np.ndarray,

@@ -11,7 +11,6 @@ class StageClock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self._open: tuple[str, float] | None = None
 
     @contextmanager
     def __call__(self, name: str):
@@ -19,16 +18,6 @@ class StageClock:
         try:
             yield
         finally:
-            self._add(name, time.perf_counter() - started)
-
-    def start(self, name: str) -> None:
-        self.stop()
-        self._open = (name, time.perf_counter())
-
-    def stop(self) -> None:
-        if self._open is not None:
-            name, started = self._open
-            self._open = None
             self._add(name, time.perf_counter() - started)
 
     def per(self, pairs: int, unit: int) -> dict[str, float]:
