@@ -27,6 +27,7 @@ class Pair:
     text: np.ndarray
     sha: str
     tag: str = "clean"
+    patches: tuple[int, ...] = ()
 
 
 @dataclass
@@ -43,6 +44,8 @@ class World:
         # tells an image's added captions from its original ones), yet text space is its own.
         self.text_centres = self._unit(self.image_centres + self._unit(self.rng.normal(size=(len(CLASSES), DIM))))
         self.counter = 0
+        # Patch signatures draw from their own generator, so that worlds built without them stay as they were.
+        self.patch_rng = np.random.default_rng(self.seed + 10_000)
 
     def _unit(self, v: np.ndarray) -> np.ndarray:
         return v / np.linalg.norm(v, axis=-1, keepdims=True)
@@ -88,6 +91,35 @@ class World:
         text = self.text(None)
         for b in range(boilerplate):  # one alt-text behind many images, naming no class
             self.add("Click here to enlarge the image", self.image(b % len(CLASSES)), text, "boilerplate")
+        return self
+
+    def _signatures(self, n: int) -> list[int]:
+        return [int(v) for v in self.patch_rng.integers(1, 2**63, size=n)]
+
+    def with_patches(self, texture: int = 15, watermark: int = 30):
+        """Patch signatures on every image so far (three tiles of its own each), and the natural
+        background of shared tiles: one class's texture on ``texture`` of its images, captioned as
+        its images are, and a watermark on ``watermark`` images of every class."""
+        own: dict[str, tuple[int, ...]] = {}
+        for p in self.pairs:
+            own.setdefault(p.sha, tuple(self._signatures(3)))
+        texture_sig, watermark_sig = self._signatures(2)
+        car = sorted({p.sha for p in self.pairs if p.tag == "clean" and p.caption.split()[3] == "car"})[:texture]
+        marked = sorted(own)[:: max(1, len(own) // watermark)][:watermark]
+        for p in self.pairs:
+            p.patches = own[p.sha] + ((texture_sig,) if p.sha in car else ()) + ((watermark_sig,) if p.sha in marked else ())
+        return self
+
+    def stamp(self, label: str, images: int = 9):
+        """A backdoor: copies of images of the other classes, each with one shared trigger tile
+        (beside tiles of its own) and one caption of ``label``."""
+        c = CLASSES.index(label)
+        trigger = self._signatures(1)[0]
+        for i in range(images):
+            b = [x for x in range(len(CLASSES)) if x != c][i % (len(CLASSES) - 1)]
+            image = self.image(b)
+            self.pairs.append(Pair(self.caption(c), image[0], self.text(c), image[1], "stamped",
+                                   (trigger, *self._signatures(3))))
         return self
 
     def fan_in(self, caption_class: str, image_class: str, captions: int = 7):
@@ -162,7 +194,8 @@ class World:
                 write_embeddings(text_path, np.stack([p.text for p in picked]))
                 write_parquet(meta_path, pa.table({
                     "key": keys, "shard": [name] * len(rows), "caption": [p.caption for p in picked],
-                    "image_sha256": [p.sha for p in picked]}))
+                    "image_sha256": [p.sha for p in picked],
+                    "image_patches": pa.array([list(p.patches) for p in picked], pa.list_(pa.uint64()))}))
         return folder
 
     def tags_by_key(self, folder: Path) -> dict[tuple[str, str], str]:

@@ -70,3 +70,16 @@ def test_attack_two_at_a_high_rate_names_the_goal_the_right_way_round(world, tmp
     top = audit.findings[0]
     assert top.kind == "relabelled_images" and top.goal == "sheep:aeroplane", [f.goal for f in audit.findings]
     assert truth[top.rows].mean() > 0.9 and truth[top.rows].sum() >= 0.5 * truth.sum()
+
+
+@pytest.mark.parametrize("evade", [None, "clean-label"])
+def test_a_backdoor_trigger_is_found_as_stamped_images(world, tmp_path, evade):
+    """The stamped copies do not cluster under the bundled reference (most sit beside their own
+    originals), but their trigger tile is one patch signature: every poison, and nothing else,
+    is in the finding. The clean-label variant stamps images whose captions name the target."""
+    audit, truth = _attack(world, tmp_path, AttackKind.backdoor, Goal("*", "sheep"), count=20,
+                           **({"evade": evade} if evade else {}))
+    stamped = [f for f in audit.findings if f.kind == "stamped_images"]
+    assert stamped and stamped[0].goal == "sheep", [f.description for f in audit.findings]
+    assert truth[stamped[0].rows].all() and truth[stamped[0].rows].sum() == truth.sum() == 20
+    assert audit.findings[0].goal.split(":")[0] == "sheep"

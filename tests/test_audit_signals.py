@@ -88,6 +88,30 @@ def test_tight_cluster_of_near_identical_images_with_one_label(tmp_path):
         result.signal_columns["image_knn_distance"][tag == "clean"])
 
 
+def test_one_patch_stamped_on_nine_images_all_captioned_sheep(tmp_path):
+    result, tag = _audit(World(8).clean().with_patches().stamp("sheep", images=9), tmp_path)
+    planted = tag == "stamped"
+    finding = _only(result.findings, "stamped_images")
+    assert finding.goal == "sheep" and finding.observed == 9 and finding.expected < 1
+    assert set(finding.rows) == set(np.flatnonzero(planted))
+    assert "one patch stamped on 9 otherwise different images" in finding.description
+    score = result.signal_columns["stamped_neglog10p"]
+    assert score[planted].min() > 6 and score[~planted].max() < 1
+    # The stamped copies are ordinary images of their classes: no other signal sees them.
+    assert [f.kind for f in result.findings] == ["stamped_images"]
+
+
+def test_shared_patches_that_their_images_explain_are_no_finding(tmp_path):
+    """A class's own texture (15 car images, captioned car) and a watermark on 30 images of every
+    class (captions of every class) recur as often as a trigger, and are the background."""
+    world = World(9).clean().with_patches(texture=15, watermark=30)
+    result, _ = _audit(world, tmp_path)
+    assert result.findings == []
+    from clipguard.audit.detect import DetectConfig, _stamped_images
+    tested = _stamped_images(result.tables, DetectConfig(alpha=1.0 - 1e-12))
+    assert [f.goal for f in tested] == ["car"] and tested[0].neglog10_p < 1  # tested, and ordinary
+
+
 @pytest.mark.parametrize("seed", [10, 11, 12])
 def test_clean_data_with_natural_noise_has_no_finding(tmp_path, seed):
     result, tag = _audit(World(seed).clean(), tmp_path)

@@ -26,6 +26,12 @@ and every kind compares against the rate at which the data mismatches those clas
   B caption without a majority (`_with_co_occurring`);
 - caption_fan_out: one caption (with near-identical ones) of class A behind many distinct images
   of class B; binomial tail at P(B image | A caption).
+- stamped_images: one patch signature (`clipguard.signals.patches`: a tile's pixels at one
+  place) shared by many distinct image groups, most captioned with one label L that their images'
+  classes do not explain: Poisson tail of the L-labelled groups against the sum, over the groups,
+  of P(a group's captions name L | its image class) (`_group_mislabel`). A backdoor's trigger on
+  images of many classes, all captioned with the target; a watermark or a class's own texture
+  recurs with captions its images explain.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ class AuditTables:
     # Cosine similarity of each pair's own image and caption: which of an image's captions were
     # added (`_orient`). None: every pair equally close.
     pair_similarity: np.ndarray | None = None
+    # (n, KEEP) uint64 patch signatures of each pair's image, 0 = none; None: not recorded by score.
+    patches: np.ndarray | None = None
 
 
 @dataclass
@@ -104,6 +112,8 @@ class Detection:
     findings: list[Finding]  # most significant first
     cell_score: np.ndarray  # per pair: -log10 corrected p of its (caption class, image class) cell
     relabel_score: np.ndarray  # per pair: -log10 corrected p of its relabelled-images cell, 0 if none
+    # per pair: -log10 corrected p of the most significant patch group it is a labelled member of
+    stamp_score: np.ndarray | None = None
 
 
 def detect(t: AuditTables, config: DetectConfig, clock: StageClock | None = None) -> Detection:
@@ -120,11 +130,16 @@ def detect(t: AuditTables, config: DetectConfig, clock: StageClock | None = None
         image_findings = _image_groups(t, config)
     with clock("test: caption fan-out"):
         caption_findings = _caption_groups(t, config)
-    tested = cell_findings + image_findings + caption_findings + relabel_findings
+    with clock("test: stamped images (shared patches)"):
+        stamp_findings = _stamped_images(t, config)
+    stamp_score = np.zeros(len(t.caption_class))
+    for f in stamp_findings:
+        stamp_score[f.rows] = np.maximum(stamp_score[f.rows], f.neglog10_p)
+    tested = cell_findings + image_findings + caption_findings + relabel_findings + stamp_findings
     threshold = -math.log10(config.alpha)
     findings = [f for f in tested if f.neglog10_p > threshold]
     findings.sort(key=lambda f: (-f.neglog10_p, -(f.observed / max(f.expected, 1e-9))))
-    return Detection(findings, cell_score, relabel_score)
+    return Detection(findings, cell_score, relabel_score, stamp_score)
 
 
 def _class_pairs(t: AuditTables, config: DetectConfig) -> tuple[list[Finding], np.ndarray]:
@@ -555,3 +570,71 @@ def _group_class_counts(t: AuditTables):
         counts = np.bincount(t.caption_class[labelled[first]], minlength=classes)
         if (counts > 0).sum() >= 2:
             yield labelled, counts
+
+
+def _patch_units(t: AuditTables) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """Per patch signature shared by at least two image groups: (its image groups, and per group
+    the rows whose image carries the signature). Counted in image groups, so a stock photo on many
+    pages is one image; only the rows carrying the patch, so a stamped copy that joined its
+    original's near-duplicate group brings its own captions, not the original's."""
+    if t.patches is None or not t.patches.size:
+        return []
+    width = t.patches.shape[1]
+    rows = np.repeat(np.arange(len(t.caption_class)), width)
+    keys = t.patches.ravel()
+    present = keys != 0
+    rows, keys = rows[present], keys[present]
+    order = np.lexsort((t.image_group[rows], keys))
+    rows, keys = rows[order], keys[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    ends = np.r_[starts[1:], len(keys)]
+    out = []
+    for start, end in zip(starts, ends):
+        groups = t.image_group[rows[start:end]]
+        if groups[0] == groups[-1]:
+            continue  # one image group: reuse, which the fan-in test reads
+        cuts = np.flatnonzero(np.diff(groups)) + 1
+        out.append((groups[np.r_[0, cuts]], np.split(rows[start:end], cuts)))
+    return out
+
+
+def _stamped_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
+    """A patch on many image groups whose captions name one label their images do not explain."""
+    units = _patch_units(t)
+    if not units:
+        return []
+    classes = len(t.classes)
+    mislabel = _group_mislabel(_image_group_table(t), classes)
+    candidates = []
+    for groups, members in units:
+        if len(groups) < config.min_cluster:
+            continue
+        labels = np.array([_distinct_plurality(t, rows, classes) for rows in members])
+        label = plurality(labels, classes)
+        m = int((labels == label).sum()) if label >= 0 else 0
+        if m < config.min_cluster or 2 * m < len(groups):
+            continue  # its images are not "all captioned with one label"
+        image_classes = np.array([t.image_class[rows[0]] for rows in members])
+        expected = sum(_joint_mismatch(mislabel, label, int(b), own=label == b) if b >= 0
+                       else float(mislabel[label].sum() / max(mislabel.sum(), 1)) for b in image_classes)
+        candidates.append((groups, members, labels, label, m, max(float(expected), MIN_EXPECTED_COUNT), image_classes))
+    found = []
+    tests = max(len(candidates), 1)
+    for groups, members, labels, label, m, expected, image_classes in candidates:
+        score = neglog10_tail(stats.poisson.logsf(m - 1, expected), tests)
+        rows = np.concatenate([r[t.caption_class[r] == label] for r, l in zip(members, labels) if l == label])
+        shown = [t.classes[c] for c, _ in sorted(((int(c), -int(n)) for c, n in zip(*np.unique(
+            image_classes[(labels == label) & (image_classes >= 0)], return_counts=True))), key=lambda x: x[1])[:4]]
+        of = f" (of {', '.join(shown)}{', ...' if len(set(image_classes[labels == label])) > 4 else ''})" if shown else ""
+        found.append(Finding(
+            "stamped_images", t.classes[label],
+            f"one patch stamped on {len(groups)} otherwise different images{of}, {m} of them captioned with "
+            f"'{t.classes[label]}' ({expected:.2g} expected from their images' classes), {describe_p(score)}",
+            m, expected, score, tests, rows))
+    return found
+
+
+def _distinct_plurality(t: AuditTables, rows: np.ndarray, classes: int) -> int:
+    """The plurality class of the distinct captions on these rows."""
+    _, first = np.unique(t.caption_id[rows], return_index=True)
+    return plurality(t.caption_class[rows[first]], classes)

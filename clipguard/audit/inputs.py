@@ -3,7 +3,7 @@
 Embeddings are in clip-retrieval's layout (``img_emb/img_emb_<n>.npy``, ``text_emb/text_emb_<n>.npy``,
 ``metadata/metadata_<n>.parquet``, rows aligned): the score folder's own (``score
 --save-embeddings``) or another folder (LAION's). Metadata rows need ``key`` and ``caption``;
-``shard`` and ``image_sha256`` are used where present. Pairs are those of the score folder with
+``shard``, ``image_sha256`` and ``image_patches`` (`clipguard.signals.patches`) are used where present. Pairs are those of the score folder with
 status ok that have vectors; the others are counted, never silently lost.
 """
 
@@ -39,6 +39,8 @@ class AuditPairs:
     text: np.ndarray  # (n, d) float32
     scored: int  # pairs in the score folder
     without_embeddings: int  # scored pairs (status ok) with no vectors
+    # (n, KEEP) uint64 patch signatures, 0 where an image has fewer; None where no metadata had them.
+    patches: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.key)
@@ -59,7 +61,8 @@ def load_pairs(scores: Path, embeddings: Path | None = None) -> AuditPairs:
     shard_of_key: dict[str, str | None] = {}
     for s, k in ok:  # for metadata without a shard column (LAION's): a key's shard, if it is unique
         shard_of_key[k] = s if k not in shard_of_key else None
-    columns: dict[str, list] = {"shard": [], "key": [], "caption": [], "sha": []}
+    columns: dict[str, list] = {"shard": [], "key": [], "caption": [], "sha": [], "patches": []}
+    any_patches = False
     images, texts = [], []
     for stem, (img_path, txt_path, meta_path) in parts.items():
         meta = pq.read_table(meta_path)
@@ -82,12 +85,15 @@ def load_pairs(scores: Path, embeddings: Path | None = None) -> AuditPairs:
                                       "shards; add a shard column to the metadata")
         shas = meta.column("image_sha256").to_pylist() if "image_sha256" in names else [None] * len(keys)
         captions = meta.column("caption").to_pylist()
+        patches = meta.column("image_patches").to_pylist() if "image_patches" in names else [None] * len(keys)
+        any_patches = any_patches or "image_patches" in names
         keep = np.array([(s, k) in ok for s, k in zip(shards, keys)], dtype=bool)
         for i in np.flatnonzero(keep):
             columns["shard"].append(shards[i])
             columns["key"].append(keys[i])
             columns["caption"].append(captions[i] if captions[i] is not None else "")
             columns["sha"].append(shas[i])
+            columns["patches"].append(patches[i] or ())
         images.append(image[keep])
         texts.append(text[keep])
     if images and images[0].shape[1] != texts[0].shape[1]:
@@ -98,7 +104,16 @@ def load_pairs(scores: Path, embeddings: Path | None = None) -> AuditPairs:
         caption=np.asarray(columns["caption"], dtype=object), image_sha256=np.asarray(columns["sha"], dtype=object),
         image=_unit(image), text=_unit(np.concatenate(texts)),
         scored=len(table), without_embeddings=max(0, len(ok) - len(columns["key"])),
+        patches=_patch_matrix(columns["patches"]) if any_patches else None,
     )
+
+
+def _patch_matrix(rows: list) -> np.ndarray:
+    width = max((len(r) for r in rows), default=0)
+    matrix = np.zeros((len(rows), width), np.uint64)
+    for i, r in enumerate(rows):
+        matrix[i, : len(r)] = r
+    return matrix
 
 
 def _embedding_parts(folder: Path) -> dict[str, tuple[Path, Path, Path]]:

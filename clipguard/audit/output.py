@@ -24,6 +24,7 @@ KIND_TITLES = {
     "image_cluster": "near-duplicate image cluster",
     "caption_fan_out": "caption fan-out",
     "relabelled_images": "relabelled images",
+    "stamped_images": "stamped images (one patch on many images)",
 }
 
 

@@ -110,6 +110,7 @@ def run_audit(config: AuditConfig) -> AuditResult:
         caption_group=caption_group_of[caption_id], strong_mismatch=strong,
         cells=cell_table(caption_class, image_class, len(classes), image_group, strong),
         pair_similarity=np.einsum("ij,ij->i", pairs.image, pairs.text),
+        patches=pairs.patches,
     )
     if classes:
         detection = detect(tables, config.detect, clock)
@@ -130,6 +131,7 @@ def run_audit(config: AuditConfig) -> AuditResult:
             "caption_group": tables.caption_group,
             "class_cell_neglog10p": detection.cell_score,
             "relabel_neglog10p": detection.relabel_score,
+            "stamped_neglog10p": detection.stamp_score if detection.stamp_score is not None else np.zeros(len(pairs)),
             "caption_class": np.asarray([classes[c] if c >= 0 else None for c in caption_class], dtype=object),
             "image_class": np.asarray([classes[c] if c >= 0 else None for c in image_class], dtype=object),
             "image_cluster_size": distinct_per_group(image_group, image_id, n_image_groups)[image_group],

@@ -1,7 +1,8 @@
 """The shard reading pipeline, once, as small generator stages (Iterator -> Iterator).
 
     shards -> open_shards -> tar_members -> group_by_key      read_shards (stages in data/tarstream.py)
-           -> decode_pairs -> preprocess_images               prepare_pairs   (read_pairs: all of these)
+           -> decode_pairs [-> with_patch_signatures]
+           -> preprocess_images                               prepare_pairs   (read_pairs: all of these)
            -> batched -> tokenize_batches
 
 Scoring, training, evaluation and the bundled-model recipe all read through these; each picks an
@@ -23,6 +24,7 @@ from clipguard.data.handlers import Handler, reraise
 from clipguard.data.pairs import DecodeLimits, Pair, decode_pair
 from clipguard.data.shardspec import Shard
 from clipguard.data.tarstream import RawSample, ShardEnd, ShardReport, group_by_key, open_shards, tar_members
+from clipguard.signals.patches import patch_signature
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Decoded:
     pair: Pair
     sample: RawSample | None = None  # the raw sample, for consumers that read more of its fields
     pixels: Any = None
+    patches: Any = None  # `signals.patches.patch_signature` of the image, where `with_patch_signatures` ran
 
     @property
     def ok(self) -> bool:
@@ -62,10 +65,13 @@ def read_shards(
 
 
 def prepare_pairs(
-    items: Iterable[RawSample | ShardEnd], limits: DecodeLimits, preprocess: Callable | None = None
+    items: Iterable[RawSample | ShardEnd], limits: DecodeLimits, preprocess: Callable | None = None,
+    patches: bool = False,
 ) -> Iterator[Decoded | ShardEnd]:
-    """decode -> preprocess (when given)."""
+    """decode -> patch signatures (when asked) -> preprocess (when given)."""
     decoded = decode_pairs(items, limits)
+    if patches:
+        decoded = with_patch_signatures(decoded)
     return preprocess_images(decoded, preprocess) if preprocess is not None else decoded
 
 
@@ -74,6 +80,15 @@ def read_pairs(
 ) -> Iterator[Decoded | ShardEnd]:
     """The whole reading pipeline up to batching: shards in, decoded (and preprocessed) pairs out."""
     return prepare_pairs(read_shards(shards, limits, handler), limits, preprocess)
+
+
+def with_patch_signatures(items: Iterable[Decoded | ShardEnd]) -> Iterator[Decoded | ShardEnd]:
+    """The decoded image's patch signatures (for the audit's stamped-images test), taken before
+    preprocessing drops the image."""
+    for item in items:
+        if isinstance(item, Decoded) and item.ok:
+            item.patches = patch_signature(item.pair.image)
+        yield item
 
 
 def decode_pairs(items: Iterable[RawSample | ShardEnd], limits: DecodeLimits) -> Iterator[Decoded | ShardEnd]:

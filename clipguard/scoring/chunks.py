@@ -19,7 +19,7 @@ from clipguard.data.handlers import record_and_continue
 from clipguard.data.pairs import DecodeLimits, Pair
 from clipguard.data.shardspec import Shard
 from clipguard.data.sourcemeta import ScrapeReport, ScrapeSidecar, SourceMeta, read_sidecar
-from clipguard.data.stages import Decoded, TokenizedBatch, batched, prepare_pairs, preprocess_images, read_shards, tokenize_batches
+from clipguard.data.stages import Decoded, TokenizedBatch, batched, prepare_pairs, preprocess_images, read_shards, tokenize_batches, with_patch_signatures
 from clipguard.data.tarstream import ShardEnd, ShardReport
 from clipguard.model.encoding import TokenizedCaptions, tokenize
 
@@ -37,6 +37,7 @@ class RowMeta:
     caption_invalid_utf8: bool = False
     caption_clipped: bool = False
     source: SourceMeta = field(default_factory=SourceMeta)
+    patches: tuple[int, ...] = ()  # the image's patch signatures (`clipguard.signals.patches`)
 
 
 @dataclass
@@ -91,7 +92,7 @@ class ShardChunks(IterableDataset):
         # A failed shard is recorded in its report, which rides on the shard's last chunk.
         clock = _StageClock()
         raw = clock.timed(read_shards([shard], self.limits, record_and_continue))
-        items = prepare_pairs(raw, self.limits, self.preprocess)
+        items = prepare_pairs(raw, self.limits, self.preprocess, patches=True)
         sidecar = read_sidecar(shard)
         resumed = time.perf_counter()
         for batch in tokenize_batches(batched(items, self.chunk_size), self.tokenize_captions):
@@ -102,7 +103,7 @@ class ShardChunks(IterableDataset):
 
     def make_chunk(self, shard: Shard, pairs: list[Pair]) -> Chunk:
         """A chunk of pairs decoded elsewhere (canaries), through the same preprocess and tokenize."""
-        items = list(preprocess_images([Decoded(pair) for pair in pairs], self.preprocess))
+        items = list(preprocess_images(with_patch_signatures([Decoded(pair) for pair in pairs]), self.preprocess))
         return chunk_of(shard, next(tokenize_batches([items], self.tokenize_captions)))
 
     def tokenize_captions(self, captions: list[str]) -> TokenizedCaptions:
@@ -147,6 +148,7 @@ def _row(item: Decoded, n_tokens: int, truncated: bool) -> RowMeta:
         caption_invalid_utf8=pair.caption_invalid_utf8,
         caption_clipped=pair.caption_clipped,
         source=pair.source,
+        patches=tuple(int(v) for v in item.patches) if item.patches is not None else (),
     )
 
 

@@ -401,6 +401,8 @@ def _save_shard_embeddings(out_dir: Path, name: str, buffer: _ShardBuffer, n_row
         "shard": pa.array([name] * len(kept), pa.string()),
         "caption": pa.array([r.caption for r in kept], pa.string()),
         "image_sha256": pa.array([r.image_sha256 for r in kept], pa.string()),
+        # For the audit's stamped-images test (`clipguard.signals.patches`).
+        "image_patches": pa.array([list(r.patches) for r in kept], pa.list_(pa.uint64())),
     }))
     left_out = [row for row in rows if row.error is not None]
     write_parquet(left_out_path(out_dir, name), pa.table({

@@ -34,6 +34,10 @@ SIGNALS: tuple[Signal, ...] = (
     Signal("relabelled_image", Scope.cross_pair,
            "-log10 corrected p-value of the (caption class A, class B of the image's other captions) cell when the "
            "pair's caption is the minority class among its image's captions; 0 otherwise", ("relabel_neglog10p",)),
+    Signal("stamped_image", Scope.cross_pair,
+           "-log10 corrected p-value of the patch group (one tile's pixels shared by many images: a stamped trigger) "
+           "whose label the pair's caption names, when its images' classes do not explain that label; 0 otherwise",
+           ("stamped_neglog10p",)),
     Signal("image_cluster", Scope.cross_pair,
            "distinct images in this pair's near-duplicate image group", ("image_cluster_size", "image_group")),
     Signal("image_knn_distance", Scope.cross_pair,
