@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audit_worlds import KEYWORDS, World
+from audit_worlds import CLASSES, KEYWORDS, World
 from clipguard.audit import AuditConfig, MissingEmbeddingsError, run_audit
 from clipguard.audit.density import density
 from clipguard.audit.neighbours import NeighbourIndex
@@ -247,6 +247,27 @@ def test_a_relabelled_cell_takes_in_the_images_without_a_majority(tmp_path):
     assert finding.goal == "sheep:aeroplane" and finding.observed == 12
     assert set(finding.rows) == set(np.flatnonzero(np.isin(tag, ["relabel", "relabel_undecided"])))
     assert "6 more sheep caption(s) on images that also carry a aeroplane caption" in finding.description
+
+
+def test_two_classes_on_the_same_images_without_a_majority(tmp_path):
+    """Twelve aeroplane images whose two pages disagree (one aeroplane and one other caption each)
+    get a sheep caption, far from the image as added captions are: no image has a majority, so no
+    cell counts them, but sheep and aeroplane meet on twelve images where under one is expected."""
+    world = World(13).clean()
+    sheep, aeroplane = CLASSES.index("sheep"), CLASSES.index("aeroplane")
+    for i in range(12):
+        image = world.image(aeroplane)
+        third = [c for c in range(len(CLASSES)) if c not in (sheep, aeroplane)][i % (len(CLASSES) - 2)]
+        world.add(world.caption(aeroplane), image, world.text(aeroplane))
+        world.add(world.caption(third), image, world.text(third))
+        far = world._unit(world.text_centres[sheep] - image[0])
+        world.add(world.caption(sheep), image, far, "added")
+    result, tag = _audit(world, tmp_path)
+    planted = tag == "added"
+    found = [f for f in result.findings if f.kind == "relabelled_images"]
+    assert [f.goal for f in found] == ["sheep:aeroplane"], [f.description for f in result.findings]
+    assert "on 12 images that also carry captions of aeroplane" in found[0].description and found[0].expected < 1
+    assert set(found[0].rows) == set(np.flatnonzero(planted))
 
 
 def test_a_cell_under_a_significant_row_is_corrected_for_its_row_only():

@@ -23,7 +23,8 @@ and every kind compares against the rate at which the data mismatches those clas
   (`_orient`: Attack II at a high rate);
   a cell under a significant per-A row is tested again against that row's C - 1 cells only
   (`_test_children`), and a significant cell takes in the A captions on images that also carry a
-  B caption without a majority (`_with_co_occurring`);
+  B caption without a majority (`_with_co_occurring`); where no cell is, classes A and B named on
+  many images together, majority or not, are tested per unordered pair (`_co_occurring_classes`);
 - caption_fan_out: one caption (with near-identical ones) of class A behind many distinct images
   of class B; binomial tail at P(B image | A caption).
 - stamped_images: one patch signature (`clipguard.signals.patches`: a tile's pixels at one
@@ -501,6 +502,7 @@ def _relabelled_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
                 n, expected, score, classes * (classes - 1), np.concatenate(members[(a, b)])))
     threshold = -math.log10(config.alpha)
     _test_children(found, threshold, classes)
+    found += _co_occurring_classes(t, config, {f.goal for f in found if f.neglog10_p > threshold})
     # A per-A finding that one of its cells, itself a finding, holds (at least REDUNDANT of its
     # images) says the same thing less precisely: Attack II's "sheep:*" beside "sheep:aeroplane".
     # Left out so that the cell ranks first; a backdoor's spread over many B keeps its row.
@@ -525,6 +527,61 @@ def _test_children(found: list[Finding], threshold: float, classes: int) -> None
         row_tests = max(classes - 1, 1)
         found[i] = Finding(f.kind, f.goal, f.description, f.observed, f.expected,
                            max(0.0, raw - math.log10(row_tests)), row_tests, f.rows)
+
+
+def _co_occurring_classes(t: AuditTables, config: DetectConfig, significant: set[str]) -> list[Finding]:
+    """Two classes named on the same images, majority or not, beyond the background rate at which
+    classes meet on one image (label noise, stock photos whose pages disagree).
+
+    The relabelled cells count an image only where its majority says which caption was added; on
+    web data most poisoned images have no majority. An attacker who picks "images of aeroplane" by
+    keyword takes some that are not (a car photo one page calls an aeroplane), and an image with two
+    pages carries its two captions and the poison: one aeroplane, one car, one sheep caption. Attack
+    III's ten poisons per goal then make a cell of four images, not a finding, but ten images on
+    which sheep and aeroplane meet. Per unordered class pair, counted in image groups, against the
+    expectation of a symmetric table (deg_A deg_B / 2T) without the pair's own images; the pair is oriented by which
+    class is behind on its images (the added one), ties by the pairs' own distances (`_farther`).
+    A pair whose ordered cell is already a finding is left to it."""
+    classes = len(t.classes)
+    meet = np.zeros((classes, classes), np.int64)
+    images: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+    for labelled, counts in _group_class_counts(t):
+        present = np.flatnonzero(counts > 0)
+        for i, a in enumerate(present):
+            for b in present[i + 1:]:
+                meet[a, b] += 1
+                meet[b, a] += 1
+                images.setdefault((int(a), int(b)), []).append((labelled, counts))
+    total = meet.sum() / 2
+    degree = meet.sum(axis=1)
+    tests = classes * (classes - 1) // 2
+    found = []
+    for (a, b), members in images.items():
+        n = len(members)
+        if n < config.min_cell_pairs or f"{t.classes[a]}:{t.classes[b]}" in significant \
+                or f"{t.classes[b]}:{t.classes[a]}" in significant:
+            continue
+        # Leave the pair's own images out of the background: every class pair they join, not only (A, B).
+        present = [int((c > 0).sum()) for _, c in members]
+        own_edges = sum(k * (k - 1) / 2 for k in present)
+        own_degree = sum(k - 1 for k in present)
+        expected = max((degree[a] - own_degree) * (degree[b] - own_degree) / max(2.0 * (total - own_edges), 1.0),
+                       MIN_EXPECTED_COUNT)
+        score = neglog10_tail(stats.poisson.logsf(n - 1, expected), tests)
+        behind = sum(int(np.sign(c[b] - c[a])) for _, c in members)  # > 0: a is behind (added)
+        if behind == 0:
+            behind = sum(_farther(t, rows, a, b) for rows, _ in members)
+        if behind == 0:
+            continue  # which class was added cannot be told
+        added, kept = (a, b) if behind > 0 else (b, a)
+        rows = np.concatenate([r[t.caption_class[r] == added] for r, c in members if _a_not_ahead(c, added, kept)]
+                              + [np.zeros(0, np.int64)])
+        found.append(Finding(
+            "relabelled_images", f"{t.classes[added]}:{t.classes[kept]}",
+            f"captions of {t.classes[added]} on {n} images that also carry captions of {t.classes[kept]} (with or "
+            f"without a majority), where {expected:.2g} are expected, {describe_p(score)}",
+            n, expected, score, tests, rows))
+    return found
 
 
 def _with_co_occurring(f: Finding, t: AuditTables) -> Finding:
