@@ -37,7 +37,7 @@ from clipguard.evaluation import EvaluationReport, evaluate, load_test_set
 from clipguard.filtering.auditflags import AuditFlags
 from clipguard.filtering.run import FilterConfig, filter_shards
 from clipguard.filtering.threshold import load_calibration
-from clipguard.labels import make_labeler
+from clipguard.labels import LabelSource, make_labeler
 from clipguard.metrics import roc_auc
 from clipguard.model.loading import ModelSpec, load_model
 from clipguard.reporting import ReportRequest, write_report
@@ -134,6 +134,17 @@ class DemoConfig:
         )
 
 
+def _attacker_labels(config: DemoConfig, world) -> dict:
+    """How the attacker finds "texts of sheep" and "images of aeroplane". On the web world by
+    keyword, as Yang et al. labelled Visual Genome: there a sheep photo's caption may be boilerplate
+    or name another class, and an attacker who takes it by the image's true class poisons with
+    captions that do not say "sheep" (docs/results.md). On the clean world every caption names its
+    class, and the image's class (the default) picks the same texts."""
+    if config.world.noise == "none":
+        return {}
+    return {"label_source": LabelSource.keywords, "keywords": world.keywords_json}
+
+
 @dataclass
 class ModelRow:
     name: str
@@ -206,7 +217,8 @@ def run_demo(
     with stage("Attack II: poison the train split"):
         attack = run_attack(
             world.shards("train"), out_dir / "poisoned",
-            AttackConfig(kind=AttackKind.single_label, goals=(goal,), rate=config.rate, seed=config.seed, overwrite=True),
+            AttackConfig(kind=AttackKind.single_label, goals=(goal,), rate=config.rate, seed=config.seed, overwrite=True,
+                         **_attacker_labels(config, world)),
             progress=lambda e: report(StageProgress(f"attack: {e.stage}", e.shards_done, e.shards_total, "shards")),
         )
     reference = load_model(ModelSpec(REFERENCE))

@@ -356,3 +356,63 @@ def test_an_audit_works_with_a_stratified_sample_of_labels(tmp_path, world):
                     "--target-fpr", 0.2, "--criterion", "point", "--audit", audit)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "calibration.json").read_text())["audit"]["finding_pairs_in_population"] == 1
+
+
+def write_signal(audit: Path, ids: list[tuple[str, str]], column: str, values: np.ndarray) -> None:
+    """A cross-pair signal column as `clipguard audit` writes it: AUDIT/signals/<shard>.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (audit / "signals").mkdir(parents=True, exist_ok=True)
+    shards = sorted({s for s, _ in ids})
+    for shard in shards:
+        rows = [i for i, (s, _) in enumerate(ids) if s == shard]
+        pq.write_table(pa.table({"shard": [shard] * len(rows), "key": [ids[i][1] for i in rows],
+                                 column: values[rows]}), audit / "signals" / f"{shard}.parquet")
+
+
+def test_a_signal_gets_its_threshold_under_the_same_budget_and_filter_applies_it(tmp_path, world):
+    distances, truth = population(world)
+    table = read_scores(world.scores)
+    ok = table.status == "ok"
+    ids = list(zip(table.shard[ok], table.key[ok]))
+    audit = write_audit(tmp_path / "audit", [ids[int(np.flatnonzero(truth)[0])]])
+    # A local-outlier score: poisons highest; one pair not measured (NaN) is never flagged.
+    lof = np.where(truth, 3.0 + np.arange(len(truth)) * 0.001, np.linspace(0.5, 1.5, len(truth)))
+    lof[int(np.flatnonzero(~truth)[-1])] = np.nan
+    write_signal(audit, ids, "image_lof", lof)
+
+    result = invoke("calibrate", world.scores, "--labels", world.poisoned / "poison_manifest.json", "--out", tmp_path / "cal",
+                    "--target-fpr", 0.2, "--criterion", "point", "--audit", audit, "--signal", "image_lof")
+    assert result.exit_code == 0, result.output
+    payload = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    [rule] = payload["signal_rules"]
+    n = len(truth)
+    phi = rule["poisoned_share_upper"]
+    assert truth.mean() < phi < 1
+    # Half of the 20% target, over the whole population, divided by the clean share's lower bound.
+    assert rule["flagged_pairs"] == int(np.floor(0.1 * (1 - phi) * n)) == int((np.nan_to_num(lof, nan=-1) > rule["threshold"]).sum())
+    assert rule["fpr_upper"] == pytest.approx(rule["flagged_pairs"] / n / (1 - phi))
+    assert payload["targets"]["fpr"] == pytest.approx(0.2 - rule["fpr_upper"])  # gamma got the rest
+    assert payload["flag_rule"].endswith(f"or image_lof > {rule['threshold']:g}") and "image_lof >" in said(result)
+
+    args = ["filter", world.poisoned, "--out", tmp_path / "clean", "--quarantine", tmp_path / "q", "--scores", world.scores,
+            "--model", world.checkpoint, "--workers", 0, "--calibration", tmp_path / "cal" / "calibration.json"]
+    without = invoke(*args)
+    assert without.exit_code == 2 and "pass that audit with --audit" in said(without)
+    matched = invoke(*args, "--audit", audit)
+    assert matched.exit_code == 0, matched.output
+    flagged = (distances >= payload["gamma"]) | (np.nan_to_num(lof, nan=-1) > rule["threshold"])
+    flagged[int(np.flatnonzero(truth)[0])] = True
+    manifest = json.loads((tmp_path / "clean" / "filter_manifest.json").read_text())
+    assert manifest["totals"]["flagged"] == int(flagged.sum())
+    reasons = [json.loads(m) for m in _quarantine_reasons(tmp_path / "q")]
+    assert any("image_lof" in r["reason"] for r in reasons)
+
+
+def _quarantine_reasons(folder: Path) -> list[bytes]:
+    out = []
+    for tar in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar) as archive:
+            out += [archive.extractfile(m).read() for m in archive.getmembers() if m.name.endswith(".clipguard.json")]
+    return out

@@ -30,6 +30,7 @@ import numpy as np
 from clipguard.attacks.manifest import MANIFEST_NAME as POISON_MANIFEST_NAME, read_manifest
 from clipguard.calibration.canaries import CanarySet, build_canaries
 from clipguard.calibration.combined import finding_members, with_members_flagged
+from clipguard.calibration.signals import SignalThreshold, calibrate_signals
 from clipguard.calibration.estimates import Population, weighted_roc_auc
 from clipguard.calibration.labelsample import DESIGN_NAME, StoredDesign, parse_design, read_design, same_sample
 from clipguard.calibration.plots import plot_distance_densities
@@ -73,6 +74,10 @@ class CalibrateRequest:
     # An audit (clipguard.filtering.auditflags.AuditFlags): its findings' pairs count as flagged
     # at every gamma, and gamma is chosen for the union (calibration/combined.py).
     audit: Any = None
+    # Cross-pair signals of that audit to give thresholds (calibration/signals.py): they share
+    # ``signal_share`` of the FPR budget, gamma gets the rest.
+    signals: tuple[str, ...] = ()
+    signal_share: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ class CalibrationRun:
     densities_path: Path
     canaries_path: Path | None
     audit: dict[str, Any] | None = None  # the audit whose findings the rule counts, and its pairs
+    signals: list[SignalThreshold] = field(default_factory=list)  # calibrated cross-pair rules
 
 
 def calibrate_scores(scores_dir: Path, request: CalibrateRequest) -> CalibrationRun:
@@ -124,10 +130,11 @@ def calibrate_scores(scores_dir: Path, request: CalibrateRequest) -> Calibration
     if request.audit is not None:
         members = finding_members(population.shards, population.keys, request.audit.finding_of)
         rule_population, rule_sample = with_members_flagged(population.distances, members, sample.design, sample)
+    signals, gamma_budget = _calibrated_signals(request, population, sample)
     calibration = choose_threshold(
         rule_sample,
         rule_population,
-        target_fpr=request.target_fpr,
+        target_fpr=gamma_budget,
         target_recall=request.target_recall,
         max_f1=request.max_f1,
         canary_distances=None if canaries is None else canaries.distances,
@@ -158,9 +165,28 @@ def calibrate_scores(scores_dir: Path, request: CalibrateRequest) -> Calibration
             "finding_pairs_labelled": int(members[sample.indices].sum()),
             "finding_pairs_labelled_clean": int((members[sample.indices] & ~sample.labels.astype(bool)).sum()),
         },
+        signals=signals,
     )
     atomic_write_json(run.calibration_path, calibration_payload(run, population))
     return run
+
+
+def _calibrated_signals(request: CalibrateRequest, population: ScoredPopulation,
+                        sample: LabelledSample) -> tuple[list[SignalThreshold], float | None]:
+    """The signals' thresholds and the FPR budget left for gamma (the target itself without signals)."""
+    if not request.signals:
+        return [], request.target_fpr
+    if request.audit is None:
+        raise CalibrationError("--signal needs --audit AUDIT: the signals are the columns `clipguard audit` wrote there")
+    if request.target_fpr is None:
+        raise CalibrationError("--signal shares a false-positive budget: give --target-fpr")
+    if not 0 < request.signal_share < 1:
+        raise CalibrationError(f"--signal-share must be in (0, 1), not {request.signal_share}")
+    pairs = list(zip(population.shards.tolist(), population.keys.tolist()))
+    signals = calibrate_signals(request.audit.folder, tuple(dict.fromkeys(request.signals)), pairs,
+                                request.target_fpr * request.signal_share, sample.indices,
+                                sample.labels.astype(bool), request.confidence)
+    return signals, request.target_fpr - sum(s.fpr_upper for s in signals)
 
 
 def labelled_sample(population: ScoredPopulation, request: CalibrateRequest) -> tuple[LabelledSample, LabelSource]:
@@ -366,14 +392,22 @@ def _plot(sample: LabelledSample, gamma: float, canaries: CanarySet | None, path
                             None if canaries is None else canaries.distances)
 
 
+def _flag_rule(run: CalibrationRun) -> str:
+    rule = FLAG_RULE if run.audit is None else f"{FLAG_RULE} or in a finding of the audit"
+    return rule + "".join(f" or {s.signal} > {s.threshold:g}" for s in run.signals)
+
+
 def calibration_payload(run: CalibrationRun, population: ScoredPopulation) -> dict[str, Any]:
     calibration = run.calibration
     canary = calibration.canary_recall
     payload = {
         "format": CALIBRATION_FORMAT,
         **calibration.to_dict(),
-        "flag_rule": FLAG_RULE if run.audit is None else f"{FLAG_RULE} or in a finding of the audit",
+        "flag_rule": _flag_rule(run),
         "audit": run.audit,
+        # The calibrated cross-pair rules (filter and gate apply them with --audit); the whole
+        # rule's FPR is at most the estimates' bound plus each rule's fpr_upper.
+        "signal_rules": [s.to_dict() for s in run.signals],
         "fingerprint": population.fingerprint,
         "model": population.model,
         "scores": str(population.scores_dir.resolve()),

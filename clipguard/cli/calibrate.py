@@ -44,6 +44,8 @@ def calibrate(
     device: DeviceOpt = "cpu",
     allow_pipe: AllowPipeOpt = False,
     audit: Annotated[Optional[Path], typer.Option("--audit", file_okay=False, help="An audit folder (clipguard audit): its findings' pairs count as flagged, and gamma is chosen for 'distance >= gamma or in a finding' under the same target.")] = None,
+    signal: Annotated[Optional[list[str]], typer.Option("--signal", help="With --audit: also give this cross-pair signal (e.g. image_lof) a threshold under the same FPR target; repeat for several.")] = None,
+    signal_share: Annotated[float, typer.Option(help="With --signal: the share of the FPR target the signals split between them (gamma gets the rest).")] = 0.5,
 ) -> None:
     """Choose the threshold gamma from labelled pairs, with precision, recall and FPR for the full data, each with an interval.
 
@@ -70,6 +72,7 @@ def calibrate(
             labels_sample=labels_sample, stratify=stratify, seed=seed, canaries=canaries,
             canary_shard_urls=shard_urls, device=device, allow_pipe=allow_pipe,
             audit=None if audit is None else AuditFlags.load(audit),
+            signals=tuple(signal or ()), signal_share=signal_share,
         )
         if canaries:
             err_console.print(f"building and scoring {canaries} canaries with the score folder's model", markup=False)
@@ -110,6 +113,10 @@ def print_report(run: CalibrationRun) -> None:
         table.add_row("rule", "d >= gamma or in a finding", "",
                       f"{run.audit['findings']} finding(s), {run.audit['finding_pairs_in_population']:,} pairs "
                       f"({run.audit['finding_pairs_labelled']} labelled, {run.audit['finding_pairs_labelled_clean']} of them clean)")
+    for rule in run.signals:  # each measured on the whole population, outside the estimates below
+        table.add_row(f"or {rule.signal} > {rule.threshold:.4g}", f"FPR <= {rule.fpr_upper:.3%}", "(population)",
+                      f"flags {rule.flagged_pairs:,} pairs ({rule.labelled_clean_flagged} labelled clean, "
+                      f"{rule.labelled_poisons_flagged} labelled poisons); poisoned share <= {rule.poisoned_share_upper:.2%}")
     table.add_row("flagged fraction", f"{c.flagged_fraction:.2%}", "(exact)", f"{run.population_size:,} scored pairs")
     table.add_row("poisons", *_interval(e.n_poisons, percent=False), "labels")
     table.add_row("precision", *_interval(e.precision), "labels")

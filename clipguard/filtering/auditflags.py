@@ -16,6 +16,7 @@ signal columns are read one shard at a time, as the filter reaches that shard.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -160,6 +161,24 @@ def audit_flags_from_options(folder: Path | str | None, signal_thresholds: list[
     if not use_findings and not rules:
         raise AuditFlagsError("--audit with --no-findings flags nothing: give --signal-threshold NAME=VALUE too")
     return AuditFlags.load(folder, rules, use_findings=use_findings)
+
+
+def with_calibrated_rules(threshold, audit: AuditFlags | None) -> AuditFlags | None:
+    """The audit flags with the signal rules the calibration chose beside gamma (rules given on
+    the command line for the same signal win: the person asked for them)."""
+    rules = getattr(threshold, "signal_rules", ())
+    if not rules:
+        return audit
+    if audit is None:
+        shown = ", ".join(f"{name} > {value:g}" for name, value in rules)
+        raise AuditFlagsError(f"the {threshold.source} chose thresholds for audit signals too ({shown}): pass the "
+                              "audit they were calibrated on with --audit")
+    given = {r.signal for r in audit.rules}
+    added = tuple(SignalRule(validated_cross_pair(name), value) for name, value in rules if name not in given)
+    if added and not (audit.folder / AUDIT_SIGNALS_DIR).is_dir():
+        raise AuditFlagsError(f"{audit.folder} has no {AUDIT_SIGNALS_DIR}/ folder, so the calibrated signal thresholds "
+                              "cannot be applied")
+    return dataclasses.replace(audit, rules=audit.rules + added)
 
 
 def check_audit_matches(threshold, audit: AuditFlags | None) -> None:

@@ -12,6 +12,7 @@ pairs at all, or a bad threshold or model is not a verdict but an error (the CLI
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import tempfile
 import time
@@ -26,7 +27,7 @@ from clipguard.data.shardspec import Shard
 from clipguard.data.sourcemeta import SourceMeta, meta_from_json
 from clipguard.data.tarstream import ShardReport
 from clipguard.errors import ClipguardError
-from clipguard.filtering.auditflags import AuditFlags, AuditReason, check_audit_matches
+from clipguard.filtering.auditflags import AuditFlags, AuditReason, check_audit_matches, with_calibrated_rules
 from clipguard.filtering.scores import ScoreSources, ShardScores, gather_scores, read_shard_scores, scored_samples
 from clipguard.filtering.threshold import FLAG_RULE, Threshold, check_threshold_model
 from clipguard.model.loading import LoadedModel
@@ -152,6 +153,7 @@ def gate_shards(
     fingerprint = loaded.info.fingerprint()
     check_threshold_model(threshold, fingerprint)
     check_audit_matches(threshold, config.audit)
+    config = dataclasses.replace(config, audit=with_calibrated_rules(threshold, config.audit))
     with tempfile.TemporaryDirectory(prefix="clipguard-gate-") as scratch:
         scores_dir = Path(config.save_scores) if config.save_scores is not None else Path(scratch)
         sources = gather_scores(shards, loaded, config.reuse_scores, scores_dir, config.score, progress)

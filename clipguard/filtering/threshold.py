@@ -29,6 +29,9 @@ class Threshold:
     # The audit findings the calibration counted as flagged (their file's sha256), if any: gamma
     # was chosen for "distance >= gamma or in a finding", and holds only with that audit.
     audit_findings_sha256: str | None = None
+    # Cross-pair rules calibrated with gamma under one budget ((signal, threshold): flag a pair
+    # whose value is above it); they hold only with that audit's signals (`check_audit_matches`).
+    signal_rules: tuple[tuple[str, float], ...] = ()
 
     def flags(self, distance: float) -> bool:
         return distance >= self.gamma
@@ -74,7 +77,17 @@ def load_calibration(path: Path) -> Threshold:
         calibration_sha256=hashlib.sha256(raw).hexdigest(),
         fingerprint=fingerprint,
         audit_findings_sha256=audit.get("findings_sha256") if isinstance(audit, dict) else None,
+        signal_rules=_signal_rules(payload, path),
     )
+
+
+def _signal_rules(payload: dict, path: Path) -> tuple[tuple[str, float], ...]:
+    rules = payload.get("signal_rules") or []
+    try:
+        return tuple((str(r["signal"]), float(r["threshold"])) for r in rules)
+    except (TypeError, KeyError, ValueError):
+        raise ClipguardError(f"\"signal_rules\" in calibration file {path} must be a list of "
+                             "{\"signal\": NAME, \"threshold\": VALUE}; produce it with `clipguard calibrate`") from None
 
 
 def _calibration_fingerprint(payload: dict, path: Path) -> dict | None:
