@@ -220,6 +220,8 @@ def main() -> None:
                         help="FPR within budget by its 95%% upper bound (calibrate's default) or its point estimate")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--clean-seeds", type=int, default=5)
+    parser.add_argument("--clean-first-seed", type=int, default=0, help="world seed of the first clean world")
+    parser.add_argument("--clean-noise", default="web,none", help="which clean worlds: web, none or both")
     parser.add_argument("--world-seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench-out/signals"))
     args = parser.parse_args()
@@ -241,8 +243,8 @@ def main() -> None:
                   f"  goal rank {row['goal_rank']}  top: {top and (top['kind'] + ' ' + top['goal'] + ' ' + str(top['poisons_in_it']) + '/' + str(top['pairs']))}"
                   f"  audit {row['audit_seconds_per_10k_pairs']} s/10k", flush=True)
     clean = []
-    for noise in ("web", "none"):
-        for seed in range(args.clean_seeds):
+    for noise in [n for n in args.clean_noise.split(",") if n]:
+        for seed in range(args.clean_first_seed, args.clean_first_seed + args.clean_seeds):
             clean.append(one_clean(args.out, noise, seed))
             print(f"clean {noise} world seed {seed}: {clean[-1]['findings']} finding(s) on {clean[-1]['pairs']} pairs "
                   f"(largest -log10 p {clean[-1]['largest_neglog10_p']})", flush=True)

@@ -7,7 +7,9 @@ memory, with the same statistics (docs/architecture.md says the same):
 
 1. Counting pass, per shard: hash each pair's normalised caption and image sha256; write
    (hash prefix partition, hash, key) runs to disk; merge each partition alone (a partition fits
-   in memory) into distinct-caption-per-image and distinct-image-per-caption counts.
+   in memory) into distinct-caption-per-image and distinct-image-per-caption counts. Patch
+   signatures (8 per image) go the same way, partitioned by signature: a partition keeps only the
+   signatures shared by two or more image groups, the stamped-images test's input.
 2. Index pass: train a faiss IVF-PQ index on a sample of image (and text) vectors, add every
    shard's vectors, then search shard by shard: k-distances, near-duplicate edges above the
    threshold (written as edge lists, merged with a union-find over int64 ids that fits for 10^8),
