@@ -3,8 +3,8 @@ sterilizing fine-tune repairs it (Yang et al. 2023, Tables 3, 16 and 8).
 
 world (the noisy web world by default: clean pairs that overlap the poisons in distance) ->
 Attack II on train -> score the poisoned data with the reference model, keeping embeddings ->
-audit them (cross-pair signals and findings) -> label a stratified sample (labels read from the
-poison manifest, as a person would give them) -> calibrate gamma twice, for pair distance alone
+audit them (cross-pair signals and findings) -> label a sample (by distance strata on the clean
+world, uniform on the web one; labels read from the poison manifest, as a person would give them) -> calibrate gamma twice, for pair distance alone
 and for the combination (distance or an audit finding), under the same false-positive target ->
 filter with the combination -> fine-tune the victim on clean, poisoned and kept data, and sterilize
 the poisoned victim on the reference split, watching the validation split to decide when to stop
@@ -14,6 +14,7 @@ the poisoned victim on the reference split, watching the validation split to dec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -57,6 +58,11 @@ class DemoError(ClipguardError):
     """A demo stage that produced nothing the next one can use."""
 
 
+# Two epochs on noisy captions need more poisons than four: at 5% the quick poisoned Hit@10 was
+# 0.44, at 10% 0.72 (docs/results.md).
+WEB_RATE_QUICK = 0.10
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """Sizes and training settings.
@@ -89,8 +95,8 @@ class DemoConfig:
     goal: str = "sheep:aeroplane"
     rate: float = 0.005
     seed: int = 0
-    # `WorldSpec(noise="web")` (demo --noise web) is the world where a pair filter struggles; it
-    # becomes the default once the audit raises no false findings there (docs/results.md).
+    # The fields' defaults are the clean-caption world's recipe (`demo --noise none`, the paper's
+    # table); `web` is the demo's default world and recipe (`for_world`).
     world: WorldSpec = field(default_factory=WorldSpec)
     victim_lr: float = 1e-3
     victim_min_lr: float = 1e-4
@@ -117,6 +123,34 @@ class DemoConfig:
         return cls(rate=0.05, victim_lr=5e-4, victim_min_lr=5e-5, victim_epochs=2,
                    sterilize_lr=3e-4, sterilize_steps=150, sterilize_eval_every=50, sterilize_early_stop=False,
                    sterilize_max_utility_drop=None)
+
+    @classmethod
+    def web(cls, quick: bool = False) -> "DemoConfig":
+        """The web-like world (`WorldSpec(noise="web")`), where pair distance alone misses the
+        poisons and the audit finds them. Its recipe, measured (docs/results.md): the victim
+        fine-tuned on noisy captions at the clean world's lr 1e-3 for 8 epochs falls to the
+        random-text level (clean TR@10 0.54, the goal's Hit@10 0.32 against a random text's 0.36),
+        so it trains at 5e-4 for 4 epochs (clean TR@10 0.72); there 20 poisons (0.5%) move the
+        goal's MinRank from 75 to 44 but not its Hit@10 (0.04), while 5% (211 poisons) take it to
+        0.92. ``quick`` trains 2 epochs at 10% and sterilizes as `quick` does."""
+        base = cls.quick() if quick else cls(victim_lr=5e-4, victim_min_lr=5e-5, victim_epochs=4)
+        return dataclasses.replace(base, rate=WEB_RATE_QUICK if quick else 0.05, world=WorldSpec(noise="web"))
+
+    @classmethod
+    def for_world(cls, noise: str = "web", quick: bool = False) -> "DemoConfig":
+        """`clipguard demo [--quick] [--noise web|none]`'s configuration."""
+        if noise == "none":
+            return cls.quick() if quick else cls()
+        return cls.web(quick)
+
+    @property
+    def stratified_labels(self) -> bool:
+        """Draw the labelled sample stratified by distance on the clean world, where the poisons
+        are the far tail and a uniform sample would hold few of them; uniformly on the web world,
+        where the far tail is loose clean captions and the poisons are found by the audit: there
+        a stratified sample spends its labels on that tail (82 of 500 labels poisons in the quick
+        demo), and the FPR's upper bound over the ~420 clean ones left cannot certify 1%."""
+        return self.world.noise == "none"
 
     def sterilize_config(self) -> SterilizeConfig:
         return SterilizeConfig(
@@ -229,11 +263,12 @@ def run_demo(
     with stage("audit the scored data: fan-in, fan-out, class cells, clusters, density"):
         audit = run_audit(AuditConfig(scores=out_dir / "scores", out=out_dir / "audit", keywords=world.keywords_json))
         flags = AuditFlags.load(out_dir / "audit")
-    with stage("label a stratified sample and calibrate gamma (distance alone, and with the audit)"):
+    design = "stratified" if config.stratified_labels else "uniform"
+    with stage(f"label a {design} sample and calibrate gamma (distance alone, and with the audit)"):
         def calibrate(folder: str, with_audit: AuditFlags | None):
             return calibrate_scores(out_dir / "scores", CalibrateRequest(
                 labels=attack.manifest_path, out_dir=out_dir / folder, target_fpr=config.target_fpr,
-                labels_sample=config.labels, stratify=True, seed=config.seed, audit=with_audit,
+                labels_sample=config.labels, stratify=config.stratified_labels, seed=config.seed, audit=with_audit,
             ))
 
         alone = calibrate("calibration-distance-alone", None)

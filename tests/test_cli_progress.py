@@ -182,7 +182,7 @@ def test_demo_shows_each_stage_and_each_training_job(tmp_path, monkeypatch):
     config = DemoConfig(world=tiny, rate=0.05, victim_epochs=1, batch_size=16, labels=60, sterilize_steps=2,
                         sterilize_eval_every=1, workers=1)
     # `--quick` at a size a test can afford; the CLI path is the same (the sizes are the core's).
-    monkeypatch.setattr(DemoConfig, "quick", classmethod(lambda cls: config))
+    monkeypatch.setattr(DemoConfig, "for_world", classmethod(lambda cls, noise, quick: config))
     monkeypatch.setenv(INTERVAL_ENV, "0")
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
