@@ -85,6 +85,17 @@ def attack_config(name: str, rate: float, seed: int, keywords: Path, evade: str 
                         keywords=keywords, overwrite=True, evade=evade or default_evade)
 
 
+def recall_at_fpr(scores: np.ndarray, truth: np.ndarray, fpr: float) -> dict:
+    """Recall of "score > t" with t the smallest cut that flags at most ``fpr`` of the clean pairs
+    (ties at t stay unflagged, so a discrete signal may flag fewer), and the FPR it measures."""
+    clean = np.sort(np.nan_to_num(scores[~truth], nan=-np.inf))[::-1]
+    allowed = int(np.floor(fpr * len(clean)))
+    cut = clean[allowed] if allowed < len(clean) else -np.inf
+    flagged = np.nan_to_num(scores, nan=-np.inf) > cut
+    return {"recall": round(float(flagged[truth].mean()), 4) if truth.any() else None,
+            "fpr": round(float(flagged[~truth].mean()), 5)}
+
+
 def allowed_false_positives(clean: int, budget: float, criterion: str) -> int:
     """How many of ``clean`` labelled clean pairs a rule may flag and keep its FPR within budget:
     criterion "bound" (calibrate's default) keeps the Clopper-Pearson upper bound (95%) <= budget,
@@ -154,10 +165,13 @@ def one_cell(world: Path, name: str, evade: str | None, rate: float, seed: int, 
         member[finding.rows] = True
 
     aurocs = {"cosine_distance": roc_auc(d, truth)}
+    at_fpr = {"cosine_distance": recall_at_fpr(d, truth, args.fpr)}
     for column, values in audit.signal_columns.items():
         values = np.asarray(values)
-        if values.dtype.kind in "fiu":
-            aurocs[column] = roc_auc(np.nan_to_num(values.astype(np.float64), nan=-np.inf), truth)
+        if values.dtype.kind in "fiu" and not column.endswith("_group"):
+            scores = np.nan_to_num(values.astype(np.float64), nan=-np.inf)
+            aurocs[column] = roc_auc(scores, truth)
+            at_fpr[column] = recall_at_fpr(scores, truth, args.fpr)
 
     rng = np.random.default_rng(1000 + seed)
     sample = rng.choice(len(ids), size=min(args.labelled, len(ids)), replace=False)
@@ -191,6 +205,9 @@ def one_cell(world: Path, name: str, evade: str | None, rate: float, seed: int, 
         "attack": name, "evade": evade, "rate": rate, "seed": seed, "pairs": len(ids), "poisons": int(truth.sum()),
         "goal_rank": rank,
         "auroc": {k: round(v, 4) for k, v in aurocs.items()},
+        # Each signal alone, cut where it flags at most --fpr of the clean pairs (an oracle cut:
+        # every pair's truth known), as "recall at a measured FPR".
+        "recall_at_fpr": at_fpr,
         "distance_alone": {"gamma": gamma_alone, **alone},
         "combination": {"gamma": gamma_combined, **combined},
         "findings": len(audit.findings),

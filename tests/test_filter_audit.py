@@ -136,3 +136,14 @@ def test_gate_fails_on_a_finding_and_counts_audit_flags_as_flagged(scored, tiny_
     assert tight.exit_code == 1 and "| audit findings | 1 in these shards | ≤ 1 | ✅ |" in tight.output
     no_audit = run_gate(scored, tiny_checkpoint, "--max-findings", "1")
     assert no_audit.exit_code == 2 and "needs --audit" in no_audit.output
+    # A policy per rule: the finding may flag 2 of the 12 pairs, the fan-in signal none.
+    per_rule = ["--audit", str(scored / "audit"), "--max-findings", "1", "--max-flagged-rate", "1",
+                "--signal-threshold", "image_fan_in=5", "--format", "json"]
+    within = run_gate(scored, tiny_checkpoint, *per_rule, "--max-rate-by", "finding=0.2", "--max-rate-by", "image_fan_in=0.1")
+    assert within.exit_code == 0, within.output
+    assert json.loads(within.stdout)["max_rate_by"] == {"finding": 0.2, "image_fan_in": 0.1}
+    over = run_gate(scored, tiny_checkpoint, *per_rule, "--max-rate-by", "image_fan_in=0")
+    assert over.exit_code == 1
+    assert "image_fan_in alone flagged 1 of 12 scored pairs (8.333%), more than its maximum 0.000%" in json.loads(over.stdout)["failures"]
+    bad = run_gate(scored, tiny_checkpoint, *per_rule, "--max-rate-by", "finding")
+    assert bad.exit_code == 2 and "RULE=RATE" in " ".join(bad.output.split())

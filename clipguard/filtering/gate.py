@@ -45,12 +45,33 @@ class GatePolicy:
     allow_truncated: bool = False
     # With an audit: at most this many of its findings may hold pairs of these shards (None: no limit)
     max_findings: int | None = None
+    # Per rule ("distance", "finding" or a cross-pair signal name): the most of the scored pairs it
+    # alone may flag, beside max_flagged_rate for all rules together.
+    max_rate_by: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         for name in ("max_flagged_rate", "max_error_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ClipguardError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
+        for rule, value in self.max_rate_by:
+            if not 0.0 <= value <= 1.0:
+                raise ClipguardError(f"--max-rate-by {rule}={value}: the rate must lie in [0, 1]")
+
+
+def parse_rate_by(texts: list[str] | None) -> tuple[tuple[str, float], ...]:
+    """``RULE=RATE`` as typed (``finding=0``, ``image_fan_in=0.001``, ``distance=0.01``)."""
+    out = []
+    for text in texts or ():
+        rule, sep, value = text.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = None
+        if not sep or rate is None:
+            raise ClipguardError(f"--max-rate-by is RULE=RATE (e.g. finding=0 or image_fan_in=0.001), not {text!r}")
+        out.append((rule.strip(), rate))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -138,6 +159,7 @@ class GateReport:
             "top_flagged": [vars(e) for e in self.top_flagged],
             "audit": self.audit,
             "max_findings": self.policy.max_findings,
+            "max_rate_by": dict(self.policy.max_rate_by),
             "wall_seconds": self.wall_seconds,
         }
 
@@ -293,6 +315,10 @@ def _report(
     audit_entry = None
     if audit is not None:
         audit_entry = {"folder": audit.folder, "findings": audit.findings, "flagged_by": dict(sorted(flagged_by.items()))}
+        for rule, rate in policy.max_rate_by:
+            if ok and Fraction(flagged_by[rule], ok) > Fraction(repr(rate)):
+                failures.append(f"{rule} alone flagged {flagged_by[rule]} of {ok} scored pairs ({flagged_by[rule] / ok:.3%}), "
+                                f"more than its maximum {rate:.3%}")
         if policy.max_findings is not None and len(audit.findings) > policy.max_findings:
             shown = "; ".join(audit.findings[:3]) + ("; ..." if len(audit.findings) > 3 else "")
             failures.append(f"the audit holds {len(audit.findings)} finding(s) in these shards, more than the maximum "
