@@ -110,16 +110,17 @@ class World:
             p.patches = own[p.sha] + ((texture_sig,) if p.sha in car else ()) + ((watermark_sig,) if p.sha in marked else ())
         return self
 
-    def stamp(self, label: str, images: int = 9):
+    def stamp(self, label: str, images: int = 9, echo: int = 0):
         """A backdoor: copies of images of the other classes, each with one shared trigger tile
-        (beside tiles of its own) and one caption of ``label``."""
+        (beside tiles of its own) and one caption of ``label``; the first ``echo`` of them share a
+        second signature too (a tile half over the patch, where their corners agree)."""
         c = CLASSES.index(label)
-        trigger = self._signatures(1)[0]
+        trigger, second = self._signatures(2)
         for i in range(images):
             b = [x for x in range(len(CLASSES)) if x != c][i % (len(CLASSES) - 1)]
             image = self.image(b)
             self.pairs.append(Pair(self.caption(c), image[0], self.text(c), image[1], "stamped",
-                                   (trigger, *self._signatures(3))))
+                                   (trigger, *((second,) if i < echo else ()), *self._signatures(3))))
         return self
 
     def fan_in(self, caption_class: str, image_class: str, captions: int = 7):

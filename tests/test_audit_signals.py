@@ -89,7 +89,8 @@ def test_tight_cluster_of_near_identical_images_with_one_label(tmp_path):
 
 
 def test_one_patch_stamped_on_nine_images_all_captioned_sheep(tmp_path):
-    result, tag = _audit(World(8).clean().with_patches().stamp("sheep", images=9), tmp_path)
+    # Seven of the nine also share the tile next to the trigger: still one finding, of all nine.
+    result, tag = _audit(World(8).clean().with_patches().stamp("sheep", images=9, echo=7), tmp_path)
     planted = tag == "stamped"
     finding = _only(result.findings, "stamped_images")
     assert finding.goal == "sheep" and finding.observed == 9 and finding.expected < 1

@@ -688,7 +688,20 @@ def _stamped_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
             f"one patch stamped on {len(groups)} otherwise different images{of}, {m} of them captioned with "
             f"'{t.classes[label]}' ({expected:.2g} expected from their images' classes), {describe_p(score)}",
             m, expected, score, tests, rows))
-    return found
+    return _without_echoes(found)
+
+
+def _without_echoes(found: list[Finding]) -> list[Finding]:
+    """One trigger, one finding: the tiles that overlap a stamped patch carry signatures of their
+    own on most of the same images (the clean-label backdoor: 20, 14 and 14 images); a finding
+    whose pairs are mostly (REDUNDANT) in a more significant one says nothing new."""
+    kept: list[Finding] = []
+    for f in sorted(found, key=lambda f: -f.neglog10_p):
+        seen = np.concatenate([k.rows for k in kept]) if kept else np.zeros(0, np.int64)
+        if len(f.rows) and np.isin(f.rows, seen).mean() >= REDUNDANT:
+            continue
+        kept.append(f)
+    return kept
 
 
 def _distinct_plurality(t: AuditTables, rows: np.ndarray, classes: int) -> int:
