@@ -19,7 +19,7 @@ from clipguard.data.handlers import record_and_continue
 from clipguard.data.pairs import DecodeLimits, Pair
 from clipguard.data.shardspec import Shard
 from clipguard.data.sourcemeta import ScrapeReport, ScrapeSidecar, SourceMeta, read_sidecar
-from clipguard.data.stages import Decoded, TokenizedBatch, batched, prepare_pairs, preprocess_images, read_shards, tokenize_batches, with_patch_signatures
+from clipguard.data.stages import Decoded, TokenizedBatch, batched, prepare_pairs, preprocess_images, read_shards, tokenize_batches
 from clipguard.data.tarstream import ShardEnd, ShardReport
 from clipguard.model.encoding import TokenizedCaptions, tokenize
 
@@ -73,6 +73,7 @@ class ShardChunks(IterableDataset):
         tokenizer: Callable,
         chunk_size: int,
         limits: DecodeLimits,
+        patches: bool = False,
     ):
         super().__init__()
         self.shards = shards
@@ -80,6 +81,9 @@ class ShardChunks(IterableDataset):
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
         self.limits = limits
+        # Patch signatures travel only in the embeddings' metadata (`score --save-embeddings`, for
+        # the audit); without it they would be computed for nothing on every image.
+        self.patches = patches
 
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
@@ -92,7 +96,7 @@ class ShardChunks(IterableDataset):
         # A failed shard is recorded in its report, which rides on the shard's last chunk.
         clock = _StageClock()
         raw = clock.timed(read_shards([shard], self.limits, record_and_continue))
-        items = prepare_pairs(raw, self.limits, self.preprocess, patches=True)
+        items = prepare_pairs(raw, self.limits, self.preprocess, patches=self.patches)
         sidecar = read_sidecar(shard)
         resumed = time.perf_counter()
         for batch in tokenize_batches(batched(items, self.chunk_size), self.tokenize_captions):
@@ -103,7 +107,7 @@ class ShardChunks(IterableDataset):
 
     def make_chunk(self, shard: Shard, pairs: list[Pair]) -> Chunk:
         """A chunk of pairs decoded elsewhere (canaries), through the same preprocess and tokenize."""
-        items = list(preprocess_images(with_patch_signatures([Decoded(pair) for pair in pairs]), self.preprocess))
+        items = list(preprocess_images([Decoded(pair) for pair in pairs], self.preprocess))
         return chunk_of(shard, next(tokenize_batches([items], self.tokenize_captions)))
 
     def tokenize_captions(self, captions: list[str]) -> TokenizedCaptions:

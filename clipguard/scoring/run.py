@@ -245,7 +245,8 @@ def score_shard(
     loaded = model if isinstance(model, LoadedModel) else cached_model(model)
     embedder = ShardEmbedder(loaded, config.batch_size, config.trim_text)
     buffer = _ShardBuffer()
-    chunks = ShardChunks([shard], loaded.preprocess, loaded.tokenizer, config.batch_size, config.limits)
+    chunks = ShardChunks([shard], loaded.preprocess, loaded.tokenizer, config.batch_size, config.limits,
+                         patches=config.save_embeddings)
     for chunk in chunks.shard_chunks(shard):
         buffer.add(chunk, embedder)
     return _finish_shard(chunk, buffer, shard_stats.as_folder(out_dir), _run_metadata(loaded, config), config)
@@ -260,7 +261,8 @@ def cached_model(spec: ModelSpec) -> LoadedModel:
 def _chunk_stream(pending: list[Shard], loaded: LoadedModel, config: ScoreConfig):
     if not pending:
         return iter(())
-    dataset = ShardChunks(pending, loaded.preprocess, loaded.tokenizer, config.batch_size, config.limits)
+    dataset = ShardChunks(pending, loaded.preprocess, loaded.tokenizer, config.batch_size, config.limits,
+                          patches=config.save_embeddings)
     workers = min(config.workers, len(pending))
     if workers == 0:
         return iter(dataset)
