@@ -113,8 +113,7 @@ class Detection:
     findings: list[Finding]  # most significant first
     cell_score: np.ndarray  # per pair: -log10 corrected p of its (caption class, image class) cell
     relabel_score: np.ndarray  # per pair: -log10 corrected p of its relabelled-images cell, 0 if none
-    # per pair: -log10 corrected p of the most significant patch group it is a labelled member of
-    stamp_score: np.ndarray | None = None
+    stamp_score: np.ndarray  # per pair: -log10 corrected p of the most significant patch group it is a labelled member of
 
 
 def detect(t: AuditTables, config: DetectConfig, clock: StageClock | None = None) -> Detection:
@@ -123,24 +122,30 @@ def detect(t: AuditTables, config: DetectConfig, clock: StageClock | None = None
         cell_findings, cell_score = _class_pairs(t, config)
     with clock("test: relabelled images"):
         relabel_findings = _relabelled_images(t, config)
-    relabel_score = np.zeros(len(t.caption_class))
-    for f in relabel_findings:
-        if not f.goal.endswith(":*"):
-            relabel_score[f.rows] = np.maximum(relabel_score[f.rows], f.neglog10_p)
     with clock("test: image fan-in and clusters"):
-        image_findings = _image_groups(t, config)
+        # The stamped-images test reads the same groups' mislabel rates: built once, here.
+        groups = _image_group_table(t)
+        mislabel = _group_mislabel(groups, len(t.classes))
+        image_findings = _image_groups(t, config, groups, mislabel)
     with clock("test: caption fan-out"):
         caption_findings = _caption_groups(t, config)
     with clock("test: stamped images (shared patches)"):
-        stamp_findings = _stamped_images(t, config)
-    stamp_score = np.zeros(len(t.caption_class))
-    for f in stamp_findings:
-        stamp_score[f.rows] = np.maximum(stamp_score[f.rows], f.neglog10_p)
+        stamp_findings = _stamped_images(t, config, mislabel)
+    relabel_score = _per_pair_score([f for f in relabel_findings if not f.goal.endswith(":*")], len(t.caption_class))
+    stamp_score = _per_pair_score(stamp_findings, len(t.caption_class))
     tested = cell_findings + image_findings + caption_findings + relabel_findings + stamp_findings
     threshold = -math.log10(config.alpha)
     findings = [f for f in tested if f.neglog10_p > threshold]
     findings.sort(key=lambda f: (-f.neglog10_p, -(f.observed / max(f.expected, 1e-9))))
     return Detection(findings, cell_score, relabel_score, stamp_score)
+
+
+def _per_pair_score(findings: list[Finding], n: int) -> np.ndarray:
+    """Per pair: the largest -log10 corrected p of the tested findings that hold it, 0 if none."""
+    score = np.zeros(n)
+    for f in findings:
+        score[f.rows] = np.maximum(score[f.rows], f.neglog10_p)
+    return score
 
 
 def _class_pairs(t: AuditTables, config: DetectConfig) -> tuple[list[Finding], np.ndarray]:
@@ -265,7 +270,7 @@ def _caption_noise(t: AuditTables, groups: list[_ImageGroup]) -> float:
     return float(min(1.0, (off + 1.0) / (total + 1.0) / (classes - 1)))
 
 
-def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
+def _image_groups(t: AuditTables, config: DetectConfig, groups: list[_ImageGroup], mislabel: np.ndarray) -> list[Finding]:
     """Fan-in (one or a few distinct images) and clusters (many distinct images), per image group.
 
     Under the null a group is ordinary reuse: its size follows the data's own (geometric) tail of
@@ -273,7 +278,6 @@ def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
     photo, a misjudged image class: `_group_mislabel`) or one by one (natural label noise, binomial).
     """
     classes = len(t.classes)
-    groups = _image_group_table(t)
     # Captions in excess of the usual number per distinct image (the median: a world with two
     # captions per image has nothing unusual about two, nor three near-duplicates about six), so
     # the tail is fitted to the reuse alone.
@@ -285,7 +289,6 @@ def _image_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
     excesses = np.array([excess(g) for g in groups])
     noise = _caption_noise(t, groups)
     extra_images = np.array([g.images - 1 for g in groups])
-    mislabel = _group_mislabel(groups, classes)
     fan_in = [g for g in groups if g.images < config.min_cluster and g.captions >= config.min_fan_in]
     clusters = [g for g in groups if g.images >= config.min_cluster]
     rate = _caption_rate(t)
@@ -629,9 +632,9 @@ def _group_class_counts(t: AuditTables):
             yield labelled, counts
 
 
-def _patch_units(t: AuditTables) -> list[tuple[np.ndarray, list[np.ndarray]]]:
-    """Per patch signature shared by at least two image groups: (its image groups, and per group
-    the rows whose image carries the signature). Counted in image groups, so a stock photo on many
+def _patch_units(t: AuditTables) -> list[list[np.ndarray]]:
+    """Per patch signature shared by at least two image groups: per group, the rows whose image
+    carries the signature. Counted in image groups, so a stock photo on many
     pages is one image; only the rows carrying the patch, so a stamped copy that joined its
     original's near-duplicate group brings its own captions, not the original's."""
     if t.patches is None or not t.patches.size:
@@ -650,45 +653,50 @@ def _patch_units(t: AuditTables) -> list[tuple[np.ndarray, list[np.ndarray]]]:
         groups = t.image_group[rows[start:end]]
         if groups[0] == groups[-1]:
             continue  # one image group: reuse, which the fan-in test reads
-        cuts = np.flatnonzero(np.diff(groups)) + 1
-        out.append((groups[np.r_[0, cuts]], np.split(rows[start:end], cuts)))
+        out.append(np.split(rows[start:end], np.flatnonzero(np.diff(groups)) + 1))
     return out
 
 
-def _stamped_images(t: AuditTables, config: DetectConfig) -> list[Finding]:
-    """A patch on many image groups whose captions name one label their images do not explain."""
-    units = _patch_units(t)
-    if not units:
-        return []
+def _stamped_images(t: AuditTables, config: DetectConfig, mislabel: np.ndarray | None = None) -> list[Finding]:
+    """A patch on many image groups whose captions name one label their images do not explain.
+    ``mislabel``: `_group_mislabel` of the data's image groups, where `detect` has built it."""
     classes = len(t.classes)
-    mislabel = _group_mislabel(_image_group_table(t), classes)
+    if mislabel is None:
+        mislabel = _group_mislabel(_image_group_table(t), classes)
     candidates = []
-    for groups, members in units:
-        if len(groups) < config.min_cluster:
+    for members in _patch_units(t):  # per image group carrying the patch, its rows
+        if len(members) < config.min_cluster:
             continue
         labels = np.array([_distinct_plurality(t, rows, classes) for rows in members])
         label = plurality(labels, classes)
         m = int((labels == label).sum()) if label >= 0 else 0
-        if m < config.min_cluster or 2 * m < len(groups):
+        if m < config.min_cluster or 2 * m < len(members):
             continue  # its images are not "all captioned with one label"
         image_classes = np.array([t.image_class[rows[0]] for rows in members])
         expected = sum(_joint_mismatch(mislabel, label, int(b), own=label == b) if b >= 0
                        else float(mislabel[label].sum() / max(mislabel.sum(), 1)) for b in image_classes)
-        candidates.append((groups, members, labels, label, m, max(float(expected), MIN_EXPECTED_COUNT), image_classes))
+        candidates.append((members, labels, label, m, max(float(expected), MIN_EXPECTED_COUNT), image_classes))
     found = []
     tests = max(len(candidates), 1)
-    for groups, members, labels, label, m, expected, image_classes in candidates:
+    for members, labels, label, m, expected, image_classes in candidates:
         score = neglog10_tail(stats.poisson.logsf(m - 1, expected), tests)
         rows = np.concatenate([r[t.caption_class[r] == label] for r, l in zip(members, labels) if l == label])
-        shown = [t.classes[c] for c, _ in sorted(((int(c), -int(n)) for c, n in zip(*np.unique(
-            image_classes[(labels == label) & (image_classes >= 0)], return_counts=True))), key=lambda x: x[1])[:4]]
-        of = f" (of {', '.join(shown)}{', ...' if len(set(image_classes[labels == label])) > 4 else ''})" if shown else ""
         found.append(Finding(
             "stamped_images", t.classes[label],
-            f"one patch stamped on {len(groups)} otherwise different images{of}, {m} of them captioned with "
-            f"'{t.classes[label]}' ({expected:.2g} expected from their images' classes), {describe_p(score)}",
+            f"one patch stamped on {len(members)} otherwise different images{_of_classes(t, image_classes[labels == label])}, "
+            f"{m} of them captioned with '{t.classes[label]}' ({expected:.2g} expected from their images' classes), "
+            f"{describe_p(score)}",
             m, expected, score, tests, rows))
     return _without_echoes(found)
+
+
+def _of_classes(t: AuditTables, image_classes: np.ndarray, shown: int = 4) -> str:
+    """" (of person, car, cat, bird, ...)": the images' classes, most frequent first."""
+    values, counts = np.unique(image_classes[image_classes >= 0], return_counts=True)
+    names = [t.classes[c] for c in values[np.argsort(-counts, kind="stable")]]
+    if not names:
+        return ""
+    return f" (of {', '.join(names[:shown])}{', ...' if len(names) > shown else ''})"
 
 
 def _without_echoes(found: list[Finding]) -> list[Finding]:

@@ -117,7 +117,8 @@ def run_audit(config: AuditConfig) -> AuditResult:
     if classes:
         detection = detect(tables, config.detect, clock)
     else:
-        detection = Detection([], np.zeros(len(pairs)), np.zeros(len(pairs)))
+        nothing = np.zeros(len(pairs))
+        detection = Detection([], nothing, nothing, nothing)
     findings = detection.findings
 
     with clock("density (kNN distance, LOF)"):
@@ -133,7 +134,7 @@ def run_audit(config: AuditConfig) -> AuditResult:
             "caption_group": tables.caption_group,
             "class_cell_neglog10p": detection.cell_score,
             "relabel_neglog10p": detection.relabel_score,
-            "stamped_neglog10p": detection.stamp_score if detection.stamp_score is not None else np.zeros(len(pairs)),
+            "stamped_neglog10p": detection.stamp_score,
             "caption_class": np.asarray([classes[c] if c >= 0 else None for c in caption_class], dtype=object),
             "image_class": np.asarray([classes[c] if c >= 0 else None for c in image_class], dtype=object),
             "image_cluster_size": distinct_per_group(image_group, image_id, n_image_groups)[image_group],
