@@ -147,3 +147,6 @@ def test_gate_fails_on_a_finding_and_counts_audit_flags_as_flagged(scored, tiny_
     assert "image_fan_in alone flagged 1 of 12 scored pairs (8.333%), more than its maximum 0.000%" in json.loads(over.stdout)["failures"]
     bad = run_gate(scored, tiny_checkpoint, *per_rule, "--max-rate-by", "finding")
     assert bad.exit_code == 2 and "RULE=RATE" in " ".join(bad.output.split())
+    # A rule this gate does not flag by would never fail: an error, not a silent pass.
+    unknown = run_gate(scored, tiny_checkpoint, *per_rule, "--max-rate-by", "image_lof=0")
+    assert unknown.exit_code == 2 and "which this gate does not flag by" in " ".join(unknown.output.split())

@@ -44,19 +44,25 @@ class SignalRule:
     @classmethod
     def parse(cls, text: str) -> "SignalRule":
         """``NAME=VALUE`` as typed on the command line (``image_fan_in=5``)."""
-        name, sep, value = text.partition("=")
-        if not sep:
-            raise AuditFlagsError(f"a signal threshold is NAME=VALUE (e.g. image_fan_in=5), not {text!r}")
-        try:
-            threshold = float(value)
-        except ValueError:
-            raise AuditFlagsError(f"the threshold of {name} must be a number, not {value!r}") from None
-        if not np.isfinite(threshold):
-            raise AuditFlagsError(f"the threshold of {name} must be finite, not {value!r}")
-        return cls(validated_cross_pair(name.strip()), threshold)
+        name, threshold = parse_name_value(text, "a signal threshold", "image_fan_in=5", "threshold")
+        return cls(validated_cross_pair(name), threshold)
 
     def to_dict(self) -> dict:
         return {"signal": self.signal, "threshold": self.threshold, "rule": f"{self.signal} > {self.threshold:g}"}
+
+
+def parse_name_value(text: str, what: str, example: str, value_name: str, form: str = "NAME=VALUE") -> tuple[str, float]:
+    """``NAME=VALUE`` with a finite number: ``--signal-threshold`` and gate's ``--max-rate-by``."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise AuditFlagsError(f"{what} is {form} (e.g. {example}), not {text!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise AuditFlagsError(f"the {value_name} of {name} must be a number, not {value!r}") from None
+    if not np.isfinite(number):
+        raise AuditFlagsError(f"the {value_name} of {name} must be finite, not {value!r}")
+    return name.strip(), number
 
 
 def validated_cross_pair(name: str) -> str:
@@ -163,9 +169,11 @@ def audit_flags_from_options(folder: Path | str | None, signal_thresholds: list[
     return AuditFlags.load(folder, rules, use_findings=use_findings)
 
 
-def with_calibrated_rules(threshold, audit: AuditFlags | None) -> AuditFlags | None:
-    """The audit flags with the signal rules the calibration chose beside gamma (rules given on
-    the command line for the same signal win: the person asked for them)."""
+def calibrated_audit(threshold, audit: AuditFlags | None) -> AuditFlags | None:
+    """The audit flags a threshold holds with: the audit its gamma was calibrated with
+    (`check_audit_matches`), plus the signal rules the calibration chose beside gamma (rules given
+    on the command line for the same signal win: the person asked for them)."""
+    check_audit_matches(threshold, audit)
     rules = getattr(threshold, "signal_rules", ())
     if not rules:
         return audit

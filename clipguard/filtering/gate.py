@@ -27,7 +27,7 @@ from clipguard.data.shardspec import Shard
 from clipguard.data.sourcemeta import SourceMeta, meta_from_json
 from clipguard.data.tarstream import ShardReport
 from clipguard.errors import ClipguardError
-from clipguard.filtering.auditflags import AuditFlags, AuditReason, check_audit_matches, with_calibrated_rules
+from clipguard.filtering.auditflags import AuditFlags, AuditReason, calibrated_audit, parse_name_value
 from clipguard.filtering.scores import ScoreSources, ShardScores, gather_scores, read_shard_scores, scored_samples
 from clipguard.filtering.threshold import FLAG_RULE, Threshold, check_threshold_model
 from clipguard.model.loading import LoadedModel
@@ -61,17 +61,17 @@ class GatePolicy:
 
 def parse_rate_by(texts: list[str] | None) -> tuple[tuple[str, float], ...]:
     """``RULE=RATE`` as typed (``finding=0``, ``image_fan_in=0.001``, ``distance=0.01``)."""
-    out = []
-    for text in texts or ():
-        rule, sep, value = text.partition("=")
-        try:
-            rate = float(value)
-        except ValueError:
-            rate = None
-        if not sep or rate is None:
-            raise ClipguardError(f"--max-rate-by is RULE=RATE (e.g. finding=0 or image_fan_in=0.001), not {text!r}")
-        out.append((rule.strip(), rate))
-    return tuple(out)
+    return tuple(parse_name_value(text, "--max-rate-by", "finding=0 or image_fan_in=0.001", "rate", "RULE=RATE") for text in texts or ())
+
+
+def _check_rate_rules(policy: GatePolicy, audit: AuditFlags | None) -> None:
+    """A --max-rate-by rule the gate does not apply would never fail: say so instead."""
+    known = {"distance"} | ({"finding"} if audit is not None and audit.use_findings else set()) \
+        | {r.signal for r in (audit.rules if audit is not None else ())}
+    unknown = [rule for rule, _ in policy.max_rate_by if rule not in known]
+    if unknown:
+        raise ClipguardError(f"--max-rate-by names {', '.join(unknown)}, which this gate does not flag by; its rules "
+                             f"are {', '.join(sorted(known))} (a signal needs --signal-threshold or a calibration that sets it)")
 
 
 @dataclass(frozen=True)
@@ -174,8 +174,8 @@ def gate_shards(
     start = time.perf_counter()
     fingerprint = loaded.info.fingerprint()
     check_threshold_model(threshold, fingerprint)
-    check_audit_matches(threshold, config.audit)
-    config = dataclasses.replace(config, audit=with_calibrated_rules(threshold, config.audit))
+    config = dataclasses.replace(config, audit=calibrated_audit(threshold, config.audit))
+    _check_rate_rules(config.policy, config.audit)
     with tempfile.TemporaryDirectory(prefix="clipguard-gate-") as scratch:
         scores_dir = Path(config.save_scores) if config.save_scores is not None else Path(scratch)
         sources = gather_scores(shards, loaded, config.reuse_scores, scores_dir, config.score, progress)

@@ -37,7 +37,7 @@ from clipguard.data.writer import TEMPORARY_SUFFIX, Payload, ShardSequenceWriter
 from clipguard.errors import ClipguardError
 from clipguard.data.sourcemeta import ScrapeSidecar, meta_from_json, read_sidecar
 from clipguard.filtering import keeplist
-from clipguard.filtering.auditflags import AuditFlags, AuditReason, check_audit_matches, with_calibrated_rules
+from clipguard.filtering.auditflags import AuditFlags, AuditReason, calibrated_audit
 from clipguard.filtering.decide import Decision, Verdict, decide
 from clipguard.filtering.scores import ScoredSample, ScoreSources, gather_scores, read_shard_scores, scored_samples
 from clipguard.filtering.threshold import FLAG_RULE, Threshold, check_threshold_model, same_fingerprint
@@ -171,8 +171,7 @@ def filter_shards(
 ) -> FilterSummary:
     fingerprint = loaded.info.fingerprint()
     check_threshold_model(threshold, fingerprint)
-    check_audit_matches(threshold, config.audit)
-    config = dataclasses.replace(config, audit=with_calibrated_rules(threshold, config.audit))
+    config = dataclasses.replace(config, audit=calibrated_audit(threshold, config.audit))
     if config.shard_size < 1:
         raise ClipguardError("--shard-size must be at least 1")
     clean_out, quarantine_out = OutputFolder.at(config.clean_dir), OutputFolder.at(config.quarantine_dir)

@@ -30,7 +30,7 @@ class Threshold:
     # was chosen for "distance >= gamma or in a finding", and holds only with that audit.
     audit_findings_sha256: str | None = None
     # Cross-pair rules calibrated with gamma under one budget ((signal, threshold): flag a pair
-    # whose value is above it); they hold only with that audit's signals (`check_audit_matches`).
+    # whose value is above it); they hold only with that audit's signals (`auditflags.calibrated_audit`).
     signal_rules: tuple[tuple[str, float], ...] = ()
 
     def flags(self, distance: float) -> bool:
