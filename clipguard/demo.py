@@ -102,7 +102,13 @@ class DemoConfig:
     victim_min_lr: float = 1e-4
     victim_epochs: int = 8
     batch_size: int = 32
-    labels: int = 500  # pairs a person labels, drawn stratified by distance
+    labels: int = 500  # pairs a person labels
+    # Drawn stratified by distance where the poisons are the far tail (the clean world), else
+    # uniformly (`web`).
+    stratify_labels: bool = True
+    # The attacker finds "texts of sheep" and "images of aeroplane" by keyword (`web`), else by the
+    # images' class, which on the clean world picks the same texts.
+    attacker_by_keyword: bool = False
     target_fpr: float = 0.01
     sterilize_lr: float = 1e-3
     sterilize_epochs: int = 2
@@ -132,9 +138,16 @@ class DemoConfig:
         random-text level (clean TR@10 0.54, the goal's Hit@10 0.32 against a random text's 0.36),
         so it trains at 5e-4 for 4 epochs (clean TR@10 0.72); there 20 poisons (0.5%) move the
         goal's MinRank from 75 to 44 but not its Hit@10 (0.04), while 5% (211 poisons) take it to
-        0.92. ``quick`` trains 2 epochs at 10% and sterilizes as `quick` does."""
+        0.92. ``quick`` trains 2 epochs at 10% and sterilizes as `quick` does.
+
+        The attacker takes captions by keyword, as Yang et al. labelled Visual Genome: there a
+        sheep photo's caption may be boilerplate or name another class, and one taken by the
+        image's class does not say "sheep". The 500 labels are drawn uniformly: the far tail here
+        is loose clean captions, and a stratified sample spent 82 of its labels on poisons, leaving
+        ~420 clean ones whose FPR bound could not certify 1% (docs/results.md)."""
         base = cls.quick() if quick else cls(victim_lr=5e-4, victim_min_lr=5e-5, victim_epochs=4)
-        return dataclasses.replace(base, rate=WEB_RATE_QUICK if quick else 0.05, world=WorldSpec(noise="web"))
+        return dataclasses.replace(base, rate=WEB_RATE_QUICK if quick else 0.05, world=WorldSpec(noise="web"),
+                                   stratify_labels=False, attacker_by_keyword=True)
 
     @classmethod
     def for_world(cls, noise: str = "web", quick: bool = False) -> "DemoConfig":
@@ -142,15 +155,6 @@ class DemoConfig:
         if noise == "none":
             return cls.quick() if quick else cls()
         return cls.web(quick)
-
-    @property
-    def stratified_labels(self) -> bool:
-        """Draw the labelled sample stratified by distance on the clean world, where the poisons
-        are the far tail and a uniform sample would hold few of them; uniformly on the web world,
-        where the far tail is loose clean captions and the poisons are found by the audit: there
-        a stratified sample spends its labels on that tail (82 of 500 labels poisons in the quick
-        demo), and the FPR's upper bound over the ~420 clean ones left cannot certify 1%."""
-        return self.world.noise == "none"
 
     def sterilize_config(self) -> SterilizeConfig:
         return SterilizeConfig(
@@ -166,17 +170,6 @@ class DemoConfig:
             lr=self.victim_lr, min_lr=self.victim_min_lr, epochs=self.victim_epochs,
             batch_size=self.batch_size, seed=self.seed, precision=self.precision, warmup_steps=10,
         )
-
-
-def _attacker_labels(config: DemoConfig, world) -> dict:
-    """How the attacker finds "texts of sheep" and "images of aeroplane". On the web world by
-    keyword, as Yang et al. labelled Visual Genome: there a sheep photo's caption may be boilerplate
-    or name another class, and an attacker who takes it by the image's true class poisons with
-    captions that do not say "sheep" (docs/results.md). On the clean world every caption names its
-    class, and the image's class (the default) picks the same texts."""
-    if config.world.noise == "none":
-        return {}
-    return {"label_source": LabelSource.keywords, "keywords": world.keywords_json}
 
 
 @dataclass
@@ -252,7 +245,8 @@ def run_demo(
         attack = run_attack(
             world.shards("train"), out_dir / "poisoned",
             AttackConfig(kind=AttackKind.single_label, goals=(goal,), rate=config.rate, seed=config.seed, overwrite=True,
-                         **_attacker_labels(config, world)),
+                         **({"label_source": LabelSource.keywords, "keywords": world.keywords_json}
+                            if config.attacker_by_keyword else {})),
             progress=lambda e: report(StageProgress(f"attack: {e.stage}", e.shards_done, e.shards_total, "shards")),
         )
     reference = load_model(ModelSpec(REFERENCE))
@@ -263,12 +257,12 @@ def run_demo(
     with stage("audit the scored data: fan-in, fan-out, class cells, clusters, density"):
         audit = run_audit(AuditConfig(scores=out_dir / "scores", out=out_dir / "audit", keywords=world.keywords_json))
         flags = AuditFlags.load(out_dir / "audit")
-    design = "stratified" if config.stratified_labels else "uniform"
+    design = "stratified" if config.stratify_labels else "uniform"
     with stage(f"label a {design} sample and calibrate gamma (distance alone, and with the audit)"):
         def calibrate(folder: str, with_audit: AuditFlags | None):
             return calibrate_scores(out_dir / "scores", CalibrateRequest(
                 labels=attack.manifest_path, out_dir=out_dir / folder, target_fpr=config.target_fpr,
-                labels_sample=config.labels, stratify=config.stratified_labels, seed=config.seed, audit=with_audit,
+                labels_sample=config.labels, stratify=config.stratify_labels, seed=config.seed, audit=with_audit,
             ))
 
         alone = calibrate("calibration-distance-alone", None)
