@@ -49,30 +49,13 @@ REFERENCE = "clipguard-reference"
 
 def gammas(work: Path, world: Path, labelled: int, fpr: float, seed: int) -> dict[str, dict]:
     """gamma of each rule, as bench_signals measures them, and what it quarantines (known from the manifest)."""
-    audit = run_audit(AuditConfig(scores=work / "scores", out=work / "audit", keywords=world / "keywords.json"))
-    ids = [(signals.stem(s), str(k)) for s, k in zip(audit.pairs.shard, audit.pairs.key)]
-    poisons = {tuple(p) for p in json.loads((work / "poisons.json").read_text())}
-    truth = np.array([i in poisons for i in ids])
-    import pyarrow.parquet as pq
-    distance = {}
-    for path in sorted((work / "scores").glob("*.parquet")):
-        for row in pq.read_table(path, columns=["shard", "key", "cosine_distance"]).to_pylist():
-            distance[signals.stem(row["shard"]), row["key"]] = row["cosine_distance"]
-    d = np.array([distance.get(i, np.nan) for i in ids], dtype=np.float64)
-    member = np.zeros(len(ids), dtype=bool)
-    for finding in audit.findings:
-        member[finding.rows] = True
-    rng = np.random.default_rng(1000 + seed)
-    in_sample = np.zeros(len(ids), dtype=bool)
-    in_sample[rng.choice(len(ids), size=min(labelled, len(ids)), replace=False)] = True
-    clean_sample = in_sample & ~truth
-    nothing = np.zeros(len(ids), dtype=bool)
+    cell = signals.audited_cell(world, work, labelled, seed)
     out = {}
-    for rule, also in (("distance alone", nothing), ("combination", member)):
-        gamma = signals.smallest_gamma(d, clean_sample, also, fpr)
-        flagged = (d >= gamma) | also
-        out[rule] = {"gamma": gamma, "poisons_quarantined": int(flagged[truth].sum()), "poisons": int(truth.sum()),
-                     "clean_quarantined": int(flagged[~truth].sum())}
+    for rule, also in (("distance alone", np.zeros_like(cell.member)), ("combination", cell.member)):
+        gamma = signals.smallest_gamma(cell.distance, cell.clean_sample, also, fpr)
+        flagged = (cell.distance >= gamma) | also
+        out[rule] = {"gamma": gamma, "poisons_quarantined": int(flagged[cell.truth].sum()),
+                     "poisons": int(cell.truth.sum()), "clean_quarantined": int(flagged[~cell.truth].sum())}
     return out
 
 

@@ -44,8 +44,9 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -143,14 +144,22 @@ def attacked_folder(world: Path, name: str, evade: str | None, rate: float, seed
     return prepared(work, make)
 
 
-def one_cell(world: Path, name: str, evade: str | None, rate: float, seed: int, args, work: Path) -> dict:
-    started = time.perf_counter()
-    attacked_folder(world, name, evade, rate, seed, work)
-    score_s = time.perf_counter() - started
+@dataclass
+class AuditedCell:
+    """An attacked, scored cell audited afresh, every pair's truth known from the manifest."""
+
+    audit: Any
+    seconds: float  # the audit's
+    truth: np.ndarray  # per audited pair: a poison
+    distance: np.ndarray  # its cosine distance
+    member: np.ndarray  # in some finding
+    clean_sample: np.ndarray  # a clean pair of the labelled sample (uniform, seeded by the attack seed)
+
+
+def audited_cell(world: Path, work: Path, labelled: int, seed: int) -> AuditedCell:
     started = time.perf_counter()
     audit = run_audit(AuditConfig(scores=work / "scores", out=work / "audit", keywords=world / "keywords.json"))
-    audit_s = time.perf_counter() - started
-
+    seconds = time.perf_counter() - started
     ids = [(stem(s), str(k)) for s, k in zip(audit.pairs.shard, audit.pairs.key)]
     poisons = {tuple(p) for p in json.loads((work / "poisons.json").read_text())}
     truth = np.array([i in poisons for i in ids])
@@ -159,10 +168,23 @@ def one_cell(world: Path, name: str, evade: str | None, rate: float, seed: int, 
         for row in pq.read_table(path, columns=["shard", "key", "cosine_distance"]).to_pylist():
             distance[stem(row["shard"]), row["key"]] = row["cosine_distance"]
     d = np.array([distance.get(i, np.nan) for i in ids], dtype=np.float64)
-    row_of = {i: n for n, i in enumerate(ids)}
     member = np.zeros(len(ids), dtype=bool)
     for finding in audit.findings:
         member[finding.rows] = True
+    rng = np.random.default_rng(1000 + seed)
+    in_sample = np.zeros(len(ids), dtype=bool)
+    in_sample[rng.choice(len(ids), size=min(labelled, len(ids)), replace=False)] = True
+    return AuditedCell(audit, seconds, truth, d, member, in_sample & ~truth)
+
+
+def one_cell(world: Path, name: str, evade: str | None, rate: float, seed: int, args, work: Path) -> dict:
+    started = time.perf_counter()
+    attacked_folder(world, name, evade, rate, seed, work)
+    score_s = time.perf_counter() - started
+    cell = audited_cell(world, work, args.labelled, seed)
+    audit, audit_s, truth, d, member, clean_sample = (cell.audit, cell.seconds, cell.truth, cell.distance,
+                                                      cell.member, cell.clean_sample)
+    ids = audit.pairs.key
 
     aurocs = {"cosine_distance": roc_auc(d, truth)}
     at_fpr = {"cosine_distance": recall_at_fpr(d, truth, args.fpr)}
@@ -173,11 +195,6 @@ def one_cell(world: Path, name: str, evade: str | None, rate: float, seed: int, 
             aurocs[column] = roc_auc(scores, truth)
             at_fpr[column] = recall_at_fpr(scores, truth, args.fpr)
 
-    rng = np.random.default_rng(1000 + seed)
-    sample = rng.choice(len(ids), size=min(args.labelled, len(ids)), replace=False)
-    in_sample = np.zeros(len(ids), dtype=bool)
-    in_sample[sample] = True
-    clean_sample = in_sample & ~truth
     nothing = np.zeros(len(ids), dtype=bool)
     gamma_alone = smallest_gamma(d, clean_sample, nothing, args.fpr, args.criterion)
     gamma_combined = smallest_gamma(d, clean_sample, member, args.fpr, args.criterion)
@@ -220,7 +237,6 @@ def one_cell(world: Path, name: str, evade: str | None, rate: float, seed: int, 
         "attack_and_score_seconds": round(score_s, 1), "audit_seconds": round(audit_s, 1),
         "audit_seconds_per_10k_pairs": round(audit_s / len(ids) * 10_000, 2),
         "audit_stage_seconds_per_10k_pairs": {k: round(v / len(ids) * 10_000, 3) for k, v in audit.seconds.items()},
-        "_unused": len(row_of),
     }
 
 
@@ -251,7 +267,6 @@ def main() -> None:
         for seed in range(seeds):
             work = args.out / f"atk-web-{args.world_seed}-{name}{'-' + evade if evade else ''}-{rate}-{seed}"
             row = one_cell(world, name, evade, rate, seed, args, work)
-            row.pop("_unused")
             rows.append(row)
             a, c = row["distance_alone"], row["combination"]
             top = row["top_finding"]
