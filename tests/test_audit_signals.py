@@ -10,6 +10,7 @@ import pytest
 
 from audit_worlds import CLASSES, KEYWORDS, World
 from clipguard.audit import AuditConfig, MissingEmbeddingsError, run_audit
+from clipguard.audit.inputs import AuditInputError
 from clipguard.audit.density import density
 from clipguard.audit.neighbours import NeighbourIndex
 from clipguard.signals import Scope, SignalError, get_signal, read_signal, signal_names
@@ -215,6 +216,20 @@ def test_a_separate_clip_retrieval_folder_without_shard_or_sha_columns(tmp_path)
     # Without sha256 the exact image is the vector itself: the same fan-in of 7.
     assert result.signal_columns["image_fan_in"].max() == 7
     assert [(f.kind, f.goal) for f in result.findings] == [(f.kind, f.goal) for f in own.findings]
+
+
+def test_patch_signatures_that_are_not_integer_lists_are_a_clear_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    scores = World(14).clean(n=64, stock=0, boilerplate=0).write(tmp_path / "w")
+    meta_path = sorted((scores / "metadata").glob("*.parquet"))[0]
+    meta = pq.read_table(meta_path)
+    bad = meta.set_column(meta.column_names.index("image_patches"), "image_patches",
+                          pa.array(["checkerboard"] * meta.num_rows))
+    pq.write_table(bad, meta_path)
+    with pytest.raises(AuditInputError, match="image_patches holds string, not a list of integer signatures"):
+        run_audit(AuditConfig(scores=scores, out=tmp_path / "a", keywords=KEYWORDS))
 
 
 def test_faiss_missing_is_a_clear_error(tmp_path, monkeypatch):

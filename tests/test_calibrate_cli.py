@@ -416,3 +416,14 @@ def _quarantine_reasons(folder: Path) -> list[bytes]:
         with tarfile.open(tar) as archive:
             out += [archive.extractfile(m).read() for m in archive.getmembers() if m.name.endswith(".clipguard.json")]
     return out
+
+
+def test_malformed_signal_rules_in_a_calibration_file_are_a_clear_error(tmp_path):
+    from clipguard.errors import ClipguardError
+
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"gamma": 0.8, "signal_rules": [{"signal": "image_lof"}]}))
+    with pytest.raises(ClipguardError, match="signal_rules.* must be a list of"):
+        load_calibration(path)
+    path.write_text(json.dumps({"gamma": 0.8, "signal_rules": [{"signal": "image_lof", "threshold": 1.5}]}))
+    assert load_calibration(path).signal_rules == (("image_lof", 1.5),)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipguard.errors import ClipguardError
@@ -85,7 +86,7 @@ def load_pairs(scores: Path, embeddings: Path | None = None) -> AuditPairs:
                                       "shards; add a shard column to the metadata")
         shas = meta.column("image_sha256").to_pylist() if "image_sha256" in names else [None] * len(keys)
         captions = meta.column("caption").to_pylist()
-        patches = meta.column("image_patches").to_pylist() if "image_patches" in names else [None] * len(keys)
+        patches = _patch_lists(meta, meta_path) if "image_patches" in names else [None] * len(keys)
         any_patches = any_patches or "image_patches" in names
         keep = np.array([(s, k) in ok for s, k in zip(shards, keys)], dtype=bool)
         for i in np.flatnonzero(keep):
@@ -106,6 +107,14 @@ def load_pairs(scores: Path, embeddings: Path | None = None) -> AuditPairs:
         scored=len(table), without_embeddings=max(0, len(ok) - len(columns["key"])),
         patches=_patch_matrix(columns["patches"]) if any_patches else None,
     )
+
+
+def _patch_lists(meta: pa.Table, path: Path) -> list:
+    column = meta.column("image_patches")
+    if not (pa.types.is_list(column.type) and pa.types.is_integer(column.type.value_type)):
+        raise AuditInputError(f"{path}: image_patches holds {column.type}, not a list of integer signatures per row "
+                              "(`clipguard score --save-embeddings` writes it); drop the column or score again")
+    return column.to_pylist()
 
 
 def _patch_matrix(rows: list) -> np.ndarray:
