@@ -7,9 +7,9 @@ are the same on every copy. So each image keeps the signatures of a few of its t
 audit groups images by signature (`clipguard.audit.detect`: stamped_images): a tile that recurs at
 the same place in many otherwise different images, all captioned with one label, is a trigger.
 
-A signature is computed at score time (the image is decoded there anyway) and travels in the
-embeddings' metadata (``image_patches``). The image is turned grey and box-resized to
-``SIDE`` x ``SIDE`` (so the grid is relative to the image, like a trigger sized as a fraction of its
+A signature is computed at score time with ``--save-embeddings`` (the image is decoded there
+anyway) and travels in the embeddings' metadata (``image_patches``), the audit's input. The
+image is turned grey and box-resized to ``SIDE`` x ``SIDE`` (so the grid is relative to the image, like a trigger sized as a fraction of its
 side); tiles of ``TILE`` px are taken every ``STRIDE`` px; a tile's signature is which of its 64
 pixels are brighter than the tile's mean (robust to JPEG re-encoding and to brightness and
 contrast changes), mixed with its position. The ``KEEP`` tiles of highest contrast are kept: a
