@@ -9,12 +9,13 @@ the same place in many otherwise different images, all captioned with one label,
 
 A signature is computed at score time with ``--save-embeddings`` (the image is decoded there
 anyway) and travels in the embeddings' metadata (``image_patches``), the audit's input. The
-image is turned grey and box-resized to ``SIDE`` x ``SIDE`` (so the grid is relative to the image, like a trigger sized as a fraction of its
-side); tiles of ``TILE`` px are taken every ``STRIDE`` px; a tile's signature is which of its 64
-pixels are brighter than the tile's mean (robust to JPEG re-encoding and to brightness and
-contrast changes), mixed with its position. The ``KEEP`` tiles of highest contrast are kept: a
-trigger meant to be learnt stands out (the checkerboard's black and white is the highest contrast
-a tile can have), and flat tiles (plain background, everywhere) are never kept.
+image is turned grey and box-resized to ``SIDE`` x ``SIDE`` (so the grid is relative to the
+image, like a trigger sized as a fraction of its side); tiles of ``TILE`` px are taken every
+``STRIDE`` px; a tile's signature is which of its 64 pixels are brighter than the tile's mean
+(robust to JPEG re-encoding and to brightness and contrast changes), mixed with its position.
+The ``KEEP`` tiles of highest contrast are kept: a trigger meant to be learnt stands out (the
+checkerboard's black and white is the highest contrast a tile can have), and flat tiles (plain
+background, everywhere) are never kept.
 
 What it cannot see: a patch not aligned to the grid within ``STRIDE`` / 2 px at the 64 px scale, a
 blended or invisible trigger (no fixed pixels), a flat one (a white square).
