@@ -150,3 +150,51 @@ def test_gate_fails_on_a_finding_and_counts_audit_flags_as_flagged(scored, tiny_
     # A rule this gate does not flag by would never fail: an error, not a silent pass.
     unknown = run_gate(scored, tiny_checkpoint, *per_rule, "--max-rate-by", "image_lof=0")
     assert unknown.exit_code == 2 and "which this gate does not flag by" in " ".join(unknown.output.split())
+
+
+def test_gate_holds_each_kind_of_finding_to_its_own_limit(scored, tiny_checkpoint, tmp_path):
+    """--max-findings-of KIND=N: a stamped-images finding fails at 0 while two fan-in findings are
+    allowed; --max-findings then counts only the kinds without a limit of their own."""
+    audit = tmp_path / "audit"
+    (audit / "signals").mkdir(parents=True)
+    for part in (scored / "audit" / "signals").glob("*.parquet"):
+        (audit / "signals" / part.name).write_bytes(part.read_bytes())
+    stamped, fan_in_a, fan_in_b = ("stamped images (one patch on many images): banana", "image fan-in: sheep",
+                                   "image fan-in: dog")
+    (audit / "findings.json").write_text(json.dumps({"format": "clipguard-audit/1", "findings": [
+        {"name": stamped, "kind": "stamped_images", "description": "3 images", "p_value": 1e-12,
+         "pairs": [{"shard": "00000", "key": "000000001"}]},
+        {"name": fan_in_a, "kind": "image_fan_in", "description": "7 captions", "p_value": 1e-10,
+         "pairs": [{"shard": "00000", "key": "000000004"}]},
+        {"name": fan_in_b, "kind": "image_fan_in", "description": "6 captions", "p_value": 1e-9,
+         "pairs": [{"shard": "00001", "key": "000010002"}]},
+    ]}))
+    base = ["--audit", str(audit), "--max-flagged-rate", "1", "--format", "json"]
+    fan_in_allowed = run_gate(scored, tiny_checkpoint, *base, "--max-findings-of", "image_fan_in=2")
+    assert fan_in_allowed.exit_code == 1, fan_in_allowed.output
+    report = json.loads(fan_in_allowed.stdout)
+    # The stamped finding is the one "of other kinds", held to --max-findings' default 0.
+    assert report["failures"] == [f"the audit holds 1 finding(s) of other kinds in these shards, more than the maximum 0: {stamped}"]
+    assert report["audit"]["findings_by_kind"] == {"image_fan_in": 2, "stamped_images": 1}
+    assert report["max_findings_of"] == {"image_fan_in": 2}
+    both = run_gate(scored, tiny_checkpoint, *base, "--max-findings-of", "image_fan_in=2", "--max-findings-of", "stamped_images=1")
+    assert both.exit_code == 0, both.output
+    tight = run_gate(scored, tiny_checkpoint, *base, "--max-findings-of", "image_fan_in=1", "--max-findings", "5")
+    assert tight.exit_code == 1
+    assert json.loads(tight.stdout)["failures"] == [
+        f"the audit holds 2 image_fan_in finding(s) in these shards, more than its maximum 1: {fan_in_a}; {fan_in_b}"]
+    text = run_gate(scored, tiny_checkpoint, "--audit", str(audit), "--max-flagged-rate", "1",
+                    "--max-findings-of", "image_fan_in=1", "--max-findings", "5")
+    flat = " ".join(text.output.split())
+    assert text.exit_code == 1 and "findings 3 (1 of other kinds) in these shards max 5 of other kinds" in flat
+    assert "image_fan_in: 2 finding(s) max 1" in flat
+    markdown = run_gate(scored, tiny_checkpoint, "--audit", str(audit), "--max-flagged-rate", "1",
+                        "--max-findings-of", "image_fan_in=1", "--max-findings", "5", "--format", "markdown")
+    assert "| image_fan_in findings | 2 | ≤ 1 | ❌ |" in markdown.output
+    assert "| audit findings | 3 (1 of other kinds) in these shards | ≤ 5 of other kinds | ✅ |" in markdown.output
+    for bad, says in (("fan_in=1", "not a kind of finding"), ("image_fan_in=1.5", "whole number"),
+                      ("image_fan_in", "KIND=COUNT")):
+        refused = run_gate(scored, tiny_checkpoint, *base, "--max-findings-of", bad)
+        assert refused.exit_code == 2 and says in " ".join(refused.output.split()), refused.output
+    no_audit = run_gate(scored, tiny_checkpoint, "--max-findings-of", "image_fan_in=1")
+    assert no_audit.exit_code == 2 and "--max-findings-of needs --audit" in " ".join(no_audit.output.split())

@@ -201,9 +201,12 @@ def test_bad_inputs_are_clear_errors(run, tmp_path):
     with pytest.raises(AuditFormatError, match="p_value"):
         read_findings(tmp_path / "bad.json")
     for content, message in [({"format": "other/9", "findings": []}, "format"), ([{"description": ""}], "name"),
-                             ([{"name": "n", "description": "", "pairs": [{"shard": 1}]}], "pair 0")]:
+                             ([{"name": "n", "description": "", "pairs": [{"shard": 1}]}], "pair 0"),
+                             ([{"name": "n", "description": "", "kind": 3}], "kind")]:
         with pytest.raises(AuditFormatError, match=message):
             parse_findings(content)
+    assert parse_findings([{"name": "n", "description": "", "kind": "image_fan_in"}])[0].kind == "image_fan_in"
+    assert parse_findings([{"name": "n", "description": ""}])[0].kind is None  # other tools' files need not say
     result = runner.invoke(app, ["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.html")])
     assert result.exit_code == 2 and "does not exist" in result.output
 

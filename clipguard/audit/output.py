@@ -12,20 +12,12 @@ import pyarrow as pa
 
 from clipguard.audit.detect import Finding
 from clipguard.audit.inputs import AuditPairs
-from clipguard.reporting.findings import FINDINGS_FORMAT, FINDINGS_NAME
+from clipguard.reporting.findings import FINDINGS_FORMAT, FINDINGS_NAME, KIND_TITLES
 from clipguard.scoring.scorefiles import atomic_write_bytes, atomic_write_json, write_parquet
 from clipguard.signals.registry import AUDIT_SIGNALS_DIR
 
 MARKDOWN_NAME = "findings.md"
 MARKDOWN_PAIRS = 100  # per finding in findings.md; findings.json lists them all
-KIND_TITLES = {
-    "class_pair": "class-pair concentration",
-    "image_fan_in": "image fan-in",
-    "image_cluster": "near-duplicate image cluster",
-    "caption_fan_out": "caption fan-out",
-    "relabelled_images": "relabelled images",
-    "stamped_images": "stamped images (one patch on many images)",
-}
 
 
 def write_signals(out: Path, pairs: AuditPairs, columns: dict[str, np.ndarray]) -> list[Path]:

@@ -98,7 +98,8 @@ def gate(
     allow_pipe: AllowPipeOpt = False,
     audit: Annotated[Optional[Path], typer.Option("--audit", file_okay=False, help="An audit folder (clipguard audit): its findings' pairs count as flagged, and findings are gated by --max-findings.")] = None,
     signal_threshold: Annotated[Optional[list[str]], typer.Option("--signal-threshold", help="With --audit: pairs whose cross-pair signal is above VALUE count as flagged, as NAME=VALUE; repeat for several.")] = None,
-    max_findings: Annotated[Optional[int], typer.Option(min=0, help="With --audit: fail when the audit holds more findings in these shards (default 0: any finding fails).")] = None,
+    max_findings: Annotated[Optional[int], typer.Option(min=0, help="With --audit: fail when the audit holds more findings in these shards (default 0: any finding fails), counting the kinds without a --max-findings-of of their own.")] = None,
+    max_findings_of: Annotated[Optional[list[str]], typer.Option("--max-findings-of", help="With --audit: a limit for one kind of finding, as KIND=COUNT (KIND: class_pair, relabelled_images, image_fan_in, image_cluster, caption_fan_out, stamped_images); repeat for several.")] = None,
     max_rate_by: Annotated[Optional[list[str]], typer.Option("--max-rate-by", help="With --audit: fail when one rule alone flags more of the scored pairs, as RULE=RATE (RULE: distance, finding or a cross-pair signal name); repeat for several.")] = None,
 ) -> None:
     """CI gate: exit 0 when the flagged rate (cosine distance >= gamma, among scored pairs) and the
@@ -110,7 +111,7 @@ def gate(
         --calibration calibration/calibration.json --format markdown
     """
     report = _run_gate(
-        shards, (max_flagged_rate, max_error_rate, allow_truncated, _max_findings(audit, max_findings), max_rate_by), gamma, calibration,
+        shards, (max_flagged_rate, max_error_rate, allow_truncated, _max_findings(audit, max_findings), max_rate_by, max_findings_of), gamma, calibration,
         scores, save_scores, examples,
         ScoringOptions(
             model, pretrained, model_config, batch_size, precision, workers, device, max_pixels, max_caption_bytes,
@@ -131,7 +132,7 @@ def _max_findings(audit: Path | None, max_findings: int | None) -> int | None:
 
 def _run_gate(
     shards: list[str],
-    policy_request: tuple[float, float, bool, int | None, list[str] | None],
+    policy_request: tuple[float, float, bool, int | None, list[str] | None, list[str] | None],
     gamma: float | None,
     calibration: Path | None,
     scores: Path | None,
@@ -147,18 +148,20 @@ def _run_gate(
             # Inside the try: an import that fails is a crash (exit 2), never a verdict (exit 1).
             from clipguard.data.shardspec import resolve_shards
             from clipguard.filtering.auditflags import audit_flags_from_options
-            from clipguard.filtering.gate import GateConfig, GatePolicy, gate_shards, parse_rate_by
+            from clipguard.filtering.gate import GateConfig, GatePolicy, gate_shards, parse_findings_of, parse_rate_by
             from clipguard.filtering.threshold import resolve_threshold
 
             if scores is not None and not scores.is_dir():
                 raise ClipguardError(f"--scores {scores} is not a folder; give a `clipguard score` folder")
             threshold = resolve_threshold(gamma, calibration)
-            *limits, rate_by = policy_request
-            policy = GatePolicy(*limits, max_rate_by=parse_rate_by(rate_by))
+            *limits, rate_by, findings_of = policy_request
+            policy = GatePolicy(*limits, max_rate_by=parse_rate_by(rate_by), max_findings_of=parse_findings_of(findings_of))
             shard_list = resolve_shards(shards, allow_pipe=allow_pipe)
             loaded, score_config = load_scoring(options, scores, calibration)
             if policy.max_findings is not None and audit_request[0] is None:
                 raise ClipguardError("--max-findings needs --audit AUDIT (the folder `clipguard audit` wrote)")
+            if policy.max_findings_of and audit_request[0] is None:
+                raise ClipguardError("--max-findings-of needs --audit AUDIT (the folder `clipguard audit` wrote)")
             if policy.max_rate_by and audit_request[0] is None:
                 raise ClipguardError("--max-rate-by needs --audit AUDIT: its rules are the audit's findings and signals")
             config = GateConfig(policy=policy, reuse_scores=scores, save_scores=save_scores, examples=examples, score=score_config,

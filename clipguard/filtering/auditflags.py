@@ -86,6 +86,7 @@ class AuditFlags:
     finding_of: dict[tuple[str, str], str] = field(default_factory=dict)
     findings_sha256: str | None = None
     n_findings: int = 0
+    kind_of: dict[str, str | None] = field(default_factory=dict)  # finding name -> its kind (None: not given)
 
     @classmethod
     def load(cls, folder: Path | str, rules: tuple[SignalRule, ...] = (), use_findings: bool = True) -> "AuditFlags":
@@ -98,6 +99,7 @@ class AuditFlags:
         path = findings_path(folder)
         audit = read_findings(folder)
         finding_of: dict[tuple[str, str], str] = {}
+        kind_of = {finding.name: finding.kind for finding in audit.findings}
         for finding in audit.findings:  # ranked most significant first: a pair keeps its first finding
             for pair in finding.pairs:
                 finding_of.setdefault((pair.shard, pair.key), finding.name)
@@ -105,7 +107,8 @@ class AuditFlags:
             raise AuditFlagsError(f"{folder} has no {AUDIT_SIGNALS_DIR}/ folder, so signal thresholds cannot be applied")
         return cls(folder=folder, rules=tuple(rules), use_findings=use_findings,
                    finding_of=finding_of if use_findings else {},
-                   findings_sha256=hashlib.sha256(path.read_bytes()).hexdigest(), n_findings=len(audit.findings))
+                   findings_sha256=hashlib.sha256(path.read_bytes()).hexdigest(), n_findings=len(audit.findings),
+                   kind_of=kind_of)
 
     @cached_property
     def findings_by_shard(self) -> dict[str, dict[str, str]]:

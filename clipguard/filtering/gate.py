@@ -43,8 +43,11 @@ class GatePolicy:
     max_flagged_rate: float
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE
     allow_truncated: bool = False
-    # With an audit: at most this many of its findings may hold pairs of these shards (None: no limit)
+    # With an audit: at most this many of its findings may hold pairs of these shards (None: no
+    # limit), counting only findings of kinds without a limit of their own in max_findings_of.
     max_findings: int | None = None
+    # Per finding kind (`reporting.findings.KIND_TITLES`): the most findings of that kind allowed.
+    max_findings_of: tuple[tuple[str, int], ...] = ()
     # Per rule ("distance", "finding" or a cross-pair signal name): the most of the scored pairs it
     # alone may flag, beside max_flagged_rate for all rules together.
     max_rate_by: tuple[tuple[str, float], ...] = ()
@@ -57,6 +60,47 @@ class GatePolicy:
         for rule, value in self.max_rate_by:
             if not 0.0 <= value <= 1.0:
                 raise ClipguardError(f"--max-rate-by {rule}={value}: the rate must lie in [0, 1]")
+        # Here, not at import: clipguard.reporting imports the gate.
+        from clipguard.reporting.findings import KIND_TITLES
+
+        for kind, count in self.max_findings_of:
+            if kind not in KIND_TITLES:
+                raise ClipguardError(f"--max-findings-of names {kind!r}, which is not a kind of finding; the kinds are "
+                                     f"{', '.join(KIND_TITLES)}")
+            if count < 0 or count != int(count):
+                raise ClipguardError(f"--max-findings-of {kind}={count}: the count must be a whole number >= 0")
+
+
+def parse_findings_of(texts: list[str] | None) -> tuple[tuple[str, int], ...]:
+    """``KIND=COUNT`` as typed (``stamped_images=0``, ``image_fan_in=2``)."""
+    parsed = [parse_name_value(text, "--max-findings-of", "stamped_images=0 or image_fan_in=2", "count", "KIND=COUNT")
+              for text in texts or ()]
+    for kind, count in parsed:
+        if count != int(count):
+            raise ClipguardError(f"--max-findings-of {kind}={count}: the count must be a whole number >= 0")
+    return tuple((kind, int(count)) for kind, count in parsed)
+
+
+def finding_limit_failures(names: list[str], kind_of: dict[str, str | None], policy: GatePolicy) -> list[str]:
+    """Each kind with a limit of its own against that limit; the other findings (those of other
+    kinds, and any whose file gives no kind) against --max-findings."""
+    own = dict(policy.max_findings_of)
+    failures = []
+    for kind, limit in policy.max_findings_of:
+        of_kind = [n for n in names if kind_of.get(n) == kind]
+        if len(of_kind) > limit:
+            failures.append(f"the audit holds {len(of_kind)} {kind} finding(s) in these shards, more than its maximum "
+                            f"{limit}: {_shown(of_kind)}")
+    rest = [n for n in names if kind_of.get(n) not in own]
+    if policy.max_findings is not None and len(rest) > policy.max_findings:
+        other = " of other kinds" if own else ""
+        failures.append(f"the audit holds {len(rest)} finding(s){other} in these shards, more than the maximum "
+                        f"{policy.max_findings}: {_shown(rest)}")
+    return failures
+
+
+def _shown(names: list[str]) -> str:
+    return "; ".join(names[:3]) + ("; ..." if len(names) > 3 else "")
 
 
 def parse_rate_by(texts: list[str] | None) -> tuple[tuple[str, float], ...]:
@@ -160,6 +204,7 @@ class GateReport:
             "audit": self.audit,
             "max_findings": self.policy.max_findings,
             "max_rate_by": dict(self.policy.max_rate_by),
+            "max_findings_of": dict(self.policy.max_findings_of),
             "wall_seconds": self.wall_seconds,
         }
 
@@ -195,6 +240,7 @@ class _AuditVerdicts:
     by_shard: dict[str, dict[str, AuditReason]]
     findings: list[str]
     folder: str
+    kind_of: dict[str, str | None] = field(default_factory=dict)
 
     def flags(self, shard: str, key: str) -> bool:
         return key in self.by_shard.get(shard, {})
@@ -203,7 +249,8 @@ class _AuditVerdicts:
 def _audit_verdicts(tables: list[ShardScores], audit: AuditFlags) -> _AuditVerdicts:
     names = {t.shard for t in tables}
     findings = list(dict.fromkeys(name for (shard, _), name in audit.finding_of.items() if shard in names))
-    return _AuditVerdicts({t.shard: audit.shard_reasons(t.shard) for t in tables}, findings, str(audit.folder))
+    return _AuditVerdicts({t.shard: audit.shard_reasons(t.shard) for t in tables}, findings, str(audit.folder),
+                          {name: audit.kind_of.get(name) for name in findings})
 
 
 def _refuse_failed(sources: ScoreSources) -> None:
@@ -314,15 +361,13 @@ def _report(
     failures = policy_failures(pairs, ok, flagged, policy, [t.shard for t in tables if t.truncated])
     audit_entry = None
     if audit is not None:
-        audit_entry = {"folder": audit.folder, "findings": audit.findings, "flagged_by": dict(sorted(flagged_by.items()))}
+        audit_entry = {"folder": audit.folder, "findings": audit.findings, "flagged_by": dict(sorted(flagged_by.items())),
+                       "findings_by_kind": dict(sorted(Counter(k or "unknown" for k in audit.kind_of.values()).items()))}
         for rule, rate in policy.max_rate_by:
             if ok and Fraction(flagged_by[rule], ok) > Fraction(repr(rate)):
                 failures.append(f"{rule} alone flagged {flagged_by[rule]} of {ok} scored pairs ({flagged_by[rule] / ok:.3%}), "
                                 f"more than its maximum {rate:.3%}")
-        if policy.max_findings is not None and len(audit.findings) > policy.max_findings:
-            shown = "; ".join(audit.findings[:3]) + ("; ..." if len(audit.findings) > 3 else "")
-            failures.append(f"the audit holds {len(audit.findings)} finding(s) in these shards, more than the maximum "
-                            f"{policy.max_findings}: {shown}")
+        failures += finding_limit_failures(audit.findings, audit.kind_of, policy)
     return GateReport(
         passed=not failures,
         failures=failures,

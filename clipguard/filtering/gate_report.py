@@ -38,9 +38,10 @@ def render_text(report: GateReport) -> str:
     )
     if report.audit is not None:
         lines.append(
-            f"findings   {len(report.audit['findings'])} in these shards   max {_max_findings(report)}   "
+            f"findings   {_findings_count(report)} in these shards   max {_max_findings(report)}   "
             f"{_mark(_findings_ok(report))}" + "".join(f"\n  - {_line(name)}" for name in report.audit["findings"][:10])
         )
+        lines += [f"  {kind}: {count} finding(s)   max {limit}   {_mark(count <= limit)}" for kind, count, limit in _kind_limits(report)]
         lines.append(f"flagged by {_flagged_by(report)}")
     lines.append(f"threshold  gamma {report.threshold.gamma:.4f} from {_line(report.threshold.source)}; flagged when {FLAG_RULE}")
     lines.append(f"model      {describe_fingerprint(report.fingerprint)}")
@@ -72,8 +73,9 @@ def render_markdown(report: GateReport) -> str:
         f"| ≤ {report.policy.max_error_rate:.3%} | {_md_mark(_errors_ok(report))} |",
     ]
     if report.audit is not None:
-        lines.append(f"| audit findings | {len(report.audit['findings'])} in these shards | ≤ {_max_findings(report)} "
+        lines.append(f"| audit findings | {_findings_count(report)} in these shards | ≤ {_max_findings(report)} "
                      f"| {_md_mark(_findings_ok(report))} |")
+        lines += [f"| {kind} findings | {count} | ≤ {limit} | {_md_mark(count <= limit)} |" for kind, count, limit in _kind_limits(report)]
     lines += [
         "",
         f"- pairs: {report.pairs:,} in {len(report.shards)} shard(s)"
@@ -108,11 +110,31 @@ def _flagged_ok(report: GateReport) -> bool:
 
 
 def _findings_ok(report: GateReport) -> bool:
-    return not any(f.startswith("the audit holds") for f in report.failures)
+    """The findings without a limit of their own, against --max-findings."""
+    limit = report.policy.max_findings
+    return limit is None or _other_findings(report) <= limit
+
+
+def _other_findings(report: GateReport) -> int:
+    by_kind = (report.audit or {}).get("findings_by_kind") or {}
+    own = {kind for kind, _ in report.policy.max_findings_of}
+    return sum(count for kind, count in by_kind.items() if kind not in own)
 
 
 def _max_findings(report: GateReport) -> str:
-    return "no limit" if report.policy.max_findings is None else str(report.policy.max_findings)
+    limit = "no limit" if report.policy.max_findings is None else str(report.policy.max_findings)
+    return f"{limit} of other kinds" if report.policy.max_findings_of else limit
+
+
+def _findings_count(report: GateReport) -> str:
+    total = len(report.audit["findings"])
+    return f"{total} ({_other_findings(report)} of other kinds)" if report.policy.max_findings_of else str(total)
+
+
+def _kind_limits(report: GateReport) -> list[tuple[str, int, int]]:
+    """(kind, findings of that kind in these shards, its own limit) for each --max-findings-of."""
+    by_kind = (report.audit or {}).get("findings_by_kind") or {}
+    return [(kind, by_kind.get(kind, 0), limit) for kind, limit in report.policy.max_findings_of]
 
 
 def _flagged_by(report: GateReport) -> str:

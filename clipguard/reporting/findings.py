@@ -38,6 +38,18 @@ FINDINGS_FORMAT = "clipguard-audit/1"
 MAX_FINDINGS_BYTES = 64 << 20
 
 
+# The kinds of finding `clipguard audit` writes ("kind" in findings.json), with their titles: the
+# format's vocabulary, so that a gate can hold each kind to its own limit (`--max-findings-of`).
+KIND_TITLES = {
+    "class_pair": "class-pair concentration",
+    "image_fan_in": "image fan-in",
+    "image_cluster": "near-duplicate image cluster",
+    "caption_fan_out": "caption fan-out",
+    "relabelled_images": "relabelled images",
+    "stamped_images": "stamped images (one patch on many images)",
+}
+
+
 class AuditFormatError(ClipguardError):
     """An audit findings file that is missing, unreadable or not in the findings format."""
 
@@ -54,6 +66,7 @@ class Finding:
     description: str
     p_value: float | None
     pairs: tuple[PairRef, ...]
+    kind: str | None = None  # one of KIND_TITLES for clipguard's own audits; absent in other tools' files
 
 
 @dataclass(frozen=True)
@@ -108,8 +121,11 @@ def _parse_finding(entry: Any, where: str) -> Finding:
     description = entry.get("description")
     if not isinstance(description, str):
         raise AuditFormatError(f"{where} ({name!r}) needs a string \"description\"")
+    kind = entry.get("kind")
+    if kind is not None and not (isinstance(kind, str) and kind.strip()):
+        raise AuditFormatError(f"{where} ({name!r}): \"kind\" must be a non-empty string or absent, got {kind!r}")
     return Finding(name=name.strip(), description=description, p_value=_p_value(entry.get("p_value"), f"{where} ({name!r})"),
-                   pairs=_pairs(entry.get("pairs", []), f"{where} ({name!r})"))
+                   pairs=_pairs(entry.get("pairs", []), f"{where} ({name!r})"), kind=kind.strip() if kind else None)
 
 
 def _p_value(value: Any, where: str) -> float | None:
