@@ -323,3 +323,22 @@ def test_relabel_column_marks_the_added_captions(tmp_path):
     result, tag = _audit(World(13).clean().relabel("sheep", "aeroplane", images=12), tmp_path)
     score = read_signal("relabelled_image", result.out, zip(result.pairs.shard, result.pairs.key)).values
     assert np.all(score[tag == "relabel"] > 6) and score[tag != "relabel"].max() < 6
+
+
+def test_the_per_part_pass_runs_as_ray_tasks_with_the_same_result(tmp_path):
+    """`audit --executor ray`: each embedding part's pass is a task on a real local Ray; the
+    findings and every signal column equal the in-process run's."""
+    pytest.importorskip("ray")
+    from clipguard.scoring.run import ExecutorSpec
+
+    world = World(9).clean(n=240).fan_in("sheep", "aeroplane", captions=7).cluster("banana", images=20)
+    scores = world.write(tmp_path / "w", shards=3)
+    here = run_audit(AuditConfig(scores=scores, out=tmp_path / "a1", keywords=KEYWORDS))
+    parts = []
+    on_ray = run_audit(AuditConfig(scores=scores, out=tmp_path / "a2", keywords=KEYWORDS,
+                                   executor=ExecutorSpec(kind="ray", workers=2)), on_part=lambda d, n: parts.append((d, n)))
+    assert parts[-1] == (3, 3)
+    assert [(f.kind, f.goal, f.observed, list(f.rows)) for f in on_ray.findings] == \
+        [(f.kind, f.goal, f.observed, list(f.rows)) for f in here.findings] and here.findings
+    for name, values in here.signal_columns.items():
+        np.testing.assert_array_equal(on_ray.signal_columns[name], values, err_msg=name)

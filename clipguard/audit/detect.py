@@ -38,6 +38,7 @@ and every kind compares against the rate at which the data mismatches those clas
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,7 +67,7 @@ class AuditTables:
     classes: list[str]
     caption_class: np.ndarray
     image_class: np.ndarray
-    caption_text: np.ndarray  # normalised captions
+    caption_texts: Callable[[np.ndarray], list[str]]  # rows -> their normalised captions, read back
     caption_id: np.ndarray  # distinct normalised caption
     image_id: np.ndarray  # distinct exact image
     image_group: np.ndarray  # near-duplicate image group
@@ -386,7 +387,7 @@ def _caption_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
         if best is None:
             continue
         score, b, m, expected, of_b = best
-        texts = np.unique(t.caption_text[rows])
+        texts = np.unique(np.asarray(t.caption_texts(rows), dtype=object))
         shown = texts[0] if len(texts[0]) <= 60 else texts[0][:57] + "..."
         more = f" and {len(texts) - 1} near-identical" if len(texts) > 1 else ""
         found.append(Finding(

@@ -3,7 +3,6 @@ joined by near-duplicate edges (union-find over neighbour pairs above a similari
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
 
@@ -26,9 +25,14 @@ def factorize(values) -> tuple[np.ndarray, int]:
     return codes, len(numbers)
 
 
-def image_identity(sha256: np.ndarray, vectors: np.ndarray) -> list:
-    """The exact image behind each pair: its sha256, or (where unknown) the bytes of its vector."""
-    return [s if s else "v:" + hashlib.sha1(vectors[i].tobytes()).hexdigest() for i, s in enumerate(sha256)]
+def factorize_codes(codes: np.ndarray) -> tuple[np.ndarray, int]:
+    """`factorize` for an integer array (the per-part pass's hashes), without a Python dict."""
+    if len(codes) == 0:
+        return np.zeros(0, np.int64), 0
+    distinct, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    rank = np.empty(len(distinct), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(distinct))
+    return rank[inverse.ravel()], len(distinct)
 
 
 def components(n: int, neighbours: Neighbours, min_similarity: float) -> np.ndarray:

@@ -1,53 +1,100 @@
-"""An audit's input: the scored pairs with their captions, image hashes and embeddings.
+"""An audit's input: the scored pairs with their identities, caption classes and a way back to
+their captions and vectors.
 
 Embeddings are in clip-retrieval's layout (``img_emb/img_emb_<n>.npy``, ``text_emb/text_emb_<n>.npy``,
 ``metadata/metadata_<n>.parquet``, rows aligned): the score folder's own (``score
 --save-embeddings``) or another folder (LAION's). Metadata rows need ``key`` and ``caption``;
-``shard``, ``image_sha256`` and ``image_patches`` (`clipguard.signals.patches`) are used where present. Pairs are those of the score folder with
-status ok that have vectors; the others are counted, never silently lost.
+``shard``, ``image_sha256`` and ``image_patches`` (`clipguard.signals.patches`) are used where
+present. Each part goes through `partpass.code_part` as one task on the executor given; the
+driver keeps its fixed-width columns and reads vectors and captions back by (part, row) when a
+stage needs them. Pairs are those of the score folder with status ok that have vectors; the
+others are counted, never silently lost.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipguard.errors import ClipguardError
+from clipguard.audit.errors import AuditInputError, MissingEmbeddingsError
+from clipguard.audit.partpass import PartCodes, PartFiles, code_part, load_vectors, unit_rows
+from clipguard.executors.tasks import map_tasks
 from clipguard.scoring.scorefiles import read_scores
 
+if TYPE_CHECKING:
+    from clipguard.scoring.run import ExecutorSpec
 
-class AuditInputError(ClipguardError):
-    """A score folder or embedding folder an audit cannot use."""
-
-
-class MissingEmbeddingsError(AuditInputError):
-    """No embeddings beside the scores (or in the folder given)."""
+__all__ = ["AuditInputError", "AuditPairs", "MissingEmbeddingsError", "load_pairs"]
 
 
 @dataclass
 class AuditPairs:
-    """The pairs audited, rows aligned. Vectors are float32 and unit length."""
+    """The pairs audited, rows aligned: per pair about 40 bytes of codes (and 8 per patch
+    signature) besides its shard and key; captions and vectors stay in their files."""
 
     shard: np.ndarray  # object arrays of str
     key: np.ndarray
-    caption: np.ndarray
-    image_sha256: np.ndarray  # None where unknown
-    image: np.ndarray  # (n, d) float32
-    text: np.ndarray  # (n, d) float32
+    caption_hash: np.ndarray  # uint64 of the normalised caption
+    image_hash: np.ndarray  # uint64 of the image's sha256 (or stored vector)
+    caption_class: np.ndarray  # int64 keyword class, NO_CLASS without one (or without keywords)
+    similarity: np.ndarray  # float32 cosine similarity of the pair
+    part: np.ndarray  # int32: which of ``parts`` holds the row
+    row: np.ndarray  # int64: the row in that part
+    parts: list[PartFiles]
     scored: int  # pairs in the score folder
     without_embeddings: int  # scored pairs (status ok) with no vectors
+    dims: int = 0
     # (n, KEEP) uint64 patch signatures, 0 where an image has fewer; None where no metadata had them.
     patches: np.ndarray | None = None
+    _vectors: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.key)
 
+    def vectors(self, side: str, rows: np.ndarray) -> np.ndarray:
+        """Unit float32 ``side`` ("image" or "text") vectors of the pairs ``rows``, read part by part."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.dims), np.float32)
+        for part, where in _by_part(self.part[rows]):
+            array = self._array(side, part)
+            out[where] = unit_rows(array, self.row[rows[where]])
+        return out
 
-def load_pairs(scores: Path, embeddings: Path | None = None) -> AuditPairs:
+    def captions(self, rows) -> list[str]:
+        """The captions of the pairs ``rows`` as written (for findings and people), read back."""
+        rows = np.asarray(rows, np.int64)
+        out: list[str] = [""] * len(rows)
+        for part, where in _by_part(self.part[rows]):
+            column = pq.read_table(self.parts[part].metadata, columns=["caption"]).column("caption")
+            picked = column.take(self.row[rows[where]]).to_pylist()
+            for i, caption in zip(where, picked):
+                out[i] = caption if caption is not None else ""
+        return out
+
+    def _array(self, side: str, part: int) -> np.ndarray:
+        if (side, part) not in self._vectors:  # memory maps: the OS pages in the rows read
+            files = self.parts[part]
+            self._vectors[(side, part)] = load_vectors(Path(files.image if side == "image" else files.text))
+        return self._vectors[(side, part)]
+
+
+def _by_part(part_of_rows: np.ndarray):
+    """(part, positions) for each part among the rows, positions into the rows given."""
+    order = np.argsort(part_of_rows, kind="stable")
+    parts, starts = np.unique(part_of_rows[order], return_index=True)
+    for part, where in zip(parts, np.split(order, starts[1:])):
+        yield int(part), where
+
+
+def load_pairs(scores: Path, embeddings: Path | None = None, keywords: dict[str, list[str]] | None = None,
+               on: "ExecutorSpec | None" = None, on_part: Callable[[int, int], None] | None = None) -> AuditPairs:
+    """Read the score folder, run each embedding part's pass on the executor ``on`` (default: here),
+    and keep the rows of pairs scored ok. ``on_part(done, total)`` reports parts finished."""
     scores = Path(scores)
     if not scores.is_dir():
         raise AuditInputError(f"score folder {scores} does not exist (run `clipguard score` first)")
@@ -62,67 +109,61 @@ def load_pairs(scores: Path, embeddings: Path | None = None) -> AuditPairs:
     shard_of_key: dict[str, str | None] = {}
     for s, k in ok:  # for metadata without a shard column (LAION's): a key's shard, if it is unique
         shard_of_key[k] = s if k not in shard_of_key else None
-    columns: dict[str, list] = {"shard": [], "key": [], "caption": [], "sha": [], "patches": []}
-    any_patches = False
-    images, texts = [], []
-    for stem, (img_path, txt_path, meta_path) in parts.items():
-        meta = pq.read_table(meta_path)
-        names = set(meta.column_names)
-        if not {"key", "caption"} <= names:
-            raise AuditInputError(f"{meta_path} needs columns key and caption (it has {sorted(names)})")
-        image = _load_vectors(img_path)
-        text = _load_vectors(txt_path)
-        if not (len(image) == len(text) == meta.num_rows):
-            raise AuditInputError(f"embedding files of {stem} are not aligned: {len(image)} image and {len(text)} text "
-                                  f"vectors, {meta.num_rows} metadata rows")
-        keys = [str(k) for k in meta.column("key").to_pylist()]
-        if "shard" in names:
-            shards = [str(s) for s in meta.column("shard").to_pylist()]
-        else:
-            shards = [shard_of_key.get(k) for k in keys]
-            ambiguous = next((k for k in keys if k in shard_of_key and shard_of_key[k] is None), None)
-            if ambiguous is not None:
-                raise AuditInputError(f"{meta_path} has no shard column and key {ambiguous!r} is in several scored "
-                                      "shards; add a shard column to the metadata")
-        shas = meta.column("image_sha256").to_pylist() if "image_sha256" in names else [None] * len(keys)
-        captions = meta.column("caption").to_pylist()
-        patches = _patch_lists(meta, meta_path) if "image_patches" in names else [None] * len(keys)
-        any_patches = any_patches or "image_patches" in names
-        keep = np.array([(s, k) in ok for s, k in zip(shards, keys)], dtype=bool)
-        for i in np.flatnonzero(keep):
-            columns["shard"].append(shards[i])
-            columns["key"].append(keys[i])
-            columns["caption"].append(captions[i] if captions[i] is not None else "")
-            columns["sha"].append(shas[i])
-            columns["patches"].append(patches[i] or ())
-        images.append(image[keep])
-        texts.append(text[keep])
-    if images and images[0].shape[1] != texts[0].shape[1]:
-        raise AuditInputError(f"image vectors have {images[0].shape[1]} dimensions and text vectors {texts[0].shape[1]}")
-    image = np.concatenate(images) if images else np.zeros((0, 0), np.float32)
+    files = [PartFiles(stem, str(img), str(txt), str(meta)) for stem, (img, txt, meta) in parts.items()]
+    finished = [0]
+
+    def done(_: int) -> None:
+        finished[0] += 1
+        if on_part is not None:
+            on_part(finished[0], len(files))
+
+    codes: list[PartCodes] = map_tasks(code_part, [(f, keywords) for f in files], on, done)
+    dims = {c.dims for c in codes if len(c)}
+    if len(dims) > 1:
+        raise AuditInputError(f"embedding parts of {folder} have vectors of different dimensions: {sorted(dims)}")
+    kept = [_kept_rows(c, f, ok, shard_of_key) for c, f in zip(codes, files)]
+    any_patches = any(c.patches is not None for c in codes)
+    n = sum(len(k) for k in kept)
     return AuditPairs(
-        shard=np.asarray(columns["shard"], dtype=object), key=np.asarray(columns["key"], dtype=object),
-        caption=np.asarray(columns["caption"], dtype=object), image_sha256=np.asarray(columns["sha"], dtype=object),
-        image=_unit(image), text=_unit(np.concatenate(texts)),
-        scored=len(table), without_embeddings=max(0, len(ok) - len(columns["key"])),
-        patches=_patch_matrix(columns["patches"]) if any_patches else None,
+        shard=_joined([c.shard[k] for c, k in zip(codes, kept)], object),
+        key=_joined([c.key[k] for c, k in zip(codes, kept)], object),
+        caption_hash=_joined([c.caption_hash[k] for c, k in zip(codes, kept)], np.uint64),
+        image_hash=_joined([c.image_hash[k] for c, k in zip(codes, kept)], np.uint64),
+        caption_class=_joined([c.caption_class[k] for c, k in zip(codes, kept)], np.int64),
+        similarity=_joined([c.similarity[k] for c, k in zip(codes, kept)], np.float32),
+        part=_joined([np.full(len(k), i, np.int32) for i, k in enumerate(kept)], np.int32),
+        row=_joined(kept, np.int64),
+        parts=files, scored=len(table), without_embeddings=max(0, len(ok) - n),
+        dims=dims.pop() if dims else 0,
+        patches=_patch_matrix([c.patches for c in codes], kept) if any_patches else None,
     )
 
 
-def _patch_lists(meta: pa.Table, path: Path) -> list:
-    column = meta.column("image_patches")
-    if not (pa.types.is_list(column.type) and pa.types.is_integer(column.type.value_type)):
-        raise AuditInputError(f"{path}: image_patches holds {column.type}, not a list of integer signatures per row "
-                              "(`clipguard score --save-embeddings` writes it); drop the column or score again")
-    return column.to_pylist()
+def _kept_rows(codes: PartCodes, files: PartFiles, ok: set, shard_of_key: dict) -> np.ndarray:
+    """Rows of the part whose pair was scored ok; their shard filled in where the metadata has none."""
+    if len(codes) and codes.shard[0] is None:
+        shards = [shard_of_key.get(k) for k in codes.key]
+        ambiguous = next((k for k in codes.key if k in shard_of_key and shard_of_key[k] is None), None)
+        if ambiguous is not None:
+            raise AuditInputError(f"{files.metadata} has no shard column and key {ambiguous!r} is in several scored "
+                                  "shards; add a shard column to the metadata")
+        codes.shard = np.asarray(shards, dtype=object)
+    return np.flatnonzero(np.fromiter(((s, k) in ok for s, k in zip(codes.shard, codes.key)), bool, len(codes)))
 
 
-def _patch_matrix(rows: list) -> np.ndarray:
-    width = max((len(r) for r in rows), default=0)
-    matrix = np.zeros((len(rows), width), np.uint64)
-    for i, r in enumerate(rows):
-        matrix[i, : len(r)] = r
-    return matrix
+def _joined(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+
+
+def _patch_matrix(matrices: list[np.ndarray | None], kept: list[np.ndarray]) -> np.ndarray:
+    width = max((m.shape[1] for m in matrices if m is not None), default=0)
+    out = np.zeros((sum(len(k) for k in kept), width), np.uint64)
+    start = 0
+    for matrix, rows in zip(matrices, kept):
+        if matrix is not None and matrix.shape[1]:
+            out[start:start + len(rows), : matrix.shape[1]] = matrix[rows]
+        start += len(rows)
+    return out
 
 
 def _embedding_parts(folder: Path) -> dict[str, tuple[Path, Path, Path]]:
@@ -137,19 +178,3 @@ def _embedding_parts(folder: Path) -> dict[str, tuple[Path, Path, Path]]:
                 raise AuditInputError(f"{img_path} has no {path} beside it")
         parts[stem] = (img_path, txt_path, meta_path)
     return parts
-
-
-def _load_vectors(path: Path) -> np.ndarray:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise AuditInputError(f"{path} is not a readable .npy array: {exc}") from None
-    if array.ndim != 2:
-        raise AuditInputError(f"{path} holds an array of shape {array.shape}, not (rows, dims)")
-    return array.astype(np.float32)
-
-
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    # fp16 storage loses a little length; neighbours are found by inner product, so renormalise.
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True) if vectors.size else np.ones((len(vectors), 1), np.float32)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)

@@ -45,6 +45,7 @@ def write_signals(out: Path, pairs: AuditPairs, columns: dict[str, np.ndarray]) 
 
 def finding_record(finding: Finding, pairs: AuditPairs) -> dict:
     rows = finding.rows
+    captions = pairs.captions(rows)
     return {
         "name": f"{KIND_TITLES[finding.kind]}: {finding.goal}",
         "description": finding.description,
@@ -55,7 +56,8 @@ def finding_record(finding: Finding, pairs: AuditPairs) -> dict:
         "expected": finding.expected,
         "neglog10_p": round(finding.neglog10_p, 3),
         "tests": finding.tests,
-        "pairs": [{"shard": str(pairs.shard[i]), "key": str(pairs.key[i]), "caption": str(pairs.caption[i])} for i in rows],
+        "pairs": [{"shard": str(pairs.shard[i]), "key": str(pairs.key[i]), "caption": caption}
+                  for i, caption in zip(rows, captions)],
     }
 
 

@@ -22,21 +22,25 @@ Every pass is per shard, so it runs through the same executors as scoring.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipguard.audit.classes import (NO_CLASS, caption_classes, cell_table, image_group_classes, plurality,
-                                     strong_mismatch)
+from clipguard.audit.classes import NO_CLASS, cell_table, image_group_classes, plurality, strong_mismatch
 from clipguard.audit.density import density
 from clipguard.audit.detect import AuditTables, DetectConfig, Detection, Finding, detect
-from clipguard.audit.grouping import components, distinct_per_group, factorize, image_identity, normalise_caption
+from clipguard.audit.grouping import components, distinct_per_group, factorize_codes, normalise_caption
 from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
 from clipguard.audit.neighbours import EXACT_LIMIT, NeighbourIndex
 from clipguard.audit.output import write_findings, write_signals
 from clipguard.audit.timing import StageClock
-from clipguard.labels import KeywordLabeler, load_keywords
+from clipguard.labels import KeywordLabeler, check_keywords, load_keywords
+
+if TYPE_CHECKING:
+    from clipguard.scoring.run import ExecutorSpec
 
 
 DUPLICATE_SHARE = 0.25
@@ -57,6 +61,7 @@ class AuditConfig:
     exact_limit: int = EXACT_LIMIT  # more vectors than this go through faiss
     nprobe: int = 64
     detect: DetectConfig = field(default_factory=DetectConfig)
+    executor: "ExecutorSpec | None" = None  # where the per-part pass runs; None: in this process
 
 
 @dataclass(frozen=True)
@@ -71,34 +76,35 @@ class AuditResult:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage (`StageClock`)
 
 
-def run_audit(config: AuditConfig) -> AuditResult:
+def run_audit(config: AuditConfig, on_part: Callable[[int, int], None] | None = None) -> AuditResult:
+    """``on_part(done, total)`` reports the per-part pass's progress."""
     if not 0 < config.alpha < 1:
         raise AuditInputError(f"the significance level must be in (0, 1), got {config.alpha}")
     if not (0 < config.image_duplicate <= 1 and 0 < config.text_duplicate <= 1):
         raise AuditInputError("near-duplicate similarities must be in (0, 1]")
     clock = StageClock()
-    with clock("read scores and embeddings"):
-        pairs = load_pairs(config.scores, config.embeddings)
+    keywords = config.keywords
+    if keywords:
+        keywords = load_keywords(keywords) if isinstance(keywords, (str, Path)) else check_keywords(keywords)
+    labeler = KeywordLabeler(keywords) if keywords else None
+    classes = labeler.classes if labeler else []
+    with clock("read scores; per-part pass (hashes, keyword classes, pair similarity)"):
+        pairs = load_pairs(config.scores, config.embeddings, keywords or None, config.executor, on_part)
     if len(pairs) == 0:
         raise AuditInputError(f"no scored pairs with embeddings in {config.embeddings or config.scores}")
-    keywords = config.keywords
-    labeler = KeywordLabeler(load_keywords(keywords) if isinstance(keywords, (str, Path)) else keywords) if keywords else None
-    classes = labeler.classes if labeler else []
-    with clock("caption classes (keywords)"):
-        caption_class = caption_classes(pairs.caption, labeler) if labeler else np.full(len(pairs), NO_CLASS)
+    caption_class = pairs.caption_class
     with clock("exact identities (caption text, image sha256)"):
-        caption_text = np.asarray([normalise_caption(c) for c in pairs.caption], dtype=object)
-        caption_id, n_captions = factorize(caption_text.tolist())
-        image_id, n_images = factorize(image_identity(pairs.image_sha256, pairs.image))
+        caption_id, n_captions = factorize_codes(pairs.caption_hash)
+        image_id, n_images = factorize_codes(pairs.image_hash)
 
     # Neighbours among distinct images and distinct captions: a reused image is not its own neighbour.
     with clock("image neighbours and near-duplicate groups"):
         image_index, image_nn, image_duplicate, image_group_of = _near_duplicates(
-            pairs.image, image_id, n_images, config.image_duplicate, config)
+            pairs, "image", image_id, n_images, config.image_duplicate, config)
         n_image_groups = int(image_group_of.max()) + 1 if n_images else 0
     with clock("text neighbours and near-identical caption groups"):
         text_index, text_nn, text_duplicate, caption_group_of = _near_duplicates(
-            pairs.text, caption_id, n_captions, config.text_duplicate, config)
+            pairs, "text", caption_id, n_captions, config.text_duplicate, config)
 
     with clock("image classes from neighbours"):
         image_group = image_group_of[image_id]
@@ -107,11 +113,12 @@ def run_audit(config: AuditConfig) -> AuditResult:
         own_class = _own_classes(image_group, caption_id, caption_class, len(classes))
         strong = strong_mismatch(caption_class, image_class, caption_votes, image_votes, len(classes), own_class)
     tables = AuditTables(
-        classes=classes, caption_class=caption_class, image_class=image_class, caption_text=caption_text,
+        classes=classes, caption_class=caption_class, image_class=image_class,
+        caption_texts=lambda rows: [normalise_caption(c) for c in pairs.captions(rows)],
         caption_id=caption_id, image_id=image_id, image_group=image_group,
         caption_group=caption_group_of[caption_id], strong_mismatch=strong,
         cells=cell_table(caption_class, image_class, len(classes), image_group, strong),
-        pair_similarity=np.einsum("ij,ij->i", pairs.image, pairs.text),
+        pair_similarity=pairs.similarity,
         patches=pairs.patches,
     )
     if classes:
@@ -157,10 +164,10 @@ def run_audit(config: AuditConfig) -> AuditResult:
                        seconds=clock.seconds)
 
 
-def _near_duplicates(vectors: np.ndarray, ids: np.ndarray, count: int, floor: float, config: AuditConfig):
-    """Neighbours among the distinct items (first row of each id), the near-duplicate similarity
-    (`duplicate_similarity`) and each distinct item's near-duplicate group."""
-    index = NeighbourIndex(vectors[_first_rows(ids, count)], config.exact_limit, config.nprobe)
+def _near_duplicates(pairs: AuditPairs, side: str, ids: np.ndarray, count: int, floor: float, config: AuditConfig):
+    """Neighbours among the distinct items (first row of each id, the only vectors read), the
+    near-duplicate similarity (`duplicate_similarity`) and each distinct item's near-duplicate group."""
+    index = NeighbourIndex(pairs.vectors(side, _first_rows(ids, count)), config.exact_limit, config.nprobe)
     neighbours = index.self_neighbours(config.k)
     threshold = duplicate_similarity(neighbours, floor)
     return index, neighbours, threshold, components(count, neighbours, threshold)

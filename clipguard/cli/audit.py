@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from clipguard.cli.choices import AUDIT_DEFAULTS
-from clipguard.cli.common import console, err_console, user_errors
+from clipguard.cli.choices import AUDIT_DEFAULTS, ExecutorKind
+from clipguard.cli.common import console, err_console, progress_reporter, user_errors
+from clipguard.cli.score import RayAddressOpt
 
 SHOWN_FINDINGS = 10
 SHOWN_PAIRS = 3
@@ -24,6 +25,9 @@ def audit(
     image_duplicate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Cosine similarity at which two images are near-duplicates (raised to a quarter of the median nearest-neighbour distance where the data packs images closer).")] = AUDIT_DEFAULTS.image_duplicate,
     text_duplicate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Cosine similarity at which two captions are near-identical (raised likewise).")] = AUDIT_DEFAULTS.text_duplicate,
     exact_limit: Annotated[int, typer.Option(min=1, help="Up to this many vectors neighbours are exact; above it through faiss (the audit extra).")] = AUDIT_DEFAULTS.exact_limit,
+    executor: Annotated[ExecutorKind, typer.Option(help="Where the per-part pass (caption and image hashes, keyword classes, pair similarity) runs: local or ray (a task per embedding part).")] = ExecutorKind.local,
+    workers: Annotated[int, typer.Option(min=1, help="Ray: CPUs of the local Ray instance it starts (without --ray-address). Local runs the parts in this process.")] = 1,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Find what a pair threshold misses: one image behind many captions, one caption behind many images, over-represented (caption class, image class) cells and clusters of near-identical images; findings ranked by corrected p-value.
 
@@ -35,12 +39,16 @@ def audit(
     """
     # Imported here so that `--help` does not wait for numpy, scipy and pyarrow.
     from clipguard.audit import AuditConfig, run_audit
+    from clipguard.scoring.run import ExecutorSpec
 
-    with user_errors():
+    with user_errors(), progress_reporter() as progress:
+        task = progress.task("audit: per-part pass", steps="parts", unit="parts")
+        on = ExecutorSpec(kind=executor.value, address=ray_address, workers=workers)
         result = run_audit(AuditConfig(
             scores=scores, out=out, embeddings=embeddings, keywords=keywords, alpha=alpha, k=k,
-            image_duplicate=image_duplicate, text_duplicate=text_duplicate, exact_limit=exact_limit,
-        ))
+            image_duplicate=image_duplicate, text_duplicate=text_duplicate, exact_limit=exact_limit, executor=on,
+        ), on_part=lambda done, total: task.update(completed=done, total=total, done=done))
+        task.finish()
     pairs = result.pairs
     console.print(f"audited {len(pairs):,} of {pairs.scored:,} scored pairs "
                   f"({pairs.without_embeddings:,} without embeddings); neighbours "
@@ -50,8 +58,9 @@ def audit(
     console.print(f"{len(result.findings)} finding(s) at significance {alpha:g}", markup=False, highlight=False)
     for rank, finding in enumerate(result.findings[:SHOWN_FINDINGS], 1):
         console.print(f"{rank}. [{finding.kind} {finding.goal}] {finding.description}", markup=False, highlight=False)
-        for row in finding.rows[:SHOWN_PAIRS]:
-            console.print(f"     {pairs.shard[row]}/{pairs.key[row]}: {pairs.caption[row][:80]}", markup=False, highlight=False)
+        shown = finding.rows[:SHOWN_PAIRS]
+        for row, caption in zip(shown, pairs.captions(shown)):
+            console.print(f"     {pairs.shard[row]}/{pairs.key[row]}: {caption[:80]}", markup=False, highlight=False)
     if len(result.findings) > SHOWN_FINDINGS:
         console.print(f"... {len(result.findings) - SHOWN_FINDINGS} more", markup=False, highlight=False)
     console.print(f"findings: {out / 'findings.md'} (and findings.json); signals: {out / 'signals'}", markup=False, highlight=False)
