@@ -1,11 +1,12 @@
 """`run_audit`: a score folder and its embeddings -> per-pair cross-pair signals and findings.
 
-Today's implementation holds the audited pairs in memory (vectors as float32: about 2 KB per
-pair at 512 dimensions, so ~10^6 pairs per few GB) and searches neighbours exactly up to
+Each embedding part's pass (`partpass.code_part`) runs as a task on the executor given; the
+driver keeps its fixed-width columns and holds only the distinct vectors (float32: about 2 KB
+each at 512 dimensions, so ~10^6 distinct images per few GB), searching neighbours exactly up to
 `neighbours.EXACT_LIMIT` vectors, through faiss above it. How it scales to 10^8 pairs in bounded
 memory, with the same statistics (docs/architecture.md says the same):
 
-1. Counting pass, per shard: hash each pair's normalised caption and image sha256; write
+1. Counting pass, per shard (the hashing is built: `partpass`; the partitioned merge is not): write
    (hash prefix partition, hash, key) runs to disk; merge each partition alone (a partition fits
    in memory) into distinct-caption-per-image and distinct-image-per-caption counts. Patch
    signatures (8 per image) go the same way, partitioned by signature: a partition keeps only the
