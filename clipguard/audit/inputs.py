@@ -110,52 +110,50 @@ def load_pairs(scores: Path, embeddings: Path | None = None, keywords: dict[str,
     for s, k in ok:  # for metadata without a shard column (LAION's): a key's shard, if it is unique
         shard_of_key[k] = s if k not in shard_of_key else None
     files = [PartFiles(stem, str(img), str(txt), str(meta)) for stem, (img, txt, meta) in parts.items()]
-    finished = [0]
-
-    def done(_: int) -> None:
-        finished[0] += 1
-        if on_part is not None:
-            on_part(finished[0], len(files))
-
-    codes: list[PartCodes] = map_tasks(code_part, [(f, keywords) for f in files], on, done)
+    codes: list[PartCodes] = map_tasks(code_part, [(f, keywords) for f in files], on, on_part)
     dims = {c.dims for c in codes if len(c)}
     if len(dims) > 1:
         raise AuditInputError(f"embedding parts of {folder} have vectors of different dimensions: {sorted(dims)}")
     kept = [_kept_rows(c, f, ok, shard_of_key) for c, f in zip(codes, files)]
-    any_patches = any(c.patches is not None for c in codes)
-    n = sum(len(k) for k in kept)
+    n = sum(len(rows) for rows, _ in kept)
+
+    def column(name: str, dtype) -> np.ndarray:
+        return _joined([getattr(c, name)[rows] for c, (rows, _) in zip(codes, kept)], dtype)
+
     return AuditPairs(
-        shard=_joined([c.shard[k] for c, k in zip(codes, kept)], object),
-        key=_joined([c.key[k] for c, k in zip(codes, kept)], object),
-        caption_hash=_joined([c.caption_hash[k] for c, k in zip(codes, kept)], np.uint64),
-        image_hash=_joined([c.image_hash[k] for c, k in zip(codes, kept)], np.uint64),
-        caption_class=_joined([c.caption_class[k] for c, k in zip(codes, kept)], np.int64),
-        similarity=_joined([c.similarity[k] for c, k in zip(codes, kept)], np.float32),
-        part=_joined([np.full(len(k), i, np.int32) for i, k in enumerate(kept)], np.int32),
-        row=_joined(kept, np.int64),
+        shard=_joined([shards[rows] for rows, shards in kept], object),
+        key=column("key", object), caption_hash=column("caption_hash", np.uint64),
+        image_hash=column("image_hash", np.uint64), caption_class=column("caption_class", np.int64),
+        similarity=column("similarity", np.float32),
+        part=_joined([np.full(len(rows), i, np.int32) for i, (rows, _) in enumerate(kept)], np.int32),
+        row=_joined([rows for rows, _ in kept], np.int64),
         parts=files, scored=len(table), without_embeddings=max(0, len(ok) - n),
         dims=dims.pop() if dims else 0,
-        patches=_patch_matrix([c.patches for c in codes], kept) if any_patches else None,
+        patches=_joined_patches([c.patches for c in codes], [rows for rows, _ in kept])
+        if any(c.patches is not None for c in codes) else None,
     )
 
 
-def _kept_rows(codes: PartCodes, files: PartFiles, ok: set, shard_of_key: dict) -> np.ndarray:
-    """Rows of the part whose pair was scored ok; their shard filled in where the metadata has none."""
-    if len(codes) and codes.shard[0] is None:
-        shards = [shard_of_key.get(k) for k in codes.key]
+def _kept_rows(codes: PartCodes, files: PartFiles, ok: set, shard_of_key: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the part whose pair was scored ok, and every row's shard (from the scores by key
+    where the metadata has no shard column, as LAION's has not)."""
+    shards = codes.shard
+    if len(codes) and shards[0] is None:
         ambiguous = next((k for k in codes.key if k in shard_of_key and shard_of_key[k] is None), None)
         if ambiguous is not None:
             raise AuditInputError(f"{files.metadata} has no shard column and key {ambiguous!r} is in several scored "
                                   "shards; add a shard column to the metadata")
-        codes.shard = np.asarray(shards, dtype=object)
-    return np.flatnonzero(np.fromiter(((s, k) in ok for s, k in zip(codes.shard, codes.key)), bool, len(codes)))
+        shards = np.asarray([shard_of_key.get(k) for k in codes.key], dtype=object)
+    keep = np.fromiter(((s, k) in ok for s, k in zip(shards, codes.key)), bool, len(codes))
+    return np.flatnonzero(keep), shards
 
 
 def _joined(arrays: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
 
 
-def _patch_matrix(matrices: list[np.ndarray | None], kept: list[np.ndarray]) -> np.ndarray:
+def _joined_patches(matrices: list[np.ndarray | None], kept: list[np.ndarray]) -> np.ndarray:
+    """The parts' signature matrices, rows kept, padded with 0 to the widest."""
     width = max((m.shape[1] for m in matrices if m is not None), default=0)
     out = np.zeros((sum(len(k) for k in kept), width), np.uint64)
     start = 0

@@ -43,9 +43,9 @@ def write_signals(out: Path, pairs: AuditPairs, columns: dict[str, np.ndarray]) 
     return written
 
 
-def finding_record(finding: Finding, pairs: AuditPairs) -> dict:
+def finding_record(finding: Finding, pairs: AuditPairs, captions: list[str]) -> dict:
+    """``captions``: those of the finding's pairs, in its rows' order."""
     rows = finding.rows
-    captions = pairs.captions(rows)
     return {
         "name": f"{KIND_TITLES[finding.kind]}: {finding.goal}",
         "description": finding.description,
@@ -64,7 +64,10 @@ def finding_record(finding: Finding, pairs: AuditPairs) -> dict:
 def write_findings(out: Path, pairs: AuditPairs, findings: list[Finding], summary: dict) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    records = [finding_record(f, pairs) for f in findings]
+    # One read of the captions for every finding: each part's caption column is read once.
+    captions = pairs.captions(np.concatenate([np.asarray(f.rows, np.int64) for f in findings])) if findings else []
+    bounds = np.cumsum([0] + [len(f.rows) for f in findings])
+    records = [finding_record(f, pairs, captions[bounds[i]:bounds[i + 1]]) for i, f in enumerate(findings)]
     atomic_write_json(out / FINDINGS_NAME, {"format": FINDINGS_FORMAT, **summary, "findings": records})
     atomic_write_bytes(out / MARKDOWN_NAME, _markdown(records, summary).encode("utf-8"))
 

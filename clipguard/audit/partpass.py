@@ -43,7 +43,6 @@ class PartFiles:
 class PartCodes:
     """One part's rows, in file order: identities, caption class, pair similarity, signatures."""
 
-    stem: str
     shard: np.ndarray  # object arrays of str; None where the metadata has no shard column
     key: np.ndarray
     caption_hash: np.ndarray  # uint64, of `grouping.normalise_caption`
@@ -58,13 +57,13 @@ class PartCodes:
 
 
 def code_part(files: PartFiles, keywords: dict[str, list[str]] | None = None) -> PartCodes:
-    """The pass itself: one part in, its `PartCodes` out. Raises `AuditInputError` on a part that is not
-    aligned, not readable or missing a column, naming the file."""
+    """The pass itself: one part in, its `PartCodes` out. Raises `AuditInputError` on a part that
+    is not aligned, not readable or missing a column, naming the file."""
     meta = _read_metadata(Path(files.metadata))
     image, text = load_vectors(Path(files.image)), load_vectors(Path(files.text))
     if not (len(image) == len(text) == meta.num_rows):
         raise AuditInputError(f"embedding files of {files.stem} are not aligned: {len(image)} image and {len(text)} text "
-                        f"vectors, {meta.num_rows} metadata rows")
+                              f"vectors, {meta.num_rows} metadata rows")
     if image.shape[1] != text.shape[1]:
         raise AuditInputError(f"{files.image}: image vectors have {image.shape[1]} dimensions and text vectors {text.shape[1]}")
     names = set(meta.column_names)
@@ -72,12 +71,14 @@ def code_part(files: PartFiles, keywords: dict[str, list[str]] | None = None) ->
     shas = meta.column("image_sha256").to_pylist() if "image_sha256" in names else [None] * len(captions)
     labeler = KeywordLabeler(keywords) if keywords else None
     return PartCodes(
-        stem=files.stem,
         shard=np.asarray([str(s) for s in meta.column("shard").to_pylist()] if "shard" in names else [None] * len(captions),
                          dtype=object),
         key=np.asarray([str(k) for k in meta.column("key").to_pylist()], dtype=object),
-        caption_hash=np.fromiter((hash64(normalise_caption(c)) for c in captions), np.uint64, len(captions)),
-        image_hash=np.fromiter((hash64(s) if s else _vector_hash(image[i]) for i, s in enumerate(shas)), np.uint64, len(shas)),
+        caption_hash=np.fromiter((_hash64(normalise_caption(c).encode("utf-8")) for c in captions), np.uint64, len(captions)),
+        # An image without a sha256 is known by its vector's stored bytes (one image scored twice
+        # has the same vector); the "v" keeps these apart from hashes of sha256 strings.
+        image_hash=np.fromiter((_hash64(s.encode("utf-8")) if s else _hash64(b"v" + np.ascontiguousarray(image[i]).tobytes())
+                                for i, s in enumerate(shas)), np.uint64, len(shas)),
         caption_class=caption_classes(captions, labeler) if labeler else np.full(len(captions), NO_CLASS, np.int64),
         similarity=_similarity(image, text),
         patches=_patch_matrix(meta, files.metadata) if "image_patches" in names else None,
@@ -85,14 +86,8 @@ def code_part(files: PartFiles, keywords: dict[str, list[str]] | None = None) ->
     )
 
 
-def hash64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-
-
-def _vector_hash(vector: np.ndarray) -> int:
-    # An image without a sha256 is known by its vector's stored bytes: one image scored twice has
-    # the same vector; "v" keeps these apart from hashes of sha256 strings.
-    return int.from_bytes(hashlib.blake2b(b"v" + np.ascontiguousarray(vector).tobytes(), digest_size=8).digest(), "little")
+def _hash64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 def load_vectors(path: Path) -> np.ndarray:

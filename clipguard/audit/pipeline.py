@@ -90,7 +90,7 @@ def run_audit(config: AuditConfig, on_part: Callable[[int, int], None] | None = 
     labeler = KeywordLabeler(keywords) if keywords else None
     classes = labeler.classes if labeler else []
     with clock("read scores; per-part pass (hashes, keyword classes, pair similarity)"):
-        pairs = load_pairs(config.scores, config.embeddings, keywords or None, config.executor, on_part)
+        pairs = load_pairs(config.scores, config.embeddings, keywords, config.executor, on_part)
     if len(pairs) == 0:
         raise AuditInputError(f"no scored pairs with embeddings in {config.embeddings or config.scores}")
     caption_class = pairs.caption_class

@@ -15,6 +15,7 @@ instance is started with one CPU per worker.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,22 @@ def _ray():
     return ray
 
 
+@contextlib.contextmanager
+def ray_session(spec: "ExecutorSpec") -> Iterator:
+    """Ray, joined at ``spec.address`` or started locally with ``spec.workers`` CPUs, and shut down
+    afterwards only if it was started here (a caller's own ``ray.init`` is left running)."""
+    ray = _ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=spec.address, num_cpus=None if spec.address else spec.workers,
+                 include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
 class RayExecutor:
     def __init__(self, spec: "ExecutorSpec"):
         self.spec = spec
@@ -50,16 +67,8 @@ class RayExecutor:
         if not pending:
             return
         model_spec = _rebuildable_spec(loaded)
-        ray = _ray()
-        started_here = not ray.is_initialized()
-        if started_here:
-            ray.init(address=self.spec.address, num_cpus=None if self.spec.address else self.spec.workers,
-                     include_dashboard=False, log_to_driver=False)
-        try:
+        with ray_session(self.spec) as ray:
             yield from self._run(ray, pending, model_spec, out_dir.location, config, on_rows)
-        finally:
-            if started_here:
-                ray.shutdown()
 
     def _run(self, ray, pending, model_spec, out_dir, config, on_rows):
         threads = config.threads or 1

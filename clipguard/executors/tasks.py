@@ -3,9 +3,10 @@
 
 For passes that need no model, such as the audit's per-part pass: scoring has its own executors
 (`clipguard.scoring.run._executor`), which keep a model per worker. Local runs the tasks in
-this process, one after another (a process pool is not built yet). On Ray each task gets one CPU and is retried on
-another worker up to ``TASK_ATTEMPTS`` times if its worker dies; a task that raises a clipguard
-error (bad input) fails the map with that error at once, since it would fail again anywhere.
+this process, one after another (a process pool is not built yet). On Ray each task gets one
+CPU and is retried on another worker up to `executors.ray.TASK_ATTEMPTS` times if its worker
+dies; a task that raises a clipguard error (bad input) fails the map with that error at once,
+since it would fail again anywhere.
 ``fn`` must be importable by name (a module-level function), and its arguments picklable.
 """
 
@@ -19,31 +20,24 @@ from clipguard.errors import ClipguardError
 if TYPE_CHECKING:
     from clipguard.scoring.run import ExecutorSpec
 
-TASK_ATTEMPTS = 3
-
 
 def map_tasks(fn: Callable, args: Sequence[tuple], spec: "ExecutorSpec | None" = None,
-              on_done: Callable[[int], None] | None = None) -> list[Any]:
-    """``[fn(*a) for a in args]``, run where ``spec`` says; ``on_done(i)`` as task ``i`` finishes."""
-    done = on_done or (lambda i: None)
+              on_done: Callable[[int, int], None] | None = None) -> list[Any]:
+    """``[fn(*a) for a in args]``, run where ``spec`` says; ``on_done(finished, total)`` after each task."""
+    done = on_done or (lambda finished, total: None)
     if spec is not None and spec.kind == "ray":
         return _ray_map(fn, args, spec, done)
     results = []
-    for i, a in enumerate(args):
+    for a in args:
         results.append(fn(*a))
-        done(i)
+        done(len(results), len(args))
     return results
 
 
-def _ray_map(fn: Callable, args: Sequence[tuple], spec: "ExecutorSpec", done: Callable[[int], None]) -> list[Any]:
-    from clipguard.executors.ray import _ray
+def _ray_map(fn: Callable, args: Sequence[tuple], spec: "ExecutorSpec", done: Callable[[int, int], None]) -> list[Any]:
+    from clipguard.executors.ray import TASK_ATTEMPTS, ray_session
 
-    ray = _ray()
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=spec.address, num_cpus=None if spec.address else spec.workers,
-                 include_dashboard=False, log_to_driver=False)
-    try:
+    with ray_session(spec) as ray:
         # max_retries covers a worker that dies; retry_exceptions stays off, so an error raised by
         # the task (a bad part) comes back once instead of three times.
         remote = ray.remote(num_cpus=1, max_retries=TASK_ATTEMPTS)(fn)
@@ -59,8 +53,5 @@ def _ray_map(fn: Callable, args: Sequence[tuple], spec: "ExecutorSpec", done: Ca
                 if isinstance(cause, ClipguardError):
                     raise cause from None
                 raise ClipguardError(f"task {i} of {len(args)} ({getattr(fn, '__name__', fn)}) failed on Ray: {exc}") from None
-            done(i)
+            done(len(args) - len(pending), len(args))
         return results
-    finally:
-        if started_here:
-            ray.shutdown()
