@@ -342,3 +342,31 @@ def test_the_per_part_pass_runs_as_ray_tasks_with_the_same_result(tmp_path):
         [(f.kind, f.goal, f.observed, list(f.rows)) for f in here.findings] and here.findings
     for name, values in here.signal_columns.items():
         np.testing.assert_array_equal(on_ray.signal_columns[name], values, err_msg=name)
+
+
+def test_an_unreadable_embedding_part_is_a_clear_error_naming_its_file(tmp_path):
+    """Each file of a part that cannot be read (or does not line up) stops the audit with the
+    file's name, on Ray as here: the task's own error, not Ray's wrapper."""
+    def fresh(name: str) -> Path:
+        return World(15).clean(n=64, stock=0, boilerplate=0).write(tmp_path / name)
+
+    scores = fresh("meta")
+    meta_path = sorted((scores / "metadata").glob("*.parquet"))[0]
+    meta_path.write_bytes(b"not parquet at all")
+    with pytest.raises(AuditInputError, match=f"{meta_path.name} is not a readable Parquet file"):
+        run_audit(AuditConfig(scores=scores, out=tmp_path / "a1", keywords=KEYWORDS))
+    scores = fresh("vectors")
+    image_path = sorted((scores / "img_emb").glob("*.npy"))[0]
+    image_path.write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(AuditInputError, match=f"{image_path.name} is not a readable .npy array"):
+        run_audit(AuditConfig(scores=scores, out=tmp_path / "a2", keywords=KEYWORDS))
+    scores = fresh("short")
+    text_path = sorted((scores / "text_emb").glob("*.npy"))[0]
+    np.save(text_path, np.load(text_path)[:-1])
+    with pytest.raises(AuditInputError, match="are not aligned"):
+        run_audit(AuditConfig(scores=scores, out=tmp_path / "a3", keywords=KEYWORDS))
+    pytest.importorskip("ray")
+    from clipguard.scoring.run import ExecutorSpec
+
+    with pytest.raises(AuditInputError, match="are not aligned"):
+        run_audit(AuditConfig(scores=scores, out=tmp_path / "a4", keywords=KEYWORDS, executor=ExecutorSpec(kind="ray", workers=1)))
