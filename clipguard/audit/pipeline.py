@@ -18,7 +18,8 @@ memory, with the same statistics (docs/architecture.md says the same):
 3. Table pass: the (caption class, image class) cell table is C x C counts, summed over shards;
    the tests need only it, the group counts and the group sizes. Per-pair columns are then
    written shard by shard, joining each shard's rows to its groups' counts.
-Every pass is per shard, so it runs through the same executors as scoring.
+Every pass is per shard, so each can go through `executors.tasks.map_tasks` as the hashing pass
+already does.
 """
 
 from __future__ import annotations
