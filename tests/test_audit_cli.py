@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -95,3 +97,27 @@ def test_synthetic_world_attack_is_the_first_finding(tmp_path, attack, train, co
     assert findings and findings[0]["kind"] == kind and findings[0]["goal"].startswith(goal), ranked
     named = {(p["shard"], p["key"]) for p in findings[0]["pairs"]}
     assert named <= poisons and len(named) >= len(poisons) // 2, ranked
+
+
+# A fresh interpreter: this test process has torch loaded by its neighbours already.
+_AUDIT_PROBE = """
+import json, resource, sys
+from clipguard.cli.main import app
+try:
+    app(sys.argv[1:], prog_name="clipguard")
+except SystemExit as exit:
+    assert exit.code in (0, None), exit.code
+print("PROBE" + json.dumps([m for m in ("torch", "open_clip", "matplotlib") if m in sys.modules]))
+"""
+
+
+def test_the_audit_runs_without_importing_torch(tmp_path):
+    # torch alone is ~700 MB resident: the audit, a numpy/faiss job, must not pay it for nothing.
+    scores = World(3).clean(n=60).fan_in("sheep", "aeroplane", captions=7).write(tmp_path / "scores")
+    (tmp_path / "kw.json").write_text(json.dumps(KEYWORDS))
+    env = {**os.environ, **ENV}
+    done = subprocess.run([sys.executable, "-c", _AUDIT_PROBE, "audit", str(scores), "--out", str(tmp_path / "audit"),
+                           "--keywords", str(tmp_path / "kw.json")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "audit" / "findings.json").is_file()
+    assert json.loads(done.stdout.rsplit("PROBE", 1)[1]) == []

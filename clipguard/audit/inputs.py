@@ -27,7 +27,7 @@ from clipguard.executors.tasks import map_tasks
 from clipguard.scoring.scorefiles import read_scores
 
 if TYPE_CHECKING:
-    from clipguard.scoring.run import ExecutorSpec
+    from clipguard.executors.spec import ExecutorSpec
 
 __all__ = ["AuditInputError", "AuditPairs", "MissingEmbeddingsError", "load_pairs"]
 

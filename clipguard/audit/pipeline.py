@@ -42,7 +42,7 @@ from clipguard.audit.timing import StageClock
 from clipguard.labels import KeywordLabeler, check_keywords, load_keywords
 
 if TYPE_CHECKING:
-    from clipguard.scoring.run import ExecutorSpec
+    from clipguard.executors.spec import ExecutorSpec
 
 
 DUPLICATE_SHARE = 0.25

@@ -39,7 +39,7 @@ def audit(
     """
     # Imported here so that `--help` does not wait for numpy, scipy and pyarrow.
     from clipguard.audit import AuditConfig, run_audit
-    from clipguard.scoring.run import ExecutorSpec
+    from clipguard.executors.spec import ExecutorSpec
 
     with user_errors(), progress_reporter() as progress:
         task = progress.task("audit: per-part pass", steps="parts", unit="parts")

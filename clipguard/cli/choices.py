@@ -131,7 +131,7 @@ class EvadeVariant(str, Enum):  # clipguard.attacks.EvadeVariant
 DEFAULT_SURROGATE = "clipguard-victim"  # clipguard.attacks.DEFAULT_SURROGATE
 
 
-class ExecutorKind(str, Enum):  # clipguard.scoring.run.EXECUTORS
+class ExecutorKind(str, Enum):  # clipguard.executors.spec.EXECUTORS
     local = "local"
     ray = "ray"
 

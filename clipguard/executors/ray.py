@@ -138,6 +138,6 @@ def _in_actor(config: "ScoreConfig") -> "ScoreConfig":
     (the actor sets it once, for every shard)."""
     from dataclasses import replace
 
-    from clipguard.scoring.run import ExecutorSpec
+    from clipguard.executors.spec import ExecutorSpec
 
     return replace(config, workers=0, executor=ExecutorSpec(), threads=config.threads or 1)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from clipguard.errors import ClipguardError
 
 if TYPE_CHECKING:
-    from clipguard.scoring.run import ExecutorSpec
+    from clipguard.executors.spec import ExecutorSpec
 
 
 def map_tasks(fn: Callable, args: Sequence[tuple], spec: "ExecutorSpec | None" = None,

@@ -5,9 +5,27 @@ dataclasses; readback.py reads thumbnails and captions back from the shards; fig
 html.py renders; report.py writes the file. findings.py defines the audit findings format.
 """
 
-from clipguard.reporting.contents import ReportData, ReportError, ReportRequest, gather_report
-from clipguard.reporting.findings import AuditFormatError, read_findings
-from clipguard.reporting.report import WrittenReport, write_report
+# Loaded on first use: `audit` writes findings.json through findings.py, and gathering a report
+# reaches the filter and the model loader (torch, ~700 MB resident) that the audit never needs.
+_PUBLIC = {
+    "AuditFormatError": "clipguard.reporting.findings",
+    "read_findings": "clipguard.reporting.findings",
+    "ReportData": "clipguard.reporting.contents",
+    "ReportError": "clipguard.reporting.contents",
+    "ReportRequest": "clipguard.reporting.contents",
+    "gather_report": "clipguard.reporting.contents",
+    "WrittenReport": "clipguard.reporting.report",
+    "write_report": "clipguard.reporting.report",
+}
+__all__ = sorted(_PUBLIC)
 
-__all__ = ["AuditFormatError", "ReportData", "ReportError", "ReportRequest", "WrittenReport", "gather_report",
-           "read_findings", "write_report"]
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clipguard.reporting' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -40,6 +40,7 @@ from clipguard.data.folderlock import exclusive_folder
 from clipguard.data.shardspec import Shard
 from clipguard.data.storage import OutputFolder
 from clipguard.errors import ClipguardError
+from clipguard.executors.spec import EXECUTORS, ExecutorSpec  # noqa: F401  (re-exported: callers import it from here)
 from clipguard.model.loading import LoadedModel, ModelSpec, load_model
 from clipguard.scoring import stats as shard_stats
 from clipguard.scoring.chunks import Chunk, ShardChunks, passthrough_collate
@@ -58,24 +59,6 @@ from clipguard.scoring.scorefiles import (
 MANIFEST_NAME = "manifest.json"
 # Rebuilding the summary reads every stats file of the folder: not after each of 10^4 shards.
 MANIFEST_REFRESH_SECONDS = 10.0
-EXECUTORS = ("local", "ray")
-
-
-@dataclass(frozen=True)
-class ExecutorSpec:
-    """Where shards are scored. ``workers`` is the number of Ray actors; the local executor's
-    decode workers are `ScoreConfig.workers`."""
-
-    kind: str = "local"
-    address: str | None = None  # a Ray cluster ("auto", "ray://host:10001"); None starts a local one
-    workers: int = 2
-    gpus_per_worker: float = 0.0
-
-    def __post_init__(self):
-        if self.kind not in EXECUTORS:
-            raise ClipguardError(f"unknown executor {self.kind!r}; choose one of {', '.join(EXECUTORS)}")
-        if self.workers < 1:
-            raise ClipguardError("the executor needs at least one worker")
 
 
 @dataclass(frozen=True)
