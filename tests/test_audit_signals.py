@@ -153,6 +153,33 @@ def test_faiss_path_equals_exact_path(tmp_path):
     np.testing.assert_allclose(fast.signal_columns["image_knn_distance"], slow.signal_columns["image_knn_distance"], atol=1e-4)
 
 
+def test_compressed_faiss_path_reads_vectors_on_demand_and_returns_exact_similarities():
+    pytest.importorskip("faiss")
+    from clipguard.audit.neighbours import PQ_MIN_VECTORS, VectorReader
+
+    n = PQ_MIN_VECTORS + 2_000
+    vectors = np.random.default_rng(1).normal(size=(n, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    reads = []
+
+    def read(rows):
+        reads.append(len(rows))
+        return vectors[rows]
+
+    exact = NeighbourIndex(vectors).self_neighbours(8)
+    index = NeighbourIndex(VectorReader(n, 16, read), exact_limit=100, nprobe=10_000, codes="pq")
+    assert index.codes == "pq" and not index.exact
+    assert max(reads) <= 65_536  # trained and filled in blocks, never the whole set at once
+    found = index.self_neighbours(8)
+    assert (found.index == exact.index).mean() > 0.97  # codes choose the candidates; a few true ones are missed
+    same = found.index == exact.index
+    np.testing.assert_allclose(found.similarity[same], exact.similarity[same], atol=1e-5)  # re-scored exactly
+    hit = found.index >= 0
+    np.testing.assert_allclose(found.similarity[hit], np.einsum("ij,ij->i", vectors[np.nonzero(hit)[0]],
+                                                                 vectors[found.index[hit]]), atol=1e-5)
+    assert (found.index != np.arange(n)[:, None]).all()
+
+
 def test_missing_embeddings_name_the_command_that_writes_them(tmp_path):
     scores = World(9).clean(n=40).write(tmp_path / "w", embeddings=False)
     with pytest.raises(MissingEmbeddingsError, match="score .*--save-embeddings"):

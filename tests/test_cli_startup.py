@@ -119,6 +119,9 @@ def test_cli_choices_and_defaults_match_the_core():
     from clipguard.scoring.from_embeddings import LAYOUTS
 
     assert tuple(m.value for m in choices.EmbeddingLayout) == LAYOUTS
+    from clipguard.audit.neighbours import CODES
+
+    assert tuple(m.value for m in choices.IndexCodes) == CODES
     for name in ("DatasetKind", "CaptionChoice"):
         cli_choice, core_choice = getattr(choices, name), getattr(convert, name)
         assert [m.value for m in cli_choice] == [m.value for m in core_choice]

@@ -21,6 +21,7 @@ from clipguard.labels import KeywordLabeler
 
 NO_CLASS = -1
 MIN_EXPECTED = 0.1  # a floor: an empty background is not evidence that a cell can never occur
+GROUP_BLOCK_VECTORS = 16_384  # member vectors read at a time for the groups' centroids
 
 
 def caption_classes(captions, labeler: KeywordLabeler) -> np.ndarray:
@@ -49,37 +50,39 @@ def image_group_classes(index: NeighbourIndex, image_group: np.ndarray, groups: 
     ``image_group`` and ``image_label`` are per unique image (the plurality caption class of its pairs).
     """
     out = np.full(groups, NO_CLASS, np.int64)
-    tally = np.zeros((groups, max(classes, 1)), np.int64)
+    tally = np.zeros((groups, max(classes, 1)), np.int32)  # votes are at most ``votes``
     sizes = np.bincount(image_group, minlength=groups)
-    members = _members(image_group, groups)
-    centroids = np.zeros((groups, index.vectors.shape[1]), np.float32)
-    np.add.at(centroids, image_group, index.vectors)
-    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    # Groups of one size share one search (most are single images); large groups are few.
+    order = np.argsort(image_group, kind="stable")  # each group's images, ascending, from its start
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    min_votes = max(2, votes // 4)
+    # Groups of one size share one search (most are single images; large groups are few), a block
+    # of groups at a time so that their members' vectors are read and summed in bounded memory.
     for size in np.unique(sizes):
-        which = np.flatnonzero(sizes == size)
-        found = index.search(centroids[which], int(size) + votes).index
-        member_rows = np.stack([members[g] for g in which])  # (groups of this size, size)
-        outside = (found >= 0) & ~(found[:, :, None] == member_rows[:, None, :]).any(axis=2)
-        outside &= np.cumsum(outside, axis=1) <= votes  # the first `votes` outside the group
-        labels = np.where(outside, image_label[np.maximum(found, 0)], NO_CLASS)
-        for row, g in enumerate(which):
-            tally[g] = np.bincount(labels[row][labels[row] >= 0], minlength=classes)
-            out[g] = _plurality_of_tally(tally[g], min_votes=max(2, votes // 4))
+        size = int(size)
+        of_size = np.flatnonzero(sizes == size)
+        step = max(1, GROUP_BLOCK_VECTORS // size)
+        for first in range(0, len(of_size), step):
+            which = of_size[first:first + step]
+            member_rows = order[starts[which][:, None] + np.arange(size)]  # (groups in block, size)
+            centroids = index.reader.rows(member_rows.ravel()).reshape(len(which), size, -1).sum(axis=1)
+            centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+            found = index.search(centroids, size + votes).index
+            outside = (found >= 0) & ~(found[:, :, None] == member_rows[:, None, :]).any(axis=2)
+            outside &= np.cumsum(outside, axis=1) <= votes  # the first `votes` outside the group
+            labels = np.where(outside, image_label[np.maximum(found, 0)], NO_CLASS)
+            block = np.zeros((len(which), max(classes, 1)), np.int32)
+            rows, cols = np.nonzero(labels >= 0)
+            np.add.at(block, (rows, labels[rows, cols]), 1)
+            tally[which] = block
+            out[which] = _plurality_of_tallies(block, min_votes)
     return out, tally
 
 
-def _plurality_of_tally(tally: np.ndarray, min_votes: int) -> int:
-    if tally.max(initial=0) < min_votes:
-        return NO_CLASS
-    top = np.flatnonzero(tally == tally.max())
-    return int(top[0]) if len(top) == 1 else NO_CLASS
-
-
-def _members(group: np.ndarray, groups: int) -> list[np.ndarray]:
-    order = np.argsort(group, kind="stable")
-    bounds = np.searchsorted(group[order], np.arange(groups + 1))
-    return [order[bounds[g]:bounds[g + 1]] for g in range(groups)]
+def _plurality_of_tallies(tally: np.ndarray, min_votes: int) -> np.ndarray:
+    """Per row, the class with the most votes: at least ``min_votes`` and no tie, else NO_CLASS."""
+    top = tally.max(axis=1, initial=0)
+    alone = (tally == top[:, None]).sum(axis=1) == 1
+    return np.where((top >= min_votes) & alone, tally.argmax(axis=1), NO_CLASS).astype(np.int64)
 
 
 STRONG_RATIO = 3  # an image's class must have this many times the votes of its caption's class

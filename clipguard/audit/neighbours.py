@@ -1,14 +1,24 @@
 """Nearest neighbours by cosine similarity: exact on small data, faiss above a size threshold.
 
-Exact: blocked matrix products (a block of queries against every vector; memory is block x n
-floats). Large: a faiss IVF index trained on a sample of the vectors and searched in blocks,
-visiting ``nprobe`` lists; when ``nprobe`` covers every list the search is exact, which is how
-the tests check one path against the other. faiss is an optional extra (``pip install
-'clipguard[audit]'``), imported here only, and only when the data is large.
+The vectors are a `VectorReader`: rows read by number when needed (from the memory-mapped
+embedding parts), so the large path never holds them whole. Exact: the vectors in memory (at
+most ``exact_limit`` of them) and blocked matrix products (a block of queries against every
+vector, the block sized so it holds about ``BLOCK_CELLS`` similarities). Large: a faiss IVF index
+trained on a sample and filled block by block, its vectors stored as ``codes``: "sq8" (the
+default: a byte per dimension, 512 bytes a vector at 512 dimensions against 2,048 as float32),
+"pq" (product-quantised, ``pq_bytes`` a vector: 64 at 512 dimensions, for 10^8 vectors) or "flat"
+(float32). For sq8 and pq it is asked for ``RERANK[codes]`` times the candidates wanted, and
+those are scored exactly from the vectors' files, so every similarity returned is exact and only
+the choice of candidates is approximate (measured in benchmarks/README.md: pq's choice misses
+far more neighbours than sq8's on hard data). When ``nprobe`` covers every list the search finds
+what exact search finds, up to the codes' candidate choice, which is how the tests check one
+path against the other. faiss is an optional
+extra (``pip install 'clipguard[audit]'``), imported here only, and only when the data is large.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,8 +26,14 @@ import numpy as np
 from clipguard.errors import ClipguardError
 
 EXACT_LIMIT = 50_000  # up to this many vectors, exact search is cheaper than building an index
-BLOCK = 1024
+BLOCK_CELLS = 1 << 24  # similarities per exact block (with argpartition's int64: ~200 MB at most)
+MAX_BLOCK = 1024
+FAISS_BLOCK = 256  # queries per faiss search: RERANK x (k + 1) candidates each are re-read
 TRAIN_SAMPLE = 100_000
+ADD_BLOCK = 65_536
+CODES = ("sq8", "pq", "flat")
+RERANK = {"sq8": 2, "pq": 4, "flat": 1}  # candidates asked per neighbour wanted, then re-scored exactly
+PQ_MIN_VECTORS = 10_000  # product quantisation's 256 centroids per subspace want ~10^4 points to train
 
 
 class MissingFaissError(ClipguardError):
@@ -32,40 +48,84 @@ class Neighbours:
     similarity: np.ndarray  # (q, k) float32 cosine similarity; -inf where index is -1
 
 
-class NeighbourIndex:
-    """Unit vectors to search; ``search`` and ``self_neighbours`` return `Neighbours`."""
+class VectorReader:
+    """``count`` unit float32 vectors of ``dims`` dimensions, read by row number when needed."""
 
-    def __init__(self, vectors: np.ndarray, exact_limit: int = EXACT_LIMIT, nprobe: int = 64, seed: int = 0):
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.exact = len(vectors) <= exact_limit
-        self._faiss = None if self.exact else _build_faiss(self.vectors, nprobe, seed)
+    def __init__(self, count: int, dims: int, read: Callable[[np.ndarray], np.ndarray]):
+        self.count, self.dims, self._read = int(count), int(dims), read
+
+    @classmethod
+    def of(cls, vectors: np.ndarray) -> "VectorReader":
+        array = np.ascontiguousarray(vectors, dtype=np.float32)
+        return cls(len(array), array.shape[1] if array.ndim == 2 else 0, lambda rows: array[rows])
 
     def __len__(self) -> int:
-        return len(self.vectors)
+        return self.count
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        return np.ascontiguousarray(self._read(rows), dtype=np.float32).reshape(len(rows), self.dims)
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        return self.rows(np.arange(start, stop))
+
+
+class NeighbourIndex:
+    """Unit vectors to search (an array or a `VectorReader`); ``search`` and ``self_neighbours``
+    return `Neighbours`."""
+
+    def __init__(self, vectors: "np.ndarray | VectorReader", exact_limit: int = EXACT_LIMIT, nprobe: int = 64,
+                 seed: int = 0, codes: str = "sq8"):
+        if codes not in CODES:
+            raise ValueError(f"unknown index codes {codes!r}; choose one of {', '.join(CODES)}")
+        self.reader = vectors if isinstance(vectors, VectorReader) else VectorReader.of(vectors)
+        self.exact = len(self.reader) <= exact_limit
+        self._matrix = self.reader.block(0, len(self.reader)) if self.exact else None
+        # What the index stores; pq below PQ_MIN_VECTORS would train on too few points.
+        self.codes = None if self.exact else ("sq8" if codes == "pq" and len(self.reader) < PQ_MIN_VECTORS else codes)
+        self._faiss = None if self.exact else _build_faiss(self.reader, nprobe, seed, self.codes)
+
+    def __len__(self) -> int:
+        return len(self.reader)
 
     def search(self, queries: np.ndarray, k: int, exclude_self: bool = False) -> Neighbours:
         """The k nearest rows of each query; with ``exclude_self`` the queries are rows 0..q-1 of the
         index itself, and a row is never its own neighbour."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        k = max(0, min(k, len(self) - (1 if exclude_self else 0)))
-        index = np.full((len(queries), k), -1, np.int64)
-        similarity = np.full((len(queries), k), -np.inf, np.float32)
-        if k == 0:
-            return Neighbours(index, similarity)
-        for start in range(0, len(queries), BLOCK):
-            block = queries[start:start + BLOCK]
-            if self.exact:
-                self._exact_block(block, start if exclude_self else None, k, index[start:], similarity[start:])
-            else:
-                self._faiss_block(block, start if exclude_self else None, k, index[start:], similarity[start:])
-        return Neighbours(index, similarity)
+        step = self._block_rows()
+        blocks = ((start, queries[start:start + step]) for start in range(0, len(queries), step))
+        return self._search(blocks, len(queries), k, exclude_self)
 
     def self_neighbours(self, k: int) -> Neighbours:
-        return self.search(self.vectors, k, exclude_self=True)
+        n, step = len(self), self._block_rows()
+        return self._search(((start, self._own_rows(start, min(start + step, n))) for start in range(0, n, step)),
+                            n, k, exclude_self=True)
+
+    def _own_rows(self, start: int, stop: int) -> np.ndarray:
+        return self._matrix[start:stop] if self.exact else self.reader.block(start, stop)
+
+    def _block_rows(self) -> int:
+        if not self.exact:
+            return FAISS_BLOCK
+        return int(max(1, min(MAX_BLOCK, BLOCK_CELLS // max(1, len(self)))))
+
+    def _search(self, blocks: Iterator[tuple[int, np.ndarray]], total: int, k: int, exclude_self: bool) -> Neighbours:
+        k = max(0, min(k, len(self) - (1 if exclude_self else 0)))
+        index = np.full((total, k), -1, np.int64)
+        similarity = np.full((total, k), -np.inf, np.float32)
+        if k == 0:
+            return Neighbours(index, similarity)
+        for start, block in blocks:
+            own = start if exclude_self else None
+            if self.exact:
+                self._exact_block(block, own, k, index[start:], similarity[start:])
+            else:
+                self._faiss_block(block, own, k, index[start:], similarity[start:])
+        return Neighbours(index, similarity)
 
     def _exact_block(self, block: np.ndarray, self_start: int | None, k: int, index: np.ndarray,
                      similarity: np.ndarray) -> None:
-        sims = block @ self.vectors.T
+        sims = block @ self._matrix.T
         if self_start is not None:
             rows = np.arange(len(block))
             sims[rows, self_start + rows] = -np.inf  # never its own neighbour
@@ -75,12 +135,23 @@ class NeighbourIndex:
 
     def _faiss_block(self, block: np.ndarray, self_start: int | None, k: int, index: np.ndarray,
                      similarity: np.ndarray) -> None:
-        sims, found = self._faiss.search(block, min(k + (self_start is not None), len(self)))
+        wanted = (k + (self_start is not None)) * RERANK[self.codes]
+        sims, found = self._faiss.search(block, min(wanted, len(self)))
+        if self.codes != "flat":  # the codes' similarities only choose candidates; they are re-scored exactly
+            sims = self._exact_similarities(block, found)
         if self_start is not None:
             mine = found == (self_start + np.arange(len(block)))[:, None]
             found, sims = np.where(mine, -1, found), np.where(mine, -np.inf, sims)
         sims = np.where(found >= 0, sims, -np.inf).astype(np.float32)
         _sorted_into(found, sims, index, similarity)
+
+    def _exact_similarities(self, block: np.ndarray, found: np.ndarray) -> np.ndarray:
+        valid = found >= 0
+        ids, inverse = np.unique(found[valid], return_inverse=True)
+        query_rows = np.nonzero(valid)[0]
+        out = np.full(found.shape, -np.inf, np.float32)
+        out[valid] = np.einsum("ij,ij->i", block[query_rows], self.reader.rows(ids)[inverse.ravel()])
+        return out
 
 
 def _sorted_into(found: np.ndarray, sims: np.ndarray, index: np.ndarray, similarity: np.ndarray) -> None:
@@ -95,21 +166,37 @@ def _sorted_into(found: np.ndarray, sims: np.ndarray, index: np.ndarray, similar
     similarity[:rows, :width] = sims[:, :width]
 
 
-def _build_faiss(vectors: np.ndarray, nprobe: int, seed: int):
+def pq_bytes(dims: int) -> int:
+    """Bytes of product-quantised code per vector: the largest divisor of ``dims`` up to dims / 8
+    (at least 8, when dims has one): 64 at 512 dimensions, 96 at 768."""
+    limit = max(8, dims // 8)
+    return max(d for d in range(1, min(limit, dims) + 1) if dims % d == 0)
+
+
+def _build_faiss(reader: VectorReader, nprobe: int, seed: int, codes: str):
+    """An IVF index over ``codes`` (see the module's docstring), trained on a sample and filled
+    ``ADD_BLOCK`` rows at a time."""
     try:
         import faiss
     except ImportError:
         raise MissingFaissError(
-            f"{len(vectors):,} vectors are more than exact search handles ({EXACT_LIMIT:,}); install faiss "
+            f"{len(reader):,} vectors are more than exact search handles ({EXACT_LIMIT:,}); install faiss "
             "(pip install 'clipguard[audit]') for approximate neighbours"
         ) from None
-    n, dim = vectors.shape
+    n, dim = len(reader), reader.dims
     lists = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants about 39 training points per list
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-    sample = vectors
+    quantizer, ip = faiss.IndexFlatIP(dim), faiss.METRIC_INNER_PRODUCT
+    if codes == "pq":
+        index = faiss.IndexIVFPQ(quantizer, dim, lists, pq_bytes(dim), 8, ip)
+    elif codes == "sq8":
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, lists, faiss.ScalarQuantizer.QT_8bit, ip)
+    else:
+        index = faiss.IndexIVFFlat(quantizer, dim, lists, ip)
+    sample = np.arange(n)
     if n > TRAIN_SAMPLE:
-        sample = vectors[np.sort(np.random.default_rng(seed).choice(n, TRAIN_SAMPLE, replace=False))]
-    index.train(sample)
-    index.add(vectors)
+        sample = np.sort(np.random.default_rng(seed).choice(n, TRAIN_SAMPLE, replace=False))
+    index.train(reader.rows(sample))
+    for start in range(0, n, ADD_BLOCK):
+        index.add(reader.block(start, min(start + ADD_BLOCK, n)))
     index.nprobe = min(nprobe, lists)
     return index

@@ -1,18 +1,22 @@
 """`run_audit`: a score folder and its embeddings -> per-pair cross-pair signals and findings.
 
 Each embedding part's pass (`partpass.code_part`) runs as a task on the executor given; the
-driver keeps its fixed-width columns and holds only the distinct vectors (float32: about 2 KB
-each at 512 dimensions, so ~10^6 distinct images per few GB), searching neighbours exactly up to
-`neighbours.EXACT_LIMIT` vectors, through faiss above it. How it scales to 10^8 pairs in bounded
-memory, with the same statistics (docs/architecture.md says the same):
+driver keeps its fixed-width columns (~40 bytes a pair). Vectors stay in their memory-mapped
+files: neighbours are searched exactly up to `neighbours.EXACT_LIMIT` distinct vectors (those
+read into memory), and above it through a faiss IVF index of product-quantised codes (64 bytes a
+vector at 512 dimensions) filled block by block and re-scored exactly from the files, so the
+driver holds per distinct image and caption its codes, its ids and its k neighbours (~200 bytes),
+not its vector (2 KB). What still grows with the data in the driver: those per-pair and
+per-vector tables (~10 GB at 10^8 pairs), and each image group's class votes. How it scales to
+10^8 pairs in bounded memory, with the same statistics (docs/architecture.md says the same):
 
 1. Counting pass, per shard (the hashing is built: `partpass`; the partitioned merge is not): write
    (hash prefix partition, hash, key) runs to disk; merge each partition alone (a partition fits
    in memory) into distinct-caption-per-image and distinct-image-per-caption counts. Patch
    signatures (8 per image) go the same way, partitioned by signature: a partition keeps only the
    signatures shared by two or more image groups, the stamped-images test's input.
-2. Index pass: train a faiss IVF-PQ index on a sample of image (and text) vectors, add every
-   shard's vectors, then search shard by shard: k-distances, near-duplicate edges above the
+2. Index pass (the index is built: trained on a sample, filled and searched block by block from
+   the parts' files; the per-shard tasks are not): search shard by shard: k-distances, near-duplicate edges above the
    threshold (written as edge lists, merged with a union-find over int64 ids that fits for 10^8),
    and each group's nearest outside neighbours for its data-driven class.
 3. Table pass: the (caption class, image class) cell table is C x C counts, summed over shards;
@@ -36,7 +40,7 @@ from clipguard.audit.density import density
 from clipguard.audit.detect import AuditTables, DetectConfig, Detection, Finding, detect
 from clipguard.audit.grouping import components, distinct_per_group, factorize_codes, normalise_caption
 from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
-from clipguard.audit.neighbours import EXACT_LIMIT, NeighbourIndex
+from clipguard.audit.neighbours import CODES, EXACT_LIMIT, NeighbourIndex, VectorReader
 from clipguard.audit.output import write_findings, write_signals
 from clipguard.audit.timing import StageClock
 from clipguard.labels import KeywordLabeler, check_keywords, load_keywords
@@ -62,6 +66,7 @@ class AuditConfig:
     text_duplicate: float = 0.95
     exact_limit: int = EXACT_LIMIT  # more vectors than this go through faiss
     nprobe: int = 64
+    index_codes: str = "sq8"  # what the faiss index stores (`neighbours.CODES`): pq for 10^8 vectors
     detect: DetectConfig = field(default_factory=DetectConfig)
     executor: "ExecutorSpec | None" = None  # where the per-part pass runs; None: in this process
 
@@ -84,6 +89,8 @@ def run_audit(config: AuditConfig, on_part: Callable[[int, int], None] | None = 
         raise AuditInputError(f"the significance level must be in (0, 1), got {config.alpha}")
     if not (0 < config.image_duplicate <= 1 and 0 < config.text_duplicate <= 1):
         raise AuditInputError("near-duplicate similarities must be in (0, 1]")
+    if config.index_codes not in CODES:
+        raise AuditInputError(f"unknown index codes {config.index_codes!r}; choose one of {', '.join(CODES)}")
     clock = StageClock()
     keywords = config.keywords
     if keywords:
@@ -169,7 +176,9 @@ def run_audit(config: AuditConfig, on_part: Callable[[int, int], None] | None = 
 def _near_duplicates(pairs: AuditPairs, side: str, ids: np.ndarray, count: int, floor: float, config: AuditConfig):
     """Neighbours among the distinct items (first row of each id, the only vectors read), the
     near-duplicate similarity (`duplicate_similarity`) and each distinct item's near-duplicate group."""
-    index = NeighbourIndex(pairs.vectors(side, _first_rows(ids, count)), config.exact_limit, config.nprobe)
+    first = _first_rows(ids, count)
+    reader = VectorReader(count, pairs.dims, lambda items: pairs.vectors(side, first[items]))
+    index = NeighbourIndex(reader, config.exact_limit, config.nprobe, codes=config.index_codes)
     neighbours = index.self_neighbours(config.k)
     threshold = duplicate_similarity(neighbours, floor)
     return index, neighbours, threshold, components(count, neighbours, threshold)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from clipguard.cli.choices import AUDIT_DEFAULTS, ExecutorKind
+from clipguard.cli.choices import AUDIT_DEFAULTS, ExecutorKind, IndexCodes
 from clipguard.cli.common import console, err_console, progress_reporter, user_errors
 from clipguard.cli.score import RayAddressOpt
 
@@ -25,6 +25,7 @@ def audit(
     image_duplicate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Cosine similarity at which two images are near-duplicates (raised to a quarter of the median nearest-neighbour distance where the data packs images closer).")] = AUDIT_DEFAULTS.image_duplicate,
     text_duplicate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Cosine similarity at which two captions are near-identical (raised likewise).")] = AUDIT_DEFAULTS.text_duplicate,
     exact_limit: Annotated[int, typer.Option(min=1, help="Up to this many vectors neighbours are exact; above it through faiss (the audit extra).")] = AUDIT_DEFAULTS.exact_limit,
+    index_codes: Annotated[IndexCodes, typer.Option(help="What the faiss index keeps per vector (candidates are re-scored exactly from the files): sq8, a byte a dimension; pq, 64 bytes at 512 dimensions (for 10^8 vectors; chooses candidates less well); flat, float32.")] = IndexCodes(AUDIT_DEFAULTS.index_codes),
     executor: Annotated[ExecutorKind, typer.Option(help="Where the per-part pass (caption and image hashes, keyword classes, pair similarity) runs: local or ray (a task per embedding part).")] = ExecutorKind.local,
     workers: Annotated[int, typer.Option(min=1, help="Ray: CPUs of the local Ray instance it starts (without --ray-address). Local runs the parts in this process.")] = 1,
     ray_address: RayAddressOpt = None,
@@ -46,7 +47,8 @@ def audit(
         on = ExecutorSpec(kind=executor.value, address=ray_address, workers=workers)
         result = run_audit(AuditConfig(
             scores=scores, out=out, embeddings=embeddings, keywords=keywords, alpha=alpha, k=k,
-            image_duplicate=image_duplicate, text_duplicate=text_duplicate, exact_limit=exact_limit, executor=on,
+            image_duplicate=image_duplicate, text_duplicate=text_duplicate, exact_limit=exact_limit,
+            index_codes=index_codes.value, executor=on,
         ), on_part=lambda done, total: task.update(completed=done, total=total, done=done))
         task.finish()
     pairs = result.pairs

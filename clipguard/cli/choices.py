@@ -81,6 +81,7 @@ class AuditDefaults:
     image_duplicate: float = 0.95
     text_duplicate: float = 0.95
     exact_limit: int = 50_000
+    index_codes: str = "sq8"
 
 
 FINETUNE_DEFAULTS = FinetuneDefaults()
@@ -129,6 +130,12 @@ class EvadeVariant(str, Enum):  # clipguard.attacks.EvadeVariant
 
 
 DEFAULT_SURROGATE = "clipguard-victim"  # clipguard.attacks.DEFAULT_SURROGATE
+
+
+class IndexCodes(str, Enum):  # clipguard.audit.neighbours.CODES
+    sq8 = "sq8"
+    pq = "pq"
+    flat = "flat"
 
 
 class ExecutorKind(str, Enum):  # clipguard.executors.spec.EXECUTORS
