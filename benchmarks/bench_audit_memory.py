@@ -4,7 +4,9 @@ One clip-retrieval folder of --pairs pairs (--parts files, --dim float16 dims) i
 scored once (`score_from_embeddings`); then each version of the code audits it in its own
 process, the current checkout (once per --codes: what its faiss index stores) and each --baseline commit (a `git worktree` of it, made under
 --work), one after another on the same files, warm in the page cache. Each process reports its
-peak resident set (``VmHWM``) after importing the audit and after `run_audit`, the wall
+peak resident set (``VmHWM``) and, sampled every 20 ms, its peak anonymous resident memory (what
+it holds itself; memory-mapped vectors are file pages the kernel may drop), after importing the
+audit and after `run_audit`, the wall
 seconds of `run_audit`, and its findings, so the versions can be checked to agree.
 
 The data is web-like in what costs memory, not in what the tests find: 10 keyword classes,
@@ -44,12 +46,28 @@ CHILD = r"""
 import json, sys, time
 from pathlib import Path
 
-def peak_mib():  # this process's own high-water mark (ru_maxrss would count the parent's at fork)
+import threading
+
+def status_mib(field):  # this process's own figures (ru_maxrss would count the parent's at fork)
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
+
+def peak_mib():
+    return status_mib("VmHWM")
+
+# Memory-mapped vectors count in the resident set as file pages the kernel may drop at any time;
+# the anonymous part is what the process itself holds, sampled for its peak.
+anon_peak = [0.0]
+def sample_anon():
+    while True:
+        anon_peak[0] = max(anon_peak[0], status_mib("RssAnon"))
+        time.sleep(0.02)
 
 from clipguard.audit.pipeline import AuditConfig, run_audit
-imported = peak_mib()
+import clipguard
+assert clipguard.__file__.startswith(sys.argv[6]), (clipguard.__file__, sys.argv[6])
+imported, imported_anon = peak_mib(), status_mib("RssAnon")
+threading.Thread(target=sample_anon, daemon=True).start()
 scores, embeddings, out, keywords, codes = sys.argv[1:6]
 started = time.perf_counter()
 extra = {"index_codes": codes} if codes else {}  # earlier versions have no choice of codes
@@ -60,6 +78,7 @@ print(json.dumps({
     "seconds": seconds,
     "peak_rss_after_imports_mib": imported,
     "peak_rss_mib": peak_mib(),
+    "anon_after_imports_mib": imported_anon, "peak_anon_mib": anon_peak[0],
     "pairs_audited": len(result.pairs), "exact_search": result.exact_search,
     "findings": [[f.kind, f.goal, int(f.observed)] for f in result.findings],
     "stage_seconds": {k: round(v, 2) for k, v in result.seconds.items()},
@@ -113,11 +132,34 @@ def audit_with(tree: Path, scores: Path, embeddings: Path, out: Path, codes: str
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     keywords = json.dumps({c: [c] for c in CLASSES})
-    done = subprocess.run([sys.executable, "-c", CHILD, str(scores), str(embeddings), str(out), keywords, codes],
-                          env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", CHILD, str(scores), str(embeddings), str(out), keywords, codes,
+                           str(tree / "clipguard")], env=env, cwd=tree, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"the audit at {tree} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def neighbour_recall(data: Path, codes: list[str], queries: int = 2_000, k: int = 10, seed: int = 0) -> dict:
+    """Recall@k of each index codes' search (nprobe as the audit's) against exact search, for
+    ``queries`` image vectors of the folder drawn at random, each one's own row left out."""
+    from clipguard.audit.neighbours import NeighbourIndex
+
+    parts = sorted((data / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    vectors = _unit(np.concatenate([np.load(p).astype(np.float32) for p in parts]))
+    rows = np.random.default_rng(seed).choice(len(vectors), queries, replace=False)
+    sims = vectors[rows] @ vectors.T
+    sims[np.arange(queries), rows] = -np.inf
+    truth = np.argpartition(-sims, k, axis=1)[:, :k]
+    out = {}
+    for name in codes:
+        started = time.perf_counter()
+        index = NeighbourIndex(vectors, exact_limit=0, codes=name)
+        built = time.perf_counter() - started
+        found = index.search(vectors[rows], k + 1).index
+        found = [[f for f in row if f != own][:k] for row, own in zip(found, rows)]
+        out[name] = {"recall_at_10": round(float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)])), 3),
+                     "build_seconds": round(built, 1)}
+    return out
 
 
 def cpu_name() -> str:
@@ -141,7 +183,8 @@ def main() -> None:
     from clipguard.scoring.from_embeddings import EmbeddingSource, score_from_embeddings
 
     work = args.work.resolve()
-    data, scores = work / f"embeddings-{args.pairs}-{args.dim}", work / f"scores-{args.pairs}-{args.dim}"
+    made = f"{args.pairs}-{args.parts}-{args.dim}-noise{NOISE}-stock{STOCK_SHARE}"  # a folder is reused only as made
+    data, scores = work / f"embeddings-{made}", work / f"scores-{made}"
     if not (scores / "manifest.json").is_file():
         shutil.rmtree(data, ignore_errors=True)
         shutil.rmtree(scores, ignore_errors=True)
@@ -159,23 +202,27 @@ def main() -> None:
         runs[name] = audit_with(tree, scores, data, work / f"audit-{name.replace(' ', '-')}", codes)
         r = runs[name]
         print(f"{name:>14}: peak {r['peak_rss_mib']:,.0f} MiB (imports {r['peak_rss_after_imports_mib']:,.0f}), "
+              f"anonymous {r['peak_anon_mib']:,.0f} MiB (imports {r['anon_after_imports_mib']:,.0f}), "
               f"{r['seconds']:.1f} s, {len(r['findings'])} findings", flush=True)
+    recall = neighbour_recall(data, ["flat", *args.codes.split(",")])
     result = {
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
         "pairs": args.pairs, "parts": args.parts, "dim": args.dim, "embedding_bytes_on_disk": bytes_on_disk,
         "head": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                text=True).stdout.strip(),
-        "runs": runs,
+        "runs": runs, "image_neighbour_recall_at_10": recall,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{args.pairs:,} pairs, {args.dim} dims, {bytes_on_disk / 2**20:,.0f} MiB of embeddings | "
           f"cpu: {result['cpu']}, {result['cores']} cores")
-    print(f"{'version':>14}{'peak MiB':>10}{'above imports':>15}{'bytes/pair':>12}{'seconds':>9}  findings")
+    print(f"{'version':>14}{'peak MiB':>10}{'anonymous':>11}{'anon above imports':>20}{'bytes/pair':>12}{'seconds':>9}  findings")
     for name, r in runs.items():
-        above = r["peak_rss_mib"] - r["peak_rss_after_imports_mib"]
-        print(f"{name:>14}{r['peak_rss_mib']:10,.0f}{above:15,.0f}{above * 2**20 / args.pairs:12,.0f}{r['seconds']:9.1f}"
-              f"  {r['findings']}")
+        above = r["peak_anon_mib"] - r["anon_after_imports_mib"]
+        print(f"{name:>14}{r['peak_rss_mib']:10,.0f}{r['peak_anon_mib']:11,.0f}{above:20,.0f}{above * 2**20 / args.pairs:12,.0f}"
+              f"{r['seconds']:9.1f}  {r['findings']}")
+    print("image neighbours, recall@10 against exact (2,000 queries): "
+          + ", ".join(f"{name} {r['recall_at_10']:.3f}" for name, r in recall.items()))
     print(f"wrote {args.out}")
 
 

@@ -180,6 +180,13 @@ def test_compressed_faiss_path_reads_vectors_on_demand_and_returns_exact_similar
     assert (found.index != np.arange(n)[:, None]).all()
 
 
+def test_the_driver_keeps_one_string_per_shard_not_one_per_pair(tmp_path):
+    result, _ = _audit(World(4).clean(n=200), tmp_path)
+    shards = result.pairs.shard
+    assert sorted(set(shards)) == ["00000", "00001"]
+    assert len({id(s) for s in shards}) == 2  # every row of a shard refers to one str
+
+
 def test_missing_embeddings_name_the_command_that_writes_them(tmp_path):
     scores = World(9).clean(n=40).write(tmp_path / "w", embeddings=False)
     with pytest.raises(MissingEmbeddingsError, match="score .*--save-embeddings"):

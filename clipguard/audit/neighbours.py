@@ -26,7 +26,7 @@ import numpy as np
 from clipguard.errors import ClipguardError
 
 EXACT_LIMIT = 50_000  # up to this many vectors, exact search is cheaper than building an index
-BLOCK_CELLS = 1 << 24  # similarities per exact block (with argpartition's int64: ~200 MB at most)
+BLOCK_CELLS = 1 << 22  # similarities per exact block: with the negated copy and argpartition's int64, ~64 MB
 MAX_BLOCK = 1024
 FAISS_BLOCK = 256  # queries per faiss search: RERANK x (k + 1) candidates each are re-read
 TRAIN_SAMPLE = 100_000

@@ -71,8 +71,7 @@ def code_part(files: PartFiles, keywords: dict[str, list[str]] | None = None) ->
     shas = meta.column("image_sha256").to_pylist() if "image_sha256" in names else [None] * len(captions)
     labeler = KeywordLabeler(keywords) if keywords else None
     return PartCodes(
-        shard=np.asarray([str(s) for s in meta.column("shard").to_pylist()] if "shard" in names else [None] * len(captions),
-                         dtype=object),
+        shard=_shared_strings(meta.column("shard")) if "shard" in names else np.full(len(captions), None, object),
         key=np.asarray([str(k) for k in meta.column("key").to_pylist()], dtype=object),
         caption_hash=np.fromiter((_hash64(normalise_caption(c).encode("utf-8")) for c in captions), np.uint64, len(captions)),
         # An image without a sha256 is known by its vector's stored bytes (one image scored twice
@@ -84,6 +83,14 @@ def code_part(files: PartFiles, keywords: dict[str, list[str]] | None = None) ->
         patches=_patch_matrix(meta, files.metadata) if "image_patches" in names else None,
         dims=int(image.shape[1]),
     )
+
+
+def _shared_strings(column: pa.ChunkedArray) -> np.ndarray:
+    """An object array of the column's values as strings, one str object per distinct value: a
+    part has a few shards, and a str per row would cost ~60 bytes a pair in the driver."""
+    encoded = column.cast(pa.string()).fill_null("None").combine_chunks().dictionary_encode()
+    names = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
+    return names[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
 def _hash64(data: bytes) -> int:

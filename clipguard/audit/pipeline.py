@@ -3,12 +3,12 @@
 Each embedding part's pass (`partpass.code_part`) runs as a task on the executor given; the
 driver keeps its fixed-width columns (~40 bytes a pair). Vectors stay in their memory-mapped
 files: neighbours are searched exactly up to `neighbours.EXACT_LIMIT` distinct vectors (those
-read into memory), and above it through a faiss IVF index of product-quantised codes (64 bytes a
-vector at 512 dimensions) filled block by block and re-scored exactly from the files, so the
-driver holds per distinct image and caption its codes, its ids and its k neighbours (~200 bytes),
-not its vector (2 KB). What still grows with the data in the driver: those per-pair and
-per-vector tables (~10 GB at 10^8 pairs), and each image group's class votes. How it scales to
-10^8 pairs in bounded memory, with the same statistics (docs/architecture.md says the same):
+read into memory), and above it through a faiss IVF index of 8-bit codes (512 bytes a vector at
+512 dimensions; `index_codes="pq"`: 64) filled block by block and re-scored exactly from the
+files, so the driver holds per distinct image and caption its code, its id and its k neighbours,
+not its float32 vector twice. What still grows with the data in the driver: the per-pair columns,
+those per-vector tables and each image group's class votes. How it scales to 10^8 pairs in
+bounded memory, with the same statistics (docs/architecture.md says the same):
 
 1. Counting pass, per shard (the hashing is built: `partpass`; the partitioned merge is not): write
    (hash prefix partition, hash, key) runs to disk; merge each partition alone (a partition fits
