@@ -40,7 +40,7 @@ from clipguard.audit.density import density
 from clipguard.audit.detect import AuditTables, DetectConfig, Detection, Finding, detect
 from clipguard.audit.grouping import components, distinct_per_group, factorize_codes, normalise_caption
 from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
-from clipguard.audit.neighbours import CODES, EXACT_LIMIT, NeighbourIndex, VectorReader
+from clipguard.audit.neighbours import CODES, EXACT_LIMIT, NeighbourIndex, Neighbours, VectorReader
 from clipguard.audit.output import write_findings, write_signals
 from clipguard.audit.timing import StageClock
 from clipguard.labels import KeywordLabeler, check_keywords, load_keywords
@@ -118,7 +118,7 @@ def run_audit(config: AuditConfig, on_part: Callable[[int, int], None] | None = 
     with clock("image classes from neighbours"):
         image_group = image_group_of[image_id]
         image_class, caption_votes, image_votes = _image_classes(
-            image_index, image_id, image_group_of, caption_class, len(classes), config.k)
+            image_index, image_nn, image_id, image_group_of, caption_class, len(classes), config.k)
         own_class = _own_classes(image_group, caption_id, caption_class, len(classes))
         strong = strong_mismatch(caption_class, image_class, caption_votes, image_votes, len(classes), own_class)
     tables = AuditTables(
@@ -184,8 +184,8 @@ def _near_duplicates(pairs: AuditPairs, side: str, ids: np.ndarray, count: int, 
     return index, neighbours, threshold, components(count, neighbours, threshold)
 
 
-def _image_classes(index: NeighbourIndex, image_id: np.ndarray, image_group_of: np.ndarray, caption_class: np.ndarray,
-                   classes: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _image_classes(index: NeighbourIndex, own_neighbours: Neighbours, image_id: np.ndarray, image_group_of: np.ndarray,
+                   caption_class: np.ndarray, classes: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pair: its image group's data-driven class, and the neighbours' votes for its caption's
     class and for that image class (what `strong_mismatch` weighs)."""
     n = len(image_id)
@@ -193,7 +193,7 @@ def _image_classes(index: NeighbourIndex, image_id: np.ndarray, image_group_of: 
         return np.full(n, NO_CLASS), np.zeros(n, np.int64), np.zeros(n, np.int64)
     groups = int(image_group_of.max()) + 1
     image_label = _image_labels(image_id, len(image_group_of), caption_class, classes)
-    group_class, votes = image_group_classes(index, image_group_of, groups, image_label, classes, k)
+    group_class, votes = image_group_classes(index, image_group_of, groups, image_label, classes, k, own_neighbours)
     image_group = image_group_of[image_id]
     image_class = group_class[image_group]
     caption_votes = np.where(caption_class >= 0, votes[image_group, np.maximum(caption_class, 0)], 0)
