@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from clipguard.model.checkpoint import save_checkpoint
 from clipguard.model.loading import ModelSpec, load_model
 from clipguard.scoring.run import ExecutorSpec, ScoreConfig, score_shards
 from clipguard.scoring.scorefiles import read_scores
+from machine import cpu_name  # benchmarks/machine.py: run as a script, this folder is on the path
 
 
 def timed_run(shards, loaded, out: Path, config: ScoreConfig) -> tuple[float, dict]:
@@ -49,12 +49,6 @@ def timed_run(shards, loaded, out: Path, config: ScoreConfig) -> tuple[float, di
     return summary.pairs / wall, dict(zip(table.key, 1 - table.cosine_distance))
 
 
-def cpu_name() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ import pyarrow.parquet as pq
 
 from clipguard.scoring.from_embeddings import EmbeddingSource, score_from_embeddings
 from clipguard.scoring.stats import folder_entries
+from machine import cpu_name  # benchmarks/machine.py: run as a script, this folder is on the path
 
 # The plain loop's block: 8192 rows (numpy's float16 conversion is as slow at any block size).
 NUMPY_BLOCK_ROWS = 1 << 13
@@ -73,12 +73,6 @@ def warm(root: Path) -> None:
             path.read_bytes()
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -41,16 +41,16 @@ def plurality(labels: np.ndarray, classes: int, min_votes: int = 1) -> int:
 
 
 def image_group_classes(index: NeighbourIndex, image_group: np.ndarray, groups: int, image_label: np.ndarray,
-                        classes: int, votes: int, own_neighbours: Neighbours | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        classes: int, votes: int, own_neighbours: Neighbours) -> tuple[np.ndarray, np.ndarray]:
     """Class per image group: the plurality label (at least a quarter of the votes, no tie) of the
     ``votes`` nearest unique images outside the group, searched from the group's centroid; and the
     votes, (groups, classes). (Weighting votes by the inverse of a class's share did worse on the
     synthetic world under the bundled reference: 31% agreement with captions against 37%.)
 
     ``image_group`` and ``image_label`` are per unique image (the plurality caption class of its pairs).
-    ``own_neighbours``, each unique image's ``votes`` nearest others (`NeighbourIndex.self_neighbours`),
-    spares the search for groups of one image (most of them): from its centroid, which is the image
-    itself, the nearest outside the group are those.
+    ``own_neighbours`` (`NeighbourIndex.self_neighbours` with k = ``votes``) spares the search for
+    groups of one image (most of them): from its centroid, which is the image itself, the nearest
+    outside the group are its own neighbours.
     """
     out = np.full(groups, NO_CLASS, np.int64)
     tally = np.zeros((groups, max(classes, 1)), np.int32)  # votes are at most ``votes``
@@ -67,7 +67,7 @@ def image_group_classes(index: NeighbourIndex, image_group: np.ndarray, groups: 
         for first in range(0, len(of_size), step):
             which = of_size[first:first + step]
             member_rows = order[starts[which][:, None] + np.arange(size)]  # (groups in block, size)
-            if size == 1 and own_neighbours is not None and own_neighbours.index.shape[1] >= min(votes, len(index) - 1):
+            if size == 1:
                 found = own_neighbours.index[member_rows[:, 0], :votes]
                 outside = found >= 0
             else:

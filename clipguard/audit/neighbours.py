@@ -12,8 +12,8 @@ those are scored exactly from the vectors' files, so every similarity returned i
 the choice of candidates is approximate (measured in benchmarks/README.md: pq's choice misses
 far more neighbours than sq8's on hard data). When ``nprobe`` covers every list the search finds
 what exact search finds, up to the codes' candidate choice, which is how the tests check one
-path against the other. faiss is an optional
-extra (``pip install 'clipguard[audit]'``), imported here only, and only when the data is large.
+path against the other. faiss is an optional extra (``pip install 'clipguard[audit]'``),
+imported here only, and only when the data is large.
 """
 
 from __future__ import annotations
