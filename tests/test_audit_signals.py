@@ -187,6 +187,12 @@ def test_the_driver_keeps_one_string_per_shard_not_one_per_pair(tmp_path):
     assert len({id(s) for s in shards}) == 2  # every row of a shard refers to one str
 
 
+def test_unknown_index_codes_are_a_clear_error(tmp_path):
+    scores = World(9).clean(n=40).write(tmp_path / "w")
+    with pytest.raises(AuditInputError, match="unknown index codes 'pq8'; choose one of sq8, pq, flat"):
+        run_audit(AuditConfig(scores=scores, out=tmp_path / "a", index_codes="pq8"))
+
+
 def test_missing_embeddings_name_the_command_that_writes_them(tmp_path):
     scores = World(9).clean(n=40).write(tmp_path / "w", embeddings=False)
     with pytest.raises(MissingEmbeddingsError, match="score .*--save-embeddings"):
