@@ -14,8 +14,12 @@ image and text vectors around a centroid per class, captions unique but for a fe
 ones, 1% of the images a stock photo reused under another caption (same sha256 and vector).
 Above 50,000 distinct vectors the audit's neighbours come from faiss.
 
+With ``--executors local,ray:2`` the checkout also audits with ``--executor ray`` (its part pass
+and neighbour search as tasks on a local Ray of that many workers, started inside the timed run);
+the workers' memory is their own and not in the driver's figures.
+
 Usage: python benchmarks/bench_audit_memory.py [--pairs 100000] [--parts 8] [--dim 512]
-       [--codes sq8,pq] [--baseline 526295e --baseline f9f07d9]
+       [--codes sq8,pq] [--executors local,ray:2] [--baseline 526295e --baseline f9f07d9] [--no-recall]
 Prints a table and writes bench-out/audit_memory_benchmark.json.
 """
 
@@ -70,8 +74,12 @@ assert clipguard.__file__.startswith(sys.argv[6]), (clipguard.__file__, sys.argv
 imported, imported_anon = peak_mib(), status_mib("RssAnon")
 threading.Thread(target=sample_anon, daemon=True).start()
 scores, embeddings, out, keywords, codes = sys.argv[1:6]
+executor = sys.argv[7] if len(sys.argv) > 7 else ""
 started = time.perf_counter()
 extra = {"index_codes": codes} if codes else {}  # earlier versions have no choice of codes
+if executor.startswith("ray:"):  # its workers' memory is their own, not in this process's figures
+    from clipguard.executors.spec import ExecutorSpec
+    extra["executor"] = ExecutorSpec(kind="ray", workers=int(executor.split(":")[1]))
 result = run_audit(AuditConfig(scores=Path(scores), embeddings=Path(embeddings), out=Path(out),
                                keywords=json.loads(keywords), **extra))
 seconds = time.perf_counter() - started
@@ -129,12 +137,13 @@ def tree_of(commit: str, work: Path) -> Path:
     return tree
 
 
-def audit_with(tree: Path, scores: Path, embeddings: Path, out: Path, codes: str = "") -> dict:
+def audit_with(tree: Path, scores: Path, embeddings: Path, out: Path, codes: str = "", executor: str = "") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     keywords = json.dumps({c: [c] for c in CLASSES})
     done = subprocess.run([sys.executable, "-c", CHILD, str(scores), str(embeddings), str(out), keywords, codes,
-                           str(tree / "clipguard")], env=env, cwd=tree, capture_output=True, text=True)
+                           str(tree / "clipguard"), *([executor] if executor else [])],
+                          env=env, cwd=tree, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"the audit at {tree} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -172,6 +181,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--baseline", action="append", default=[], help="a commit to compare (repeatable)")
     parser.add_argument("--codes", default="sq8,pq", help="the checkout's faiss index codes to run, comma-separated")
+    parser.add_argument("--executors", default="local",
+                        help="the checkout's executors, comma-separated: local, ray:N (a local Ray of N workers)")
+    parser.add_argument("--no-recall", action="store_true", help="skip the recall@10 of each index codes")
     parser.add_argument("--work", type=Path, default=Path("bench-out/audit_memory"))
     parser.add_argument("--out", type=Path, default=Path("bench-out/audit_memory_benchmark.json"))
     args = parser.parse_args()
@@ -190,16 +202,19 @@ def main() -> None:
             path.read_bytes()
     bytes_on_disk = sum(p.stat().st_size for p in data.rglob("*") if p.is_file())
 
-    versions = [(f"checkout {codes}", REPO, codes) for codes in args.codes.split(",")]
-    versions += [(commit, tree_of(commit, work), "") for commit in args.baseline]
+    executors = args.executors.split(",")
+    versions = [(f"checkout {codes}" + ("" if executor == "local" else f" {executor}"), REPO, codes, executor)
+                for executor in executors for codes in args.codes.split(",")]
+    versions += [(commit, tree_of(commit, work), "", "") for commit in args.baseline]
     runs = {}
-    for name, tree, codes in versions:
-        runs[name] = audit_with(tree, scores, data, work / f"audit-{name.replace(' ', '-')}", codes)
+    for name, tree, codes, executor in versions:
+        runs[name] = audit_with(tree, scores, data, work / f"audit-{name.replace(' ', '-').replace(':', '')}", codes,
+                                "" if executor == "local" else executor)
         r = runs[name]
-        print(f"{name:>14}: peak {r['peak_rss_mib']:,.0f} MiB (imports {r['peak_rss_after_imports_mib']:,.0f}), "
+        print(f"{name:>20}: peak {r['peak_rss_mib']:,.0f} MiB (imports {r['peak_rss_after_imports_mib']:,.0f}), "
               f"anonymous {r['peak_anon_mib']:,.0f} MiB (imports {r['anon_after_imports_mib']:,.0f}), "
               f"{r['seconds']:.1f} s, {len(r['findings'])} findings", flush=True)
-    recall = neighbour_recall(data, ["flat", *args.codes.split(",")])
+    recall = {} if args.no_recall else neighbour_recall(data, ["flat", *args.codes.split(",")])
     result = {
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
         "pairs": args.pairs, "parts": args.parts, "dim": args.dim, "embedding_bytes_on_disk": bytes_on_disk,
@@ -211,10 +226,10 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{args.pairs:,} pairs, {args.dim} dims, {bytes_on_disk / 2**20:,.0f} MiB of embeddings | "
           f"cpu: {result['cpu']}, {result['cores']} cores")
-    print(f"{'version':>14}{'peak MiB':>10}{'anonymous':>11}{'anon above imports':>20}{'bytes/pair':>12}{'seconds':>9}  findings")
+    print(f"{'version':>20}{'peak MiB':>10}{'anonymous':>11}{'anon above imports':>20}{'bytes/pair':>12}{'seconds':>9}  findings")
     for name, r in runs.items():
         above = r["peak_anon_mib"] - r["anon_after_imports_mib"]
-        print(f"{name:>14}{r['peak_rss_mib']:10,.0f}{r['peak_anon_mib']:11,.0f}{above:20,.0f}{above * 2**20 / args.pairs:12,.0f}"
+        print(f"{name:>20}{r['peak_rss_mib']:10,.0f}{r['peak_anon_mib']:11,.0f}{above:20,.0f}{above * 2**20 / args.pairs:12,.0f}"
               f"{r['seconds']:9.1f}  {r['findings']}")
     print("image neighbours, recall@10 against exact (2,000 queries): "
           + ", ".join(f"{name} {r['recall_at_10']:.3f}" for name, r in recall.items()))

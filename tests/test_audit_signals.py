@@ -180,6 +180,43 @@ def test_compressed_faiss_path_reads_vectors_on_demand_and_returns_exact_similar
     assert (found.index != np.arange(n)[:, None]).all()
 
 
+def test_the_search_in_ranges_from_a_pickled_index_over_its_files_equals_the_whole(tmp_path, monkeypatch):
+    """What a search task gets (the index pickled, its vectors as file paths and rows) searches
+    as the index does in this process, and the ranges put back together are the whole search."""
+    pytest.importorskip("faiss")
+    import pickle
+
+    from clipguard.audit import searchtasks
+    from clipguard.audit.neighbours import VectorReader
+    from clipguard.audit.vectorfiles import VectorFiles
+    from clipguard.executors.tasks import Tasks
+
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(3_000, 16)).astype(np.float16)
+    halves = [tmp_path / "a.npy", tmp_path / "b.npy"]
+    np.save(halves[0], vectors[:1_000]), np.save(halves[1], vectors[1_000:])
+    # Items in an order of their own across the two files, as an audit's distinct images are.
+    items = rng.permutation(3_000)
+    files = VectorFiles(tuple(map(str, halves)), (items >= 1_000).astype(np.int32),
+                        np.where(items >= 1_000, items - 1_000, items), dims=16)
+    unit = vectors[items].astype(np.float32)
+    np.testing.assert_allclose(files(np.arange(3_000)), unit / np.linalg.norm(unit, axis=1, keepdims=True), atol=1e-6)
+    index = NeighbourIndex(VectorReader(3_000, 16, files), exact_limit=100, nprobe=10_000)
+    whole = index.self_neighbours(6)
+    sent = pickle.loads(pickle.dumps(index))
+    assert sent.reader._read._mapped == {} and sent.codes == "sq8"  # files are mapped again where it lands
+    for start, stop in [(0, 700), (700, 2_999), (2_999, 3_000)]:
+        part = searchtasks.search_range(sent, start, stop, 6)
+        np.testing.assert_array_equal(part.index, whole.index[start:stop])
+        np.testing.assert_array_equal(part.similarity, whole.similarity[start:stop])
+    monkeypatch.setattr(searchtasks, "SEARCH_TASK_ROWS", 512)
+    progress = []
+    joined = searchtasks.own_neighbours(index, 6, Tasks(), lambda done, total: progress.append((done, total)))
+    np.testing.assert_array_equal(joined.index, whole.index)
+    np.testing.assert_array_equal(joined.similarity, whole.similarity)
+    assert progress == [(min(3_000, 512 * i), 3_000) for i in range(7)]
+
+
 def test_the_driver_keeps_one_string_per_shard_not_one_per_pair(tmp_path):
     result, _ = _audit(World(4).clean(n=200), tmp_path)
     shards = result.pairs.shard
@@ -365,19 +402,30 @@ def test_relabel_column_marks_the_added_captions(tmp_path):
     assert np.all(score[tag == "relabel"] > 6) and score[tag != "relabel"].max() < 6
 
 
-def test_the_per_part_pass_runs_as_ray_tasks_with_the_same_result(tmp_path):
-    """`audit --executor ray`: each embedding part's pass is a task on a real local Ray; the
-    findings and every signal column equal the in-process run's."""
+def test_the_part_pass_and_the_neighbour_search_run_as_ray_tasks_with_the_same_result(tmp_path, monkeypatch):
+    """`audit --executor ray`: each embedding part's pass and, above the exact limit, each range
+    of the neighbour search is a task on a real local Ray; the findings and every signal column
+    equal the in-process run's."""
     pytest.importorskip("ray")
+    pytest.importorskip("faiss")
+    from clipguard.audit import searchtasks
     from clipguard.scoring.run import ExecutorSpec
 
     world = World(9).clean(n=240).fan_in("sheep", "aeroplane", captions=7).cluster("banana", images=20)
     scores = world.write(tmp_path / "w", shards=3)
-    here = run_audit(AuditConfig(scores=scores, out=tmp_path / "a1", keywords=KEYWORDS))
-    parts = []
-    on_ray = run_audit(AuditConfig(scores=scores, out=tmp_path / "a2", keywords=KEYWORDS,
-                                   executor=ExecutorSpec(kind="ray", workers=2)), on_part=lambda d, n: parts.append((d, n)))
-    assert parts[-1] == (3, 3)
+    faiss_path = dict(keywords=KEYWORDS, exact_limit=10, nprobe=10_000)
+    here = run_audit(AuditConfig(scores=scores, out=tmp_path / "a1", **faiss_path))
+    # Several ranges a side; and this process cannot search any of them, so the Ray run's
+    # neighbours can only come from its workers (which import the real method).
+    monkeypatch.setattr(searchtasks, "SEARCH_TASK_ROWS", 64)
+    monkeypatch.setattr(NeighbourIndex, "self_neighbours", lambda *a, **k: pytest.fail("searched in the driver"))
+    parts, searched = [], {}
+    on_ray = run_audit(AuditConfig(scores=scores, out=tmp_path / "a2", executor=ExecutorSpec(kind="ray", workers=2), **faiss_path),
+                       on_part=lambda d, n: parts.append((d, n)),
+                       on_search=lambda side, d, n: searched.setdefault(side, []).append((d, n)))
+    assert parts[-1] == (3, 3) and not on_ray.exact_search
+    for side, count in (("image", len(np.unique(here.tables.image_id))), ("text", len(np.unique(here.tables.caption_id)))):
+        assert len(searched[side]) == 1 - (-count // 64) and searched[side][-1] == (count, count)
     assert [(f.kind, f.goal, f.observed, list(f.rows)) for f in on_ray.findings] == \
         [(f.kind, f.goal, f.observed, list(f.rows)) for f in here.findings] and here.findings
     for name, values in here.signal_columns.items():

@@ -16,18 +16,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from clipguard.audit.errors import AuditInputError, MissingEmbeddingsError
-from clipguard.audit.partpass import PartCodes, PartFiles, code_part, load_vectors, unit_rows
-from clipguard.executors.tasks import map_tasks
+from clipguard.audit.partpass import PartCodes, PartFiles, code_part
+from clipguard.audit.vectorfiles import VectorFiles, by_part
+from clipguard.executors.tasks import Tasks
 from clipguard.scoring.scorefiles import read_scores
-
-if TYPE_CHECKING:
-    from clipguard.executors.spec import ExecutorSpec
 
 __all__ = ["AuditInputError", "AuditPairs", "MissingEmbeddingsError", "load_pairs"]
 
@@ -56,44 +53,33 @@ class AuditPairs:
     def __len__(self) -> int:
         return len(self.key)
 
+    def vector_files(self, side: str) -> VectorFiles:
+        """Every pair's ``side`` ("image" or "text") vector where it lies (kept per side, so each
+        part is memory-mapped once)."""
+        if side not in self._vectors:
+            paths = tuple(f.image if side == "image" else f.text for f in self.parts)
+            self._vectors[side] = VectorFiles(paths, self.part, self.row, self.dims)
+        return self._vectors[side]
+
     def vectors(self, side: str, rows: np.ndarray) -> np.ndarray:
-        """Unit float32 ``side`` ("image" or "text") vectors of the pairs ``rows``, read part by part."""
-        rows = np.asarray(rows, np.int64)
-        out = np.empty((len(rows), self.dims), np.float32)
-        for part, where in _by_part(self.part[rows]):
-            array = self._array(side, part)
-            out[where] = unit_rows(array, self.row[rows[where]])
-        return out
+        """Unit float32 ``side`` vectors of the pairs ``rows``, read part by part."""
+        return self.vector_files(side)(rows)
 
     def captions(self, rows) -> list[str]:
         """The captions of the pairs ``rows`` as written (for findings and people), read back."""
         rows = np.asarray(rows, np.int64)
         out: list[str] = [""] * len(rows)
-        for part, where in _by_part(self.part[rows]):
+        for part, where in by_part(self.part[rows]):
             column = pq.read_table(self.parts[part].metadata, columns=["caption"]).column("caption")
             picked = column.take(self.row[rows[where]]).to_pylist()
             for i, caption in zip(where, picked):
                 out[i] = caption if caption is not None else ""
         return out
 
-    def _array(self, side: str, part: int) -> np.ndarray:
-        if (side, part) not in self._vectors:  # memory maps: the OS pages in the rows read
-            files = self.parts[part]
-            self._vectors[(side, part)] = load_vectors(Path(files.image if side == "image" else files.text))
-        return self._vectors[(side, part)]
-
-
-def _by_part(part_of_rows: np.ndarray):
-    """(part, positions) for each part among the rows, positions into the rows given."""
-    order = np.argsort(part_of_rows, kind="stable")
-    parts, starts = np.unique(part_of_rows[order], return_index=True)
-    for part, where in zip(parts, np.split(order, starts[1:])):
-        yield int(part), where
-
 
 def load_pairs(scores: Path, embeddings: Path | None = None, keywords: dict[str, list[str]] | None = None,
-               on: "ExecutorSpec | None" = None, on_part: Callable[[int, int], None] | None = None) -> AuditPairs:
-    """Read the score folder, run each embedding part's pass on the executor ``on`` (default: here),
+               tasks: Tasks | None = None, on_part: Callable[[int, int], None] | None = None) -> AuditPairs:
+    """Read the score folder, run each embedding part's pass as one of ``tasks`` (default: here),
     and keep the rows of pairs scored ok. ``on_part(done, total)`` reports parts finished."""
     scores = Path(scores)
     if not scores.is_dir():
@@ -110,7 +96,7 @@ def load_pairs(scores: Path, embeddings: Path | None = None, keywords: dict[str,
     for s, k in ok:  # for metadata without a shard column (LAION's): a key's shard, if it is unique
         shard_of_key[k] = s if k not in shard_of_key else None
     files = [PartFiles(stem, str(img), str(txt), str(meta)) for stem, (img, txt, meta) in parts.items()]
-    codes: list[PartCodes] = map_tasks(code_part, [(f, keywords) for f in files], on, on_part)
+    codes: list[PartCodes] = (tasks or Tasks()).map(code_part, [(f, keywords) for f in files], on_done=on_part)
     dims = {c.dims for c in codes if len(c)}
     if len(dims) > 1:
         raise AuditInputError(f"embedding parts of {folder} have vectors of different dimensions: {sorted(dims)}")

@@ -18,6 +18,7 @@ imported here only, and only when the data is large.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ class VectorReader:
     @classmethod
     def of(cls, vectors: np.ndarray) -> "VectorReader":
         array = np.ascontiguousarray(vectors, dtype=np.float32)
-        return cls(len(array), array.shape[1] if array.ndim == 2 else 0, lambda rows: array[rows])
+        return cls(len(array), array.shape[1] if array.ndim == 2 else 0, _ArrayRows(array))
 
     def __len__(self) -> int:
         return self.count
@@ -70,9 +71,21 @@ class VectorReader:
         return self.rows(np.arange(start, stop))
 
 
+class _ArrayRows:
+    """Rows of an array in memory, as a picklable reader (a lambda is not)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        return self.array[rows]
+
+
 class NeighbourIndex:
     """Unit vectors to search (an array or a `VectorReader`); ``search`` and ``self_neighbours``
-    return `Neighbours`."""
+    return `Neighbours`. It pickles (for a search task elsewhere: `searchtasks`) as its reader and,
+    above the exact limit, its faiss index serialised; a process unpickling the same index twice
+    deserialises it once."""
 
     def __init__(self, vectors: "np.ndarray | VectorReader", exact_limit: int = EXACT_LIMIT, nprobe: int = 64,
                  seed: int = 0, codes: str = "sq8"):
@@ -84,9 +97,25 @@ class NeighbourIndex:
         # What the index stores; pq below PQ_MIN_VECTORS would train on too few points.
         self.codes = None if self.exact else ("sq8" if codes == "pq" and len(self.reader) < PQ_MIN_VECTORS else codes)
         self._faiss = None if self.exact else _build_faiss(self.reader, nprobe, seed, self.codes)
+        self._token = uuid.uuid4().hex  # names this index's faiss state across processes
 
     def __len__(self) -> int:
         return len(self.reader)
+
+    def __getstate__(self) -> dict:
+        faiss = None if self.exact else _faiss_module(len(self.reader))
+        return {"reader": self.reader, "exact": self.exact, "codes": self.codes, "token": self._token,
+                "nprobe": None if self.exact else self._faiss.nprobe,
+                "faiss": None if self.exact else faiss.serialize_index(self._faiss)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.reader, self.exact, self.codes, self._token = state["reader"], state["exact"], state["codes"], state["token"]
+        self._matrix = self.reader.block(0, len(self.reader)) if self.exact else None
+        self._faiss = None if self.exact else _deserialised(state["token"], state["faiss"], state["nprobe"])
+
+    def neighbour_count(self, k: int, exclude_self: bool) -> int:
+        """How many neighbours a search for ``k`` returns per query (fewer where there are fewer rows)."""
+        return max(0, min(k, len(self) - (1 if exclude_self else 0)))
 
     def search(self, queries: np.ndarray, k: int, exclude_self: bool = False) -> Neighbours:
         """The k nearest rows of each query; with ``exclude_self`` the queries are rows 0..q-1 of the
@@ -96,10 +125,11 @@ class NeighbourIndex:
         blocks = ((start, queries[start:start + step]) for start in range(0, len(queries), step))
         return self._search(blocks, len(queries), k, exclude_self)
 
-    def self_neighbours(self, k: int) -> Neighbours:
-        n, step = len(self), self._block_rows()
-        return self._search(((start, self._own_rows(start, min(start + step, n))) for start in range(0, n, step)),
-                            n, k, exclude_self=True)
+    def self_neighbours(self, k: int, start: int = 0, stop: int | None = None) -> Neighbours:
+        """The k nearest other rows of each of the index's own rows ``start``..``stop`` (default: all)."""
+        stop, step = len(self) if stop is None else min(stop, len(self)), self._block_rows()
+        blocks = ((first - start, self._own_rows(first, min(first + step, stop))) for first in range(start, stop, step))
+        return self._search(blocks, max(0, stop - start), k, exclude_self=True, offset=start)
 
     def _own_rows(self, start: int, stop: int) -> np.ndarray:
         return self._matrix[start:stop] if self.exact else self.reader.block(start, stop)
@@ -109,14 +139,17 @@ class NeighbourIndex:
             return FAISS_BLOCK
         return int(max(1, min(MAX_BLOCK, BLOCK_CELLS // max(1, len(self)))))
 
-    def _search(self, blocks: Iterator[tuple[int, np.ndarray]], total: int, k: int, exclude_self: bool) -> Neighbours:
-        k = max(0, min(k, len(self) - (1 if exclude_self else 0)))
+    def _search(self, blocks: Iterator[tuple[int, np.ndarray]], total: int, k: int, exclude_self: bool,
+                offset: int = 0) -> Neighbours:
+        """Each block's queries into rows ``start``.. of the result; with ``exclude_self`` query
+        ``start + i`` is the index's own row ``offset + start + i``."""
+        k = self.neighbour_count(k, exclude_self)
         index = np.full((total, k), -1, np.int64)
         similarity = np.full((total, k), -np.inf, np.float32)
         if k == 0:
             return Neighbours(index, similarity)
         for start, block in blocks:
-            own = start if exclude_self else None
+            own = offset + start if exclude_self else None
             if self.exact:
                 self._exact_block(block, own, k, index[start:], similarity[start:])
             else:
@@ -173,16 +206,34 @@ def pq_bytes(dims: int) -> int:
     return max(d for d in range(1, min(limit, dims) + 1) if dims % d == 0)
 
 
-def _build_faiss(reader: VectorReader, nprobe: int, seed: int, codes: str):
-    """An IVF index over ``codes`` (see the module's docstring), trained on a sample and filled
-    ``ADD_BLOCK`` rows at a time."""
+def _faiss_module(vectors: int):
     try:
         import faiss
     except ImportError:
         raise MissingFaissError(
-            f"{len(reader):,} vectors are more than exact search handles ({EXACT_LIMIT:,}); install faiss "
+            f"{vectors:,} vectors are more than exact search handles ({EXACT_LIMIT:,}); install faiss "
             "(pip install 'clipguard[audit]') for approximate neighbours"
         ) from None
+    return faiss
+
+
+_DESERIALISED: dict[str, object] = {}  # token -> faiss index: the last one this process was sent
+
+
+def _deserialised(token: str, data: np.ndarray, nprobe: int):
+    if token not in _DESERIALISED:
+        faiss = _faiss_module(0)
+        _DESERIALISED.clear()  # one index at a time: a worker serves one search, then the next
+        index = faiss.deserialize_index(np.ascontiguousarray(data))
+        index.nprobe = nprobe
+        _DESERIALISED[token] = index
+    return _DESERIALISED[token]
+
+
+def _build_faiss(reader: VectorReader, nprobe: int, seed: int, codes: str):
+    """An IVF index over ``codes`` (see the module's docstring), trained on a sample and filled
+    ``ADD_BLOCK`` rows at a time."""
+    faiss = _faiss_module(len(reader))
     n, dim = len(reader), reader.dims
     lists = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants about 39 training points per list
     quantizer, ip = faiss.IndexFlatIP(dim), faiss.METRIC_INNER_PRODUCT

@@ -5,25 +5,28 @@ driver keeps its fixed-width columns (~40 bytes a pair). Vectors stay in their m
 files: neighbours are searched exactly up to `neighbours.EXACT_LIMIT` distinct vectors (those
 read into memory), and above it through a faiss IVF index of 8-bit codes (512 bytes a vector at
 512 dimensions; `index_codes="pq"`: 64) filled block by block and re-scored exactly from the
-files, so the driver holds per distinct image and caption its code, its id and its k neighbours,
-not its float32 vector twice. What still grows with the data in the driver: the per-pair columns,
-those per-vector tables and each image group's class votes. How it scales to 10^8 pairs in
-bounded memory, with the same statistics (docs/architecture.md says the same):
+files, its search cut into ranges that are tasks on the same executor (`searchtasks`), so the
+driver holds per distinct image and caption its code, its id and its k neighbours, not its
+float32 vector twice. What still grows with the data in the driver: the per-pair columns, those
+per-vector tables and each image group's class votes. How it scales to 10^8 pairs in bounded
+memory, with the same statistics (docs/architecture.md says the same):
 
 1. Counting pass, per shard (the hashing is built: `partpass`; the partitioned merge is not): write
    (hash prefix partition, hash, key) runs to disk; merge each partition alone (a partition fits
    in memory) into distinct-caption-per-image and distinct-image-per-caption counts. Patch
    signatures (8 per image) go the same way, partitioned by signature: a partition keeps only the
    signatures shared by two or more image groups, the stamped-images test's input.
-2. Index pass (the index is built: trained on a sample, filled and searched block by block from
-   the parts' files; the per-shard tasks are not): search shard by shard: k-distances, near-duplicate edges above the
-   threshold (written as edge lists, merged with a union-find over int64 ids that fits for 10^8),
-   and each group's nearest outside neighbours for its data-driven class.
+2. Index pass (built: the index trained on a sample, filled block by block from the parts'
+   files, and its own rows searched a range per task, `searchtasks`; not yet: the neighbours
+   written to disk rather than returned to the driver, and the groups' centroid searches as
+   tasks): k-distances, near-duplicate edges above the threshold (written as edge lists, merged
+   with a union-find over int64 ids that fits for 10^8), and each group's nearest outside
+   neighbours for its data-driven class.
 3. Table pass: the (caption class, image class) cell table is C x C counts, summed over shards;
    the tests need only it, the group counts and the group sizes. Per-pair columns are then
    written shard by shard, joining each shard's rows to its groups' counts.
-Every pass is per shard, so each can go through `executors.tasks.map_tasks` as the hashing pass
-already does.
+Every pass is per shard or per range, so each can go through `executors.tasks.Tasks` as the
+hashing pass and the search already do.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ from clipguard.audit.grouping import components, distinct_per_group, factorize_c
 from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
 from clipguard.audit.neighbours import CODES, EXACT_LIMIT, NeighbourIndex, Neighbours, VectorReader
 from clipguard.audit.output import write_findings, write_signals
+from clipguard.audit.searchtasks import own_neighbours
 from clipguard.audit.timing import StageClock
+from clipguard.executors.tasks import Tasks
 from clipguard.labels import KeywordLabeler, check_keywords, load_keywords
 
 if TYPE_CHECKING:
@@ -83,8 +88,10 @@ class AuditResult:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage (`StageClock`)
 
 
-def run_audit(config: AuditConfig, on_part: Callable[[int, int], None] | None = None) -> AuditResult:
-    """``on_part(done, total)`` reports the per-part pass's progress."""
+def run_audit(config: AuditConfig, on_part: Callable[[int, int], None] | None = None,
+              on_search: Callable[[str, int, int], None] | None = None) -> AuditResult:
+    """``on_part(done, total)`` reports the per-part pass's progress, ``on_search(side, searched,
+    total)`` the neighbour search's ("image" or "text": distinct vectors searched of all)."""
     if not 0 < config.alpha < 1:
         raise AuditInputError(f"the significance level must be in (0, 1), got {config.alpha}")
     if not (0 < config.image_duplicate <= 1 and 0 < config.text_duplicate <= 1):
@@ -97,8 +104,14 @@ def run_audit(config: AuditConfig, on_part: Callable[[int, int], None] | None = 
         keywords = load_keywords(keywords) if isinstance(keywords, (str, Path)) else check_keywords(keywords)
     labeler = KeywordLabeler(keywords) if keywords else None
     classes = labeler.classes if labeler else []
+    with Tasks(config.executor) as tasks:  # one executor session for the part pass and the searches
+        return _audit(config, keywords, classes, tasks, clock, on_part, on_search or (lambda side, done, total: None))
+
+
+def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks: Tasks, clock: StageClock,
+           on_part: Callable[[int, int], None] | None, on_search: Callable[[str, int, int], None]) -> AuditResult:
     with clock("read scores; per-part pass (hashes, keyword classes, pair similarity)"):
-        pairs = load_pairs(config.scores, config.embeddings, keywords, config.executor, on_part)
+        pairs = load_pairs(config.scores, config.embeddings, keywords, tasks, on_part)
     if len(pairs) == 0:
         raise AuditInputError(f"no scored pairs with embeddings in {config.embeddings or config.scores}")
     caption_class = pairs.caption_class
@@ -109,11 +122,11 @@ def run_audit(config: AuditConfig, on_part: Callable[[int, int], None] | None = 
     # Neighbours among distinct images and distinct captions: a reused image is not its own neighbour.
     with clock("image neighbours and near-duplicate groups"):
         image_index, image_nn, image_duplicate, image_group_of = _near_duplicates(
-            pairs, "image", image_id, n_images, config.image_duplicate, config)
+            pairs, "image", image_id, n_images, config.image_duplicate, config, tasks, on_search)
         n_image_groups = int(image_group_of.max()) + 1 if n_images else 0
     with clock("text neighbours and near-identical caption groups"):
         text_index, text_nn, text_duplicate, caption_group_of = _near_duplicates(
-            pairs, "text", caption_id, n_captions, config.text_duplicate, config)
+            pairs, "text", caption_id, n_captions, config.text_duplicate, config, tasks, on_search)
 
     with clock("image classes from neighbours"):
         image_group = image_group_of[image_id]
@@ -173,13 +186,14 @@ def run_audit(config: AuditConfig, on_part: Callable[[int, int], None] | None = 
                        seconds=clock.seconds)
 
 
-def _near_duplicates(pairs: AuditPairs, side: str, ids: np.ndarray, count: int, floor: float, config: AuditConfig):
+def _near_duplicates(pairs: AuditPairs, side: str, ids: np.ndarray, count: int, floor: float, config: AuditConfig,
+                     tasks: Tasks, on_search: Callable[[str, int, int], None]):
     """Neighbours among the distinct items (first row of each id, the only vectors read), the
     near-duplicate similarity (`duplicate_similarity`) and each distinct item's near-duplicate group."""
     first = _first_rows(ids, count)
-    reader = VectorReader(count, pairs.dims, lambda items: pairs.vectors(side, first[items]))
+    reader = VectorReader(count, pairs.dims, pairs.vector_files(side).subset(first))
     index = NeighbourIndex(reader, config.exact_limit, config.nprobe, codes=config.index_codes)
-    neighbours = index.self_neighbours(config.k)
+    neighbours = own_neighbours(index, config.k, tasks, lambda done, total: on_search(side, done, total))
     threshold = duplicate_similarity(neighbours, floor)
     return index, neighbours, threshold, components(count, neighbours, threshold)
 

@@ -26,8 +26,8 @@ def audit(
     text_duplicate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Cosine similarity at which two captions are near-identical (raised likewise).")] = AUDIT_DEFAULTS.text_duplicate,
     exact_limit: Annotated[int, typer.Option(min=1, help="Up to this many vectors neighbours are exact; above it through faiss (the audit extra).")] = AUDIT_DEFAULTS.exact_limit,
     index_codes: Annotated[IndexCodes, typer.Option(help="What the faiss index keeps per vector (candidates are re-scored exactly from the files): sq8, a byte a dimension; pq, 64 bytes at 512 dimensions (for 10^8 vectors; chooses candidates less well); flat, float32.")] = IndexCodes(AUDIT_DEFAULTS.index_codes),
-    executor: Annotated[ExecutorKind, typer.Option(help="Where the per-part pass (caption and image hashes, keyword classes, pair similarity) runs: local or ray (a task per embedding part).")] = ExecutorKind.local,
-    workers: Annotated[int, typer.Option(min=1, help="Ray: CPUs of the local Ray instance it starts (without --ray-address). Local runs the parts in this process.")] = 1,
+    executor: Annotated[ExecutorKind, typer.Option(help="Where the per-part pass (caption and image hashes, keyword classes, pair similarity) and, above --exact-limit, the neighbour search run: local or ray (a task per embedding part, and per 65,536 vectors searched).")] = ExecutorKind.local,
+    workers: Annotated[int, typer.Option(min=1, help="Ray: CPUs of the local Ray instance it starts (without --ray-address). Local runs the tasks in this process.")] = 1,
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Find what a pair threshold misses: one image behind many captions, one caption behind many images, over-represented (caption class, image class) cells and clusters of near-identical images; findings ranked by corrected p-value.
@@ -44,13 +44,26 @@ def audit(
 
     with user_errors(), progress_reporter() as progress:
         task = progress.task("audit: per-part pass", steps="parts", unit="parts")
+        searches = {}
+
+        def on_search(side: str, searched: int, total: int) -> None:  # a line per side, from its first range
+            if side not in searches:
+                searches[side] = progress.task(f"audit: {side} neighbours", steps="vectors", unit="vectors")
+            searches[side].update(completed=searched, total=total, done=searched)
+            if searched == total:
+                searches[side].finish()
+
+        def on_part(done: int, total: int) -> None:
+            task.update(completed=done, total=total, done=done)
+            if done == total:
+                task.finish()
+
         on = ExecutorSpec(kind=executor.value, address=ray_address, workers=workers)
         result = run_audit(AuditConfig(
             scores=scores, out=out, embeddings=embeddings, keywords=keywords, alpha=alpha, k=k,
             image_duplicate=image_duplicate, text_duplicate=text_duplicate, exact_limit=exact_limit,
             index_codes=index_codes.value, executor=on,
-        ), on_part=lambda done, total: task.update(completed=done, total=total, done=done))
-        task.finish()
+        ), on_part=on_part, on_search=on_search)
     pairs = result.pairs
     console.print(f"audited {len(pairs):,} of {pairs.scored:,} scored pairs "
                   f"({pairs.without_embeddings:,} without embeddings); neighbours "

@@ -1,18 +1,21 @@
-"""Independent tasks through an executor: ``map_tasks(fn, args, spec)`` runs ``fn(*a)`` for each
-``a`` and returns the results in input order, here (local) or as Ray tasks.
+"""Independent tasks through an executor: `Tasks(spec)` runs ``fn(*shared, *a)`` for each ``a``,
+here (local) or as Ray tasks, and ``map_tasks(fn, args, spec)`` is one such map.
 
-For passes that need no model, such as the audit's per-part pass: scoring has its own executors
-(`clipguard.scoring.run._executor`), which keep a model per worker. Local runs the tasks in
-this process, one after another (a process pool is not built yet). On Ray each task gets one
-CPU and is retried on another worker up to `executors.ray.TASK_ATTEMPTS` times if its worker
-dies; a task that raises a clipguard error (bad input) fails the map with that error at once,
-since it would fail again anywhere.
+For passes that need no model, such as the audit's per-part pass and its neighbour search:
+scoring has its own executors (`clipguard.scoring.run._executor`), which keep a model per
+worker. Local runs the tasks in this process, one after another (a process pool is not built
+yet). On Ray each task gets one CPU and is retried on another worker up to
+`executors.ray.TASK_ATTEMPTS` times if its worker dies; a task that raises a clipguard error
+(bad input) fails the map with that error at once, since it would fail again anywhere. One
+`Tasks` opened as a context holds one Ray session for all its maps (starting Ray takes seconds),
+and ``shared`` arguments (a search index) go to Ray's object store once, not once per task.
 ``fn`` must be importable by name (a module-level function), and its arguments picklable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from clipguard.errors import ClipguardError
@@ -21,37 +24,87 @@ if TYPE_CHECKING:
     from clipguard.executors.spec import ExecutorSpec
 
 
+class Tasks:
+    """Where a run's independent tasks go. Use as a context manager around all of a run's maps: a
+    Ray session started by the first of them lasts until the context ends."""
+
+    def __init__(self, spec: "ExecutorSpec | None" = None):
+        self.spec = spec
+        self._stack = contextlib.ExitStack()
+        self._ray = None
+
+    @property
+    def distributed(self) -> bool:
+        """True when tasks leave this process (then shipping a task's inputs is worth planning for)."""
+        return self.spec is not None and self.spec.kind == "ray"
+
+    def __enter__(self) -> "Tasks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ray = None
+        self._stack.close()
+
+    def _session(self):
+        """Ray, started or joined at the first map that needs it (not before: bad input found
+        first is reported without waiting seconds for Ray) and kept until the context ends."""
+        if self._ray is None:
+            from clipguard.executors.ray import ray_session
+
+            self._ray = self._stack.enter_context(ray_session(self.spec))
+        return self._ray
+
+    def map(self, fn: Callable, args: Sequence[tuple], shared: tuple = (),
+            on_done: Callable[[int, int], None] | None = None) -> list[Any]:
+        """``[fn(*shared, *a) for a in args]``; ``on_done(finished, total)`` after each task."""
+        results: list[Any] = [None] * len(args)
+        for i, result in self.imap(fn, args, shared, on_done):
+            results[i] = result
+        return results
+
+    def imap(self, fn: Callable, args: Sequence[tuple], shared: tuple = (),
+             on_done: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, Any]]:
+        """(position in ``args``, result) as each task finishes, so a caller can put each result
+        where it belongs without holding them all."""
+        done = on_done or (lambda finished, total: None)
+        if not self.distributed:
+            for i, a in enumerate(args):
+                result = fn(*shared, *a)
+                done(i + 1, len(args))
+                yield i, result
+            return
+        yield from _ray_imap(self._session(), fn, args, shared, done)
+
+
 def map_tasks(fn: Callable, args: Sequence[tuple], spec: "ExecutorSpec | None" = None,
               on_done: Callable[[int, int], None] | None = None) -> list[Any]:
     """``[fn(*a) for a in args]``, run where ``spec`` says; ``on_done(finished, total)`` after each task."""
-    done = on_done or (lambda finished, total: None)
-    if spec is not None and spec.kind == "ray":
-        return _ray_map(fn, args, spec, done)
-    results = []
-    for a in args:
-        results.append(fn(*a))
-        done(len(results), len(args))
-    return results
+    with Tasks(spec) as tasks:
+        return tasks.map(fn, args, on_done=on_done)
 
 
-def _ray_map(fn: Callable, args: Sequence[tuple], spec: "ExecutorSpec", done: Callable[[int, int], None]) -> list[Any]:
-    from clipguard.executors.ray import TASK_ATTEMPTS, ray_session
+def _ray_imap(ray, fn: Callable, args: Sequence[tuple], shared: tuple,
+              done: Callable[[int, int], None]) -> Iterator[tuple[int, Any]]:
+    from clipguard.executors.ray import TASK_ATTEMPTS
 
-    with ray_session(spec) as ray:
-        # max_retries covers a worker that dies; retry_exceptions stays off, so an error raised by
-        # the task (a bad part) comes back once instead of three times.
-        remote = ray.remote(num_cpus=1, max_retries=TASK_ATTEMPTS)(fn)
-        pending = {remote.remote(*a): i for i, a in enumerate(args)}
-        results: list[Any] = [None] * len(args)
+    # max_retries covers a worker that dies; retry_exceptions stays off, so an error raised by
+    # the task (a bad part) comes back once instead of three times.
+    remote = ray.remote(num_cpus=1, max_retries=TASK_ATTEMPTS)(fn)
+    refs = [ray.put(s) for s in shared]  # top-level ObjectRef arguments reach the task as values
+    pending = {remote.remote(*refs, *a): i for i, a in enumerate(args)}
+    try:
         while pending:
             (ready,), _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ready)
             try:
-                results[i] = ray.get(ready)
+                result = ray.get(ready)
             except Exception as exc:
                 cause = getattr(exc, "cause", None)
                 if isinstance(cause, ClipguardError):
                     raise cause from None
                 raise ClipguardError(f"task {i} of {len(args)} ({getattr(fn, '__name__', fn)}) failed on Ray: {exc}") from None
             done(len(args) - len(pending), len(args))
-        return results
+            yield i, result
+    finally:
+        for ref in pending:  # a failed map leaves nothing running behind it
+            ray.cancel(ref)

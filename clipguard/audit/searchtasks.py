@@ -1,0 +1,53 @@
+"""The audit's neighbour search as executor tasks: the index's own rows, a range at a time.
+
+Finding every distinct image's and caption's neighbours is nearly all of a large audit's time
+(95% at 100,000 pairs, benchmarks/README.md), and each query is independent of the others, so
+above the exact limit the search is cut into ranges of ``SEARCH_TASK_ROWS`` rows, each a task
+(`executors.tasks.Tasks`). A task is sent the index once per worker (the faiss index serialised,
+through Ray's object store, and the vectors' file paths: `vectorfiles.VectorFiles`), reads its
+queries and its candidates' vectors from the embedding files, which every worker must reach, as
+for the per-part pass, and returns its rows' neighbours, which the driver puts in place as they
+come. With the local executor the same ranges run in this process, one after another (faiss
+uses every core for each); the exact search (small data) is one call. Either way the results are
+those of `NeighbourIndex.self_neighbours` (a test holds Ray's equal to this process's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from clipguard.audit.neighbours import NeighbourIndex, Neighbours
+from clipguard.executors.tasks import Tasks
+
+SEARCH_TASK_ROWS = 65_536  # a task's queries: ~8 MB of neighbours back at k = 10
+
+
+def own_neighbours(index: NeighbourIndex, k: int, tasks: Tasks | None = None,
+                   on_done: Callable[[int, int], None] | None = None) -> Neighbours:
+    """`NeighbourIndex.self_neighbours` for every row, a range per task of ``tasks`` above the exact
+    limit; ``on_done(rows searched, rows)`` as ranges finish."""
+    done = on_done or (lambda searched, total: None)
+    done(0, len(index))
+    if index.exact:
+        neighbours = index.self_neighbours(k)
+        done(len(index), len(index))
+        return neighbours
+    tasks = tasks or Tasks()
+    n, width = len(index), index.neighbour_count(k, exclude_self=True)
+    found = np.full((n, width), -1, np.int64)
+    similarity = np.full((n, width), -np.inf, np.float32)
+    ranges = [(start, min(start + SEARCH_TASK_ROWS, n), k) for start in range(0, n, SEARCH_TASK_ROWS)]
+    searched = 0
+    for i, block in tasks.imap(search_range, ranges, shared=(index,)):
+        start, stop, _ = ranges[i]
+        found[start:stop], similarity[start:stop] = block.index, block.similarity
+        searched += stop - start
+        done(searched, n)
+    return Neighbours(found, similarity)
+
+
+def search_range(index: NeighbourIndex, start: int, stop: int, k: int) -> Neighbours:
+    """One task: the neighbours of the index's own rows ``start``..``stop``."""
+    return index.self_neighbours(k, start, stop)
