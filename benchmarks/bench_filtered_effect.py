@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_signals as signals  # noqa: E402  (a sibling script, not a package)
+from machine import cpu_name  # noqa: E402
 
 from clipguard.audit import AuditConfig, run_audit  # noqa: E402
 from clipguard.data.shardspec import resolve_shards  # noqa: E402
@@ -131,7 +131,7 @@ def main() -> None:
               flush=True)
     seconds = round(time.perf_counter() - started, 1)
     args.out.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or "unknown", "cores": len(os.sched_getaffinity(0)),
+        "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
         "rate": args.rate, "seed": args.seed, "labelled": args.labelled, "fpr_budget": args.fpr, "seconds": seconds,
         "rows": rows}, indent=2, default=float) + "\n")
     print(f"{seconds} s; wrote {args.out}")

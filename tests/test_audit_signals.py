@@ -205,8 +205,16 @@ def test_the_search_in_ranges_from_a_pickled_index_over_its_files_equals_the_who
     whole = index.self_neighbours(6)
     sent = pickle.loads(pickle.dumps(index))
     assert sent.reader._read._mapped == {} and sent.codes == "sq8"  # files are mapped again where it lands
+    import faiss
+
+    from clipguard.audit.neighbours import faiss_threads
+
+    threads = faiss.omp_get_max_threads()
+    with faiss_threads(1):
+        assert faiss.omp_get_max_threads() == 1
     for start, stop in [(0, 700), (700, 2_999), (2_999, 3_000)]:
-        part = searchtasks.search_range(sent, start, stop, 6)
+        part = searchtasks.search_range(sent, start, stop, 6, threads=1)  # as a Ray task runs it: one CPU, one thread
+        assert faiss.omp_get_max_threads() == threads  # and this process's threads as they were
         np.testing.assert_array_equal(part.index, whole.index[start:stop])
         np.testing.assert_array_equal(part.similarity, whole.similarity[start:stop])
     monkeypatch.setattr(searchtasks, "SEARCH_TASK_ROWS", 512)

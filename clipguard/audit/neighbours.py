@@ -18,6 +18,7 @@ imported here only, and only when the data is large.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -204,6 +205,23 @@ def pq_bytes(dims: int) -> int:
     (at least 8, when dims has one): 64 at 512 dimensions, 96 at 768."""
     limit = max(8, dims // 8)
     return max(d for d in range(1, min(limit, dims) + 1) if dims % d == 0)
+
+
+@contextlib.contextmanager
+def faiss_threads(threads: int | None) -> Iterator[None]:
+    """faiss's OpenMP threads set to ``threads`` inside (None: as they are). A task given one CPU
+    must use one: a worker inherits OMP_NUM_THREADS from the environment it was started in, and
+    two workers on two cores each running two threads are slower than two running one."""
+    if threads is None:
+        yield
+        return
+    faiss = _faiss_module(0)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _faiss_module(vectors: int):

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from clipguard.audit.neighbours import NeighbourIndex, Neighbours
-from clipguard.executors.tasks import Tasks
+from clipguard.audit.neighbours import NeighbourIndex, Neighbours, faiss_threads
+from clipguard.executors.tasks import TASK_CPUS, Tasks
 
 SEARCH_TASK_ROWS = 65_536  # a task's queries: ~8 MB of neighbours back at k = 10
 
@@ -38,16 +38,18 @@ def own_neighbours(index: NeighbourIndex, k: int, tasks: Tasks | None = None,
     n, width = len(index), index.neighbour_count(k, exclude_self=True)
     found = np.full((n, width), -1, np.int64)
     similarity = np.full((n, width), -np.inf, np.float32)
-    ranges = [(start, min(start + SEARCH_TASK_ROWS, n), k) for start in range(0, n, SEARCH_TASK_ROWS)]
+    threads = TASK_CPUS if tasks.distributed else None  # here: every core, as faiss chooses
+    ranges = [(start, min(start + SEARCH_TASK_ROWS, n), k, threads) for start in range(0, n, SEARCH_TASK_ROWS)]
     searched = 0
     for i, block in tasks.imap(search_range, ranges, shared=(index,)):
-        start, stop, _ = ranges[i]
+        start, stop = ranges[i][:2]
         found[start:stop], similarity[start:stop] = block.index, block.similarity
         searched += stop - start
         done(searched, n)
     return Neighbours(found, similarity)
 
 
-def search_range(index: NeighbourIndex, start: int, stop: int, k: int) -> Neighbours:
-    """One task: the neighbours of the index's own rows ``start``..``stop``."""
-    return index.self_neighbours(k, start, stop)
+def search_range(index: NeighbourIndex, start: int, stop: int, k: int, threads: int | None = None) -> Neighbours:
+    """One task: the neighbours of the index's own rows ``start``..``stop``, on ``threads`` threads."""
+    with faiss_threads(threads):
+        return index.self_neighbours(k, start, stop)

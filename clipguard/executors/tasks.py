@@ -23,6 +23,8 @@ from clipguard.errors import ClipguardError
 if TYPE_CHECKING:
     from clipguard.executors.spec import ExecutorSpec
 
+TASK_CPUS = 1  # what Ray reserves for each task: a task with threads of its own should use this many
+
 
 class Tasks:
     """Where a run's independent tasks go. Use as a context manager around all of a run's maps: a
@@ -89,7 +91,7 @@ def _ray_imap(ray, fn: Callable, args: Sequence[tuple], shared: tuple,
 
     # max_retries covers a worker that dies; retry_exceptions stays off, so an error raised by
     # the task (a bad part) comes back once instead of three times.
-    remote = ray.remote(num_cpus=1, max_retries=TASK_ATTEMPTS)(fn)
+    remote = ray.remote(num_cpus=TASK_CPUS, max_retries=TASK_ATTEMPTS)(fn)
     refs = [ray.put(s) for s in shared]  # top-level ObjectRef arguments reach the task as values
     pending = {remote.remote(*refs, *a): i for i, a in enumerate(args)}
     try:
