@@ -217,6 +217,11 @@ def test_the_search_in_ranges_from_a_pickled_index_over_its_files_equals_the_who
         assert faiss.omp_get_max_threads() == threads  # and this process's threads as they were
         np.testing.assert_array_equal(part.index, whole.index[start:stop])
         np.testing.assert_array_equal(part.similarity, whole.similarity[start:stop])
+    # Ranges sized for the workers: four per task that runs at once, so that none waits on one long range.
+    assert Tasks().slots() == 1
+    assert searchtasks.range_rows(100_000, slots=2) == 12_500
+    assert searchtasks.range_rows(5_000, slots=2) == searchtasks.MIN_TASK_ROWS
+    assert searchtasks.range_rows(10**8, slots=64) == searchtasks.SEARCH_TASK_ROWS
     monkeypatch.setattr(searchtasks, "SEARCH_TASK_ROWS", 512)
     progress = []
     joined = searchtasks.own_neighbours(index, 6, Tasks(), lambda done, total: progress.append((done, total)))

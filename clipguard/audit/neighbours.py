@@ -215,7 +215,7 @@ def faiss_threads(threads: int | None) -> Iterator[None]:
     if threads is None:
         yield
         return
-    faiss = _faiss_module(0)
+    faiss = _faiss_module()
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(threads)
     try:
@@ -224,14 +224,15 @@ def faiss_threads(threads: int | None) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def _faiss_module(vectors: int):
+def _faiss_module(vectors: int | None = None):
+    """faiss, or a clear error: for ``vectors`` too many for exact search, or (None) for a search
+    task, which runs wherever the executor put it."""
     try:
         import faiss
     except ImportError:
-        raise MissingFaissError(
-            f"{vectors:,} vectors are more than exact search handles ({EXACT_LIMIT:,}); install faiss "
-            "(pip install 'clipguard[audit]') for approximate neighbours"
-        ) from None
+        why = (f"{vectors:,} vectors are more than exact search handles ({EXACT_LIMIT:,})" if vectors is not None
+               else "a neighbour search task runs faiss on every worker")
+        raise MissingFaissError(f"{why}; install faiss (pip install 'clipguard[audit]') for approximate neighbours") from None
     return faiss
 
 
@@ -240,7 +241,7 @@ _DESERIALISED: dict[str, object] = {}  # token -> faiss index: the last one this
 
 def _deserialised(token: str, data: np.ndarray, nprobe: int):
     if token not in _DESERIALISED:
-        faiss = _faiss_module(0)
+        faiss = _faiss_module()
         _DESERIALISED.clear()  # one index at a time: a worker serves one search, then the next
         index = faiss.deserialize_index(np.ascontiguousarray(data))
         index.nprobe = nprobe

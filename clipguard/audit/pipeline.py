@@ -119,21 +119,27 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
         caption_id, n_captions = factorize_codes(pairs.caption_hash)
         image_id, n_images = factorize_codes(pairs.image_hash)
 
-    # Neighbours among distinct images and distinct captions: a reused image is not its own neighbour.
+    # Neighbours among distinct images and distinct captions: a reused image is not its own
+    # neighbour. One side's index at a time: the image index serves the image classes, and is let
+    # go before the text index is built (each is 512 bytes a vector with sq8 codes).
     with clock("image neighbours and near-duplicate groups"):
         image_index, image_nn, image_duplicate, image_group_of = _near_duplicates(
             pairs, "image", image_id, n_images, config.image_duplicate, config, tasks, on_search)
-        n_image_groups = int(image_group_of.max()) + 1 if n_images else 0
-    with clock("text neighbours and near-identical caption groups"):
-        text_index, text_nn, text_duplicate, caption_group_of = _near_duplicates(
-            pairs, "text", caption_id, n_captions, config.text_duplicate, config, tasks, on_search)
-
     with clock("image classes from neighbours"):
         image_group = image_group_of[image_id]
         image_class, caption_votes, image_votes = _image_classes(
             image_index, image_nn, image_id, image_group_of, caption_class, len(classes), config.k)
         own_class = _own_classes(image_group, caption_id, caption_class, len(classes))
         strong = strong_mismatch(caption_class, image_class, caption_votes, image_votes, len(classes), own_class)
+        n_image_groups = int(image_group_of.max()) + 1 if n_images else 0
+    exact_search = image_index.exact
+    del image_index
+    with clock("text neighbours and near-identical caption groups"):
+        text_index, text_nn, text_duplicate, caption_group_of = _near_duplicates(
+            pairs, "text", caption_id, n_captions, config.text_duplicate, config, tasks, on_search)
+    exact_search = exact_search and text_index.exact
+    del text_index
+
     tables = AuditTables(
         classes=classes, caption_class=caption_class, image_class=image_class,
         caption_texts=lambda rows: [normalise_caption(c) for c in pairs.captions(rows)],
@@ -177,12 +183,12 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
     write_findings(out, pairs, findings, summary={
         "scores": str(config.scores), "embeddings": str(config.embeddings or config.scores),
         "pairs_scored": pairs.scored, "pairs_audited": len(pairs), "pairs_without_embeddings": pairs.without_embeddings,
-        "alpha": config.alpha, "classes": classes, "exact_search": image_index.exact and text_index.exact,
+        "alpha": config.alpha, "classes": classes, "exact_search": exact_search,
         "image_duplicate": image_duplicate, "text_duplicate": text_duplicate, "k": config.k,
         "seconds": clock.seconds, "seconds_per_10k_pairs": clock.per(len(pairs), 10_000),
     })
     return AuditResult(out=out, pairs=pairs, tables=tables, findings=findings, signal_columns=columns,
-                       classes_known=bool(classes), exact_search=image_index.exact and text_index.exact,
+                       classes_known=bool(classes), exact_search=exact_search,
                        seconds=clock.seconds)
 
 

@@ -2,7 +2,8 @@
 
 Finding every distinct image's and caption's neighbours is nearly all of a large audit's time
 (95% at 100,000 pairs, benchmarks/README.md), and each query is independent of the others, so
-above the exact limit the search is cut into ranges of ``SEARCH_TASK_ROWS`` rows, each a task
+above the exact limit the search is cut into ranges (``TASKS_PER_SLOT`` for each task that can
+run at once, of ``MIN_TASK_ROWS`` to ``SEARCH_TASK_ROWS`` rows), each a task
 (`executors.tasks.Tasks`). A task is sent the index once per worker (the faiss index serialised,
 through Ray's object store, and the vectors' file paths: `vectorfiles.VectorFiles`), reads its
 queries and its candidates' vectors from the embedding files, which every worker must reach, as
@@ -21,7 +22,9 @@ import numpy as np
 from clipguard.audit.neighbours import NeighbourIndex, Neighbours, faiss_threads
 from clipguard.executors.tasks import TASK_CPUS, Tasks
 
-SEARCH_TASK_ROWS = 65_536  # a task's queries: ~8 MB of neighbours back at k = 10
+SEARCH_TASK_ROWS = 65_536  # the most queries a task gets: ~8 MB of neighbours back at k = 10
+MIN_TASK_ROWS = 4_096  # the fewest, so that a task's fixed costs (the index unpickled, files mapped) stay small
+TASKS_PER_SLOT = 4  # ranges per task that can run at once, so that the last ranges and slow workers even out
 
 
 def own_neighbours(index: NeighbourIndex, k: int, tasks: Tasks | None = None,
@@ -39,7 +42,8 @@ def own_neighbours(index: NeighbourIndex, k: int, tasks: Tasks | None = None,
     found = np.full((n, width), -1, np.int64)
     similarity = np.full((n, width), -np.inf, np.float32)
     threads = TASK_CPUS if tasks.distributed else None  # here: every core, as faiss chooses
-    ranges = [(start, min(start + SEARCH_TASK_ROWS, n), k, threads) for start in range(0, n, SEARCH_TASK_ROWS)]
+    rows = range_rows(n, tasks.slots())
+    ranges = [(start, min(start + rows, n), k, threads) for start in range(0, n, rows)]
     searched = 0
     for i, block in tasks.imap(search_range, ranges, shared=(index,)):
         start, stop = ranges[i][:2]
@@ -47,6 +51,11 @@ def own_neighbours(index: NeighbourIndex, k: int, tasks: Tasks | None = None,
         searched += stop - start
         done(searched, n)
     return Neighbours(found, similarity)
+
+
+def range_rows(vectors: int, slots: int) -> int:
+    """Rows per task: ``TASKS_PER_SLOT`` ranges for each of ``slots`` tasks at once, within the bounds."""
+    return min(SEARCH_TASK_ROWS, max(MIN_TASK_ROWS, -(-vectors // (TASKS_PER_SLOT * slots))))
 
 
 def search_range(index: NeighbourIndex, start: int, stop: int, k: int, threads: int | None = None) -> Neighbours:

@@ -56,6 +56,13 @@ class Tasks:
             self._ray = self._stack.enter_context(ray_session(self.spec))
         return self._ray
 
+    def slots(self) -> int:
+        """How many tasks run at once: 1 here; on Ray, the CPUs of the cluster joined or started
+        (this starts the session) over each task's."""
+        if not self.distributed:
+            return 1
+        return max(1, int(self._session().cluster_resources().get("CPU", 1)) // TASK_CPUS)
+
     def map(self, fn: Callable, args: Sequence[tuple], shared: tuple = (),
             on_done: Callable[[int, int], None] | None = None) -> list[Any]:
         """``[fn(*shared, *a) for a in args]``; ``on_done(finished, total)`` after each task."""
