@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clipguard.errors import ClipguardError
+from clipguard.threadcount import thread_count
 
 EXACT_LIMIT = 50_000  # up to this many vectors, exact search is cheaper than building an index
 BLOCK_CELLS = 1 << 22  # similarities per exact block: with the negated copy and argpartition's int64, ~64 MB
@@ -207,21 +208,14 @@ def pq_bytes(dims: int) -> int:
     return max(d for d in range(1, min(limit, dims) + 1) if dims % d == 0)
 
 
-@contextlib.contextmanager
-def faiss_threads(threads: int | None) -> Iterator[None]:
+def faiss_threads(threads: int | None) -> contextlib.AbstractContextManager[None]:
     """faiss's OpenMP threads set to ``threads`` inside (None: as they are). A task given one CPU
     must use one: a worker inherits OMP_NUM_THREADS from the environment it was started in, and
     two workers on two cores each running two threads are slower than two running one."""
     if threads is None:
-        yield
-        return
+        return contextlib.nullcontext()
     faiss = _faiss_module()
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
+    return thread_count(faiss.omp_get_max_threads, faiss.omp_set_num_threads, threads)
 
 
 def _faiss_module(vectors: int | None = None):

@@ -55,6 +55,7 @@ from clipguard.scoring.scorefiles import (
     write_parquet,
     write_score_table,
 )
+from clipguard.threadcount import thread_count
 
 MANIFEST_NAME = "manifest.json"
 # Rebuilding the summary reads every stats file of the folder: not after each of 10^4 shards.
@@ -206,17 +207,8 @@ class LocalExecutor:
                     yield _finish_shard(chunk, buffers.pop(chunk.shard.name), out_dir, run_meta, config)
 
 
-@contextlib.contextmanager
-def inference_threads(threads: int | None) -> Iterator[None]:
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def inference_threads(threads: int | None) -> contextlib.AbstractContextManager[None]:
+    return thread_count(torch.get_num_threads, torch.set_num_threads, threads)
 
 
 def score_shard(
