@@ -217,6 +217,21 @@ def test_the_search_in_ranges_from_a_pickled_index_over_its_files_equals_the_who
         assert faiss.omp_get_max_threads() == threads  # and this process's threads as they were
         np.testing.assert_array_equal(part.index, whole.index[start:stop])
         np.testing.assert_array_equal(part.similarity, whole.similarity[start:stop])
+    # Written to a folder and searched memory-mapped: the same search; what a task is sent is the
+    # file's path, not the codes; and a worker that cannot reach the file says what to do.
+    from clipguard.audit import neighbours as neighbours_module
+
+    mapped = NeighbourIndex(VectorReader(3_000, 16, files), exact_limit=100, nprobe=10_000, index_dir=tmp_path / "ix")
+    assert Path(mapped.path).parent == tmp_path / "ix" and Path(mapped.path).is_file()
+    np.testing.assert_array_equal(mapped.self_neighbours(6).index, whole.index)
+    message = pickle.dumps(mapped)
+    assert len(message) < len(pickle.dumps(index)) / 2 and mapped.path.encode() in message
+    np.testing.assert_array_equal(pickle.loads(message).self_neighbours(6).similarity, whole.similarity)
+    mapped.close()
+    assert not Path(mapped.path).exists()
+    monkeypatch.setattr(neighbours_module, "_OPENED", {})  # a process that has not opened it yet
+    with pytest.raises(neighbours_module.SearchIndexUnreachable, match="storage every worker reaches"):
+        pickle.loads(message)
     # Ranges sized for the workers: four per task that runs at once, so that none waits on one long range.
     assert Tasks().slots() == 1
     assert searchtasks.range_rows(100_000, slots=2) == 12_500
@@ -437,6 +452,7 @@ def test_the_part_pass_and_the_neighbour_search_run_as_ray_tasks_with_the_same_r
                        on_part=lambda d, n: parts.append((d, n)),
                        on_search=lambda side, d, n: searched.setdefault(side, []).append((d, n)))
     assert parts[-1] == (3, 3) and not on_ray.exact_search
+    assert not (tmp_path / "a2" / ".search-index").exists()  # the index files the workers mapped are gone
     for side, count in (("image", len(np.unique(here.tables.image_id))), ("text", len(np.unique(here.tables.caption_id)))):
         assert len(searched[side]) == 1 - (-count // 64) and searched[side][-1] == (count, count)
     assert [(f.kind, f.goal, f.observed, list(f.rows)) for f in on_ray.findings] == \

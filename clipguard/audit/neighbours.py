@@ -10,7 +10,8 @@ default: a byte per dimension, 512 bytes a vector at 512 dimensions against 2,04
 (float32). For sq8 and pq it is asked for ``RERANK[codes]`` times the candidates wanted, and
 those are scored exactly from the vectors' files, so every similarity returned is exact and only
 the choice of candidates is approximate (measured in benchmarks/README.md: pq's choice misses
-far more neighbours than sq8's on hard data). When ``nprobe`` covers every list the search finds
+far more neighbours than sq8's on hard data). Given a folder, the built index is written there
+and searched memory-mapped, so its codes are shared file pages rather than memory held. When ``nprobe`` covers every list the search finds
 what exact search finds, up to the codes' candidate choice, which is how the tests check one
 path against the other. faiss is an optional extra (``pip install 'clipguard[audit]'``),
 imported here only, and only when the data is large.
@@ -22,6 +23,7 @@ import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -41,6 +43,10 @@ PQ_MIN_VECTORS = 10_000  # product quantisation's 256 centroids per subspace wan
 
 class MissingFaissError(ClipguardError):
     """More vectors than exact search handles, and faiss is not installed."""
+
+
+class SearchIndexUnreachable(ClipguardError):
+    """A search task cannot open the index file the driver wrote."""
 
 
 @dataclass(frozen=True)
@@ -85,12 +91,18 @@ class _ArrayRows:
 
 class NeighbourIndex:
     """Unit vectors to search (an array or a `VectorReader`); ``search`` and ``self_neighbours``
-    return `Neighbours`. It pickles (for a search task elsewhere: `searchtasks`) as its reader and,
-    above the exact limit, its faiss index serialised; a process unpickling the same index twice
-    deserialises it once."""
+    return `Neighbours`.
+
+    With ``index_dir`` the faiss index, once built, is written there and searched memory-mapped
+    (faiss's IO_FLAG_MMAP_IFC): its codes are file pages, which the kernel shares between every
+    process on a machine that maps them and may drop, not memory each process holds. It pickles
+    (for a search task elsewhere: `searchtasks`) as its reader and that file's path, so a worker
+    maps the same file (which must be on storage it reaches); without ``index_dir``, as the faiss
+    index serialised. A process sent the same index twice opens it once. `close` lets the index go
+    and deletes its file."""
 
     def __init__(self, vectors: "np.ndarray | VectorReader", exact_limit: int = EXACT_LIMIT, nprobe: int = 64,
-                 seed: int = 0, codes: str = "sq8"):
+                 seed: int = 0, codes: str = "sq8", index_dir: "Path | str | None" = None):
         if codes not in CODES:
             raise ValueError(f"unknown index codes {codes!r}; choose one of {', '.join(CODES)}")
         self.reader = vectors if isinstance(vectors, VectorReader) else VectorReader.of(vectors)
@@ -98,22 +110,34 @@ class NeighbourIndex:
         self._matrix = self.reader.block(0, len(self.reader)) if self.exact else None
         # What the index stores; pq below PQ_MIN_VECTORS would train on too few points.
         self.codes = None if self.exact else ("sq8" if codes == "pq" and len(self.reader) < PQ_MIN_VECTORS else codes)
-        self._faiss = None if self.exact else _build_faiss(self.reader, nprobe, seed, self.codes)
         self._token = uuid.uuid4().hex  # names this index's faiss state across processes
+        self.path = None if self.exact or index_dir is None else str(Path(index_dir) / f"{self._token}.faiss")
+        self._faiss = None
+        if not self.exact:
+            built = _build_faiss(self.reader, nprobe, seed, self.codes)
+            self._faiss = built if self.path is None else _written_and_mapped(built, self.path)
 
     def __len__(self) -> int:
         return len(self.reader)
 
+    def close(self) -> None:
+        """Let the index go (its file too, if it has one); it cannot be searched afterwards."""
+        self._faiss, self._matrix = None, None
+        if self.path is not None:
+            Path(self.path).unlink(missing_ok=True)
+
     def __getstate__(self) -> dict:
         faiss = None if self.exact else _faiss_module(len(self.reader))
+        inline = not self.exact and self.path is None
         return {"reader": self.reader, "exact": self.exact, "codes": self.codes, "token": self._token,
-                "nprobe": None if self.exact else self._faiss.nprobe,
-                "faiss": None if self.exact else faiss.serialize_index(self._faiss)}
+                "nprobe": None if self.exact else self._faiss.nprobe, "path": self.path,
+                "faiss": faiss.serialize_index(self._faiss) if inline else None}
 
     def __setstate__(self, state: dict) -> None:
         self.reader, self.exact, self.codes, self._token = state["reader"], state["exact"], state["codes"], state["token"]
+        self.path = state["path"]
         self._matrix = self.reader.block(0, len(self.reader)) if self.exact else None
-        self._faiss = None if self.exact else _deserialised(state["token"], state["faiss"], state["nprobe"])
+        self._faiss = None if self.exact else _opened(state["token"], state["path"], state["faiss"], state["nprobe"])
 
     def neighbour_count(self, k: int, exclude_self: bool) -> int:
         """How many neighbours a search for ``k`` returns per query (fewer where there are fewer rows)."""
@@ -230,17 +254,40 @@ def _faiss_module(vectors: int | None = None):
     return faiss
 
 
-_DESERIALISED: dict[str, object] = {}  # token -> faiss index: the last one this process was sent
+_OPENED: dict[str, object] = {}  # token -> faiss index: the last one this process was sent
 
 
-def _deserialised(token: str, data: np.ndarray, nprobe: int):
-    if token not in _DESERIALISED:
-        faiss = _faiss_module()
-        _DESERIALISED.clear()  # one index at a time: a worker serves one search, then the next
-        index = faiss.deserialize_index(np.ascontiguousarray(data))
-        index.nprobe = nprobe
-        _DESERIALISED[token] = index
-    return _DESERIALISED[token]
+def _opened(token: str, path: str | None, data: np.ndarray | None, nprobe: int):
+    """The index a task was sent: mapped from ``path``, or deserialised from ``data``; kept until
+    the next one arrives (a worker serves one search, then the next)."""
+    if token not in _OPENED:
+        _OPENED.clear()
+        if path is not None:
+            index = _mapped(path, nprobe)
+        else:
+            index = _faiss_module().deserialize_index(np.ascontiguousarray(data))
+            index.nprobe = nprobe
+        _OPENED[token] = index
+    return _OPENED[token]
+
+
+def _written_and_mapped(index, path: str):
+    faiss = _faiss_module()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, path)
+    return _mapped(path, index.nprobe)  # the caller lets the built index go: the file's pages replace its codes
+
+
+def _mapped(path: str, nprobe: int):
+    faiss = _faiss_module()
+    try:
+        index = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
+    except RuntimeError as exc:
+        raise SearchIndexUnreachable(
+            f"the search index {path} cannot be opened here ({str(exc).splitlines()[0]}): on a cluster, the audit's "
+            "output folder must be on storage every worker reaches, as the embeddings are") from None
+    index.nprobe = nprobe
+    return index
 
 
 def _build_faiss(reader: VectorReader, nprobe: int, seed: int, codes: str):

@@ -5,9 +5,9 @@ driver keeps its fixed-width columns (~40 bytes a pair). Vectors stay in their m
 files: neighbours are searched exactly up to `neighbours.EXACT_LIMIT` distinct vectors (those
 read into memory), and above it through a faiss IVF index of 8-bit codes (512 bytes a vector at
 512 dimensions; `index_codes="pq"`: 64) filled block by block and re-scored exactly from the
-files, its search cut into ranges that are tasks on the same executor (`searchtasks`), so the
-driver holds per distinct image and caption its code, its id and its k neighbours, not its
-float32 vector twice. What still grows with the data in the driver: the per-pair columns, those
+files, written to ``OUT/.search-index`` and searched memory-mapped, one side at a time, its
+search cut into ranges that are tasks on the same executor (`searchtasks`), so the driver holds
+per distinct image and caption its id and its k neighbours, and the codes are file pages. What still grows with the data in the driver: the per-pair columns, those
 per-vector tables and each image group's class votes. How it scales to 10^8 pairs in bounded
 memory, with the same statistics (docs/architecture.md says the same):
 
@@ -31,6 +31,7 @@ hashing pass and the search already do.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,9 @@ if TYPE_CHECKING:
 
 
 DUPLICATE_SHARE = 0.25
+# The faiss indexes, written here while the audit runs and searched memory-mapped (by the workers
+# too, so on a cluster the output folder must be on storage they reach); removed at the end.
+INDEX_DIR = ".search-index"
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,11 @@ def run_audit(config: AuditConfig, on_part: Callable[[int, int], None] | None = 
         keywords = load_keywords(keywords) if isinstance(keywords, (str, Path)) else check_keywords(keywords)
     labeler = KeywordLabeler(keywords) if keywords else None
     classes = labeler.classes if labeler else []
-    with Tasks(config.executor) as tasks:  # one executor session for the part pass and the searches
-        return _audit(config, keywords, classes, tasks, clock, on_part, on_search or (lambda side, done, total: None))
+    try:
+        with Tasks(config.executor) as tasks:  # one executor session for the part pass and the searches
+            return _audit(config, keywords, classes, tasks, clock, on_part, on_search or (lambda side, done, total: None))
+    finally:
+        shutil.rmtree(Path(config.out) / INDEX_DIR, ignore_errors=True)
 
 
 def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks: Tasks, clock: StageClock,
@@ -133,12 +140,12 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
         strong = strong_mismatch(caption_class, image_class, caption_votes, image_votes, len(classes), own_class)
         n_image_groups = int(image_group_of.max()) + 1 if n_images else 0
     exact_search = image_index.exact
-    del image_index
+    image_index.close()
     with clock("text neighbours and near-identical caption groups"):
         text_index, text_nn, text_duplicate, caption_group_of = _near_duplicates(
             pairs, "text", caption_id, n_captions, config.text_duplicate, config, tasks, on_search)
     exact_search = exact_search and text_index.exact
-    del text_index
+    text_index.close()
 
     tables = AuditTables(
         classes=classes, caption_class=caption_class, image_class=image_class,
@@ -198,7 +205,8 @@ def _near_duplicates(pairs: AuditPairs, side: str, ids: np.ndarray, count: int, 
     near-duplicate similarity (`duplicate_similarity`) and each distinct item's near-duplicate group."""
     first = _first_rows(ids, count)
     reader = VectorReader(count, pairs.dims, pairs.vector_files(side).subset(first))
-    index = NeighbourIndex(reader, config.exact_limit, config.nprobe, codes=config.index_codes)
+    index = NeighbourIndex(reader, config.exact_limit, config.nprobe, codes=config.index_codes,
+                           index_dir=Path(config.out) / INDEX_DIR)
     neighbours = own_neighbours(index, config.k, tasks, lambda done, total: on_search(side, done, total))
     threshold = duplicate_similarity(neighbours, floor)
     return index, neighbours, threshold, components(count, neighbours, threshold)

@@ -4,11 +4,12 @@ Finding every distinct image's and caption's neighbours is nearly all of a large
 (95% at 100,000 pairs, benchmarks/README.md), and each query is independent of the others, so
 above the exact limit the search is cut into ranges (``TASKS_PER_SLOT`` for each task that can
 run at once, of ``MIN_TASK_ROWS`` to ``SEARCH_TASK_ROWS`` rows), each a task
-(`executors.tasks.Tasks`). A task is sent the index once per worker (the faiss index serialised,
-through Ray's object store, and the vectors' file paths: `vectorfiles.VectorFiles`), reads its
-queries and its candidates' vectors from the embedding files, which every worker must reach, as
-for the per-part pass, and returns its rows' neighbours, which the driver puts in place as they
-come. With the local executor the same ranges run in this process, one after another (faiss
+(`executors.tasks.Tasks`). A task is sent the index through Ray's object store once per map:
+the path of its memory-mapped file (`NeighbourIndex` with ``index_dir``; the audit's) or else the
+faiss index serialised, and the vectors' file paths (`vectorfiles.VectorFiles`). It opens the
+index once per worker, reads its queries and its candidates' vectors from the embedding files,
+which every worker must reach, as for the per-part pass, and returns its rows' neighbours, which
+the driver puts in place as they come. With the local executor the same ranges run in this process, one after another (faiss
 uses every core for each); the exact search (small data) is one call. Either way the results are
 those of `NeighbourIndex.self_neighbours` (a test holds Ray's equal to this process's).
 """

@@ -17,7 +17,7 @@ SHOWN_PAIRS = 3
 
 def audit(
     scores: Annotated[Path, typer.Argument(help="A `clipguard score --save-embeddings` folder.")],
-    out: Annotated[Path, typer.Option(help="Folder for signals/<shard>.parquet, findings.json and findings.md.")],
+    out: Annotated[Path, typer.Option(help="Folder for signals/<shard>.parquet, findings.json and findings.md (and, while it runs, the faiss indexes in .search-index/: with --executor ray on a cluster, a folder every worker reaches).")],
     embeddings: Annotated[Optional[Path], typer.Option(help="A clip-retrieval folder (img_emb/, text_emb/, metadata/ with key and caption) instead of SCORES's own.")] = None,
     keywords: Annotated[Optional[Path], typer.Option(help="Keyword file (JSON class -> [keywords]; the synthetic world writes keywords.json). Without it no class-based test runs.")] = None,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Significance level after correction for the tests of each kind: what is a finding.")] = AUDIT_DEFAULTS.alpha,
