@@ -127,11 +127,10 @@ class NeighbourIndex:
             Path(self.path).unlink(missing_ok=True)
 
     def __getstate__(self) -> dict:
-        faiss = None if self.exact else _faiss_module(len(self.reader))
-        inline = not self.exact and self.path is None
+        inline = not self.exact and self.path is None  # only an index without a file travels as bytes
         return {"reader": self.reader, "exact": self.exact, "codes": self.codes, "token": self._token,
                 "nprobe": None if self.exact else self._faiss.nprobe, "path": self.path,
-                "faiss": faiss.serialize_index(self._faiss) if inline else None}
+                "faiss": _faiss_module().serialize_index(self._faiss) if inline else None}
 
     def __setstate__(self, state: dict) -> None:
         self.reader, self.exact, self.codes, self._token = state["reader"], state["exact"], state["codes"], state["token"]

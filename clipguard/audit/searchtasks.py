@@ -9,8 +9,9 @@ the path of its memory-mapped file (`NeighbourIndex` with ``index_dir``; the aud
 faiss index serialised, and the vectors' file paths (`vectorfiles.VectorFiles`). It opens the
 index once per worker, reads its queries and its candidates' vectors from the embedding files,
 which every worker must reach, as for the per-part pass, and returns its rows' neighbours, which
-the driver puts in place as they come. With the local executor the same ranges run in this process, one after another (faiss
-uses every core for each); the exact search (small data) is one call. Either way the results are
+the driver puts in place as they come. With the local executor the same ranges run in this
+process, one after another (faiss uses every core for each); the exact search (small data) is
+one call. Either way the results are
 those of `NeighbourIndex.self_neighbours` (a test holds Ray's equal to this process's).
 """
 
