@@ -12,7 +12,7 @@ from audit_worlds import CLASSES, KEYWORDS, World
 from clipguard.audit import AuditConfig, MissingEmbeddingsError, run_audit
 from clipguard.audit.inputs import AuditInputError
 from clipguard.audit.density import density
-from clipguard.audit.neighbours import NeighbourIndex
+from clipguard.audit.neighbours import NeighbourIndex, VectorReader
 from clipguard.signals import Scope, SignalError, get_signal, read_signal, signal_names
 
 
@@ -180,7 +180,7 @@ def test_compressed_faiss_path_reads_vectors_on_demand_and_returns_exact_similar
     assert (found.index != np.arange(n)[:, None]).all()
 
 
-def test_the_search_in_ranges_from_a_pickled_index_over_its_files_equals_the_whole(tmp_path, monkeypatch):
+def test_the_search_in_ranges_from_a_pickled_index_over_its_files_equals_the_whole(tmp_path, monkeypatch, capfd):
     """What a search task gets (the index pickled, its vectors as file paths and rows) searches
     as the index does in this process, and the ranges put back together are the whole search."""
     pytest.importorskip("faiss")
@@ -217,18 +217,26 @@ def test_the_search_in_ranges_from_a_pickled_index_over_its_files_equals_the_who
         assert faiss.omp_get_max_threads() == threads  # and this process's threads as they were
         np.testing.assert_array_equal(part.index, whole.index[start:stop])
         np.testing.assert_array_equal(part.similarity, whole.similarity[start:stop])
-    # Written to a folder and searched memory-mapped: the same search; what a task is sent is the
-    # file's path, not the codes; and a worker that cannot reach the file says what to do.
+    # Filled into a folder a block at a time (five blocks here), merged into one lists file and
+    # searched memory-mapped: the same search; what a task is sent is the file's path, not the
+    # codes; and a worker that cannot reach the file says what to do.
+    from clipguard.audit import indexfill
     from clipguard.audit import neighbours as neighbours_module
 
+    monkeypatch.setattr(indexfill, "ADD_BLOCK", 700)
+    capfd.readouterr()
     mapped = NeighbourIndex(VectorReader(3_000, 16, files), exact_limit=100, nprobe=10_000, index_dir=tmp_path / "ix")
-    assert Path(mapped.path).parent == tmp_path / "ix" and Path(mapped.path).is_file()
+    assert "resizing" not in capfd.readouterr().out  # faiss's own printf kept off the CLI's output
+    assert Path(mapped.path).parent == tmp_path / "ix"
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == sorted([Path(mapped.path).name, Path(mapped.path).name + ".ivfdata"])
+    assert mapped._faiss.ntotal == 3_000 and mapped._faiss.invlists.compute_ntotal() == 3_000
     np.testing.assert_array_equal(mapped.self_neighbours(6).index, whole.index)
+    np.testing.assert_array_equal(mapped.self_neighbours(6).similarity, whole.similarity)
     message = pickle.dumps(mapped)
     assert len(message) < len(pickle.dumps(index)) / 2 and mapped.path.encode() in message
     np.testing.assert_array_equal(pickle.loads(message).self_neighbours(6).similarity, whole.similarity)
     mapped.close()
-    assert not Path(mapped.path).exists()
+    assert not any((tmp_path / "ix").iterdir())  # the index and its lists file
     monkeypatch.setattr(neighbours_module, "_OPENED", {})  # a process that has not opened it yet
     with pytest.raises(neighbours_module.SearchIndexUnreachable, match="storage every worker reaches"):
         pickle.loads(message)
@@ -445,8 +453,13 @@ def test_the_part_pass_and_the_neighbour_search_run_as_ray_tasks_with_the_same_r
     here = run_audit(AuditConfig(scores=scores, out=tmp_path / "a1", **faiss_path))
     # Several ranges a side; and this process cannot search any of them, so the Ray run's
     # neighbours can only come from its workers (which import the real method).
+    # The index is filled the same way: blocks of 64 rows, none read in this process.
+    from clipguard.audit import indexfill
+
     monkeypatch.setattr(searchtasks, "SEARCH_TASK_ROWS", 64)
+    monkeypatch.setattr(indexfill, "ADD_BLOCK", 64)
     monkeypatch.setattr(NeighbourIndex, "self_neighbours", lambda *a, **k: pytest.fail("searched in the driver"))
+    monkeypatch.setattr(VectorReader, "block", lambda *a, **k: pytest.fail("filled or searched in the driver"))
     parts, searched = [], {}
     on_ray = run_audit(AuditConfig(scores=scores, out=tmp_path / "a2", executor=ExecutorSpec(kind="ray", workers=2), **faiss_path),
                        on_part=lambda d, n: parts.append((d, n)),

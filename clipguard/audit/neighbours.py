@@ -10,11 +10,13 @@ default: a byte per dimension, 512 bytes a vector at 512 dimensions against 2,04
 (float32). For sq8 and pq it is asked for ``RERANK[codes]`` times the candidates wanted, and
 those are scored exactly from the vectors' files, so every similarity returned is exact and only
 the choice of candidates is approximate (measured in benchmarks/README.md: pq's choice misses
-far more neighbours than sq8's on hard data). Given a folder, the built index is written there
-and searched memory-mapped, so its codes are shared file pages rather than memory held. When ``nprobe`` covers every list the search finds
-what exact search finds, up to the codes' candidate choice, which is how the tests check one
-path against the other. faiss is an optional extra (``pip install 'clipguard[audit]'``),
-imported here only, and only when the data is large.
+far more neighbours than sq8's on hard data). Given a folder, the index is filled into files
+there, a block per task (`indexfill`), and searched from them memory-mapped, so no process holds
+all its codes, and those it reads are file pages shared by every process on a machine. When
+``nprobe`` covers every list the search finds what exact search finds, up to the codes'
+candidate choice, which is how the tests check one path against the other. faiss is an optional
+extra (``pip install 'clipguard[audit]'``), imported through `faiss_module` only, and only when
+the data is large.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clipguard.errors import ClipguardError
 from clipguard.threadcount import thread_count
+
+if TYPE_CHECKING:
+    from clipguard.executors.tasks import Tasks
 
 EXACT_LIMIT = 50_000  # up to this many vectors, exact search is cheaper than building an index
 BLOCK_CELLS = 1 << 22  # similarities per exact block: with the negated copy and argpartition's int64, ~64 MB
@@ -93,16 +99,17 @@ class NeighbourIndex:
     """Unit vectors to search (an array or a `VectorReader`); ``search`` and ``self_neighbours``
     return `Neighbours`.
 
-    With ``index_dir`` the faiss index, once built, is written there and searched memory-mapped
-    (faiss's IO_FLAG_MMAP_IFC): its codes are file pages, which the kernel shares between every
-    process on a machine that maps them and may drop, not memory each process holds. It pickles
+    With ``index_dir`` the faiss index is filled into a file there, a block of rows per task of
+    ``tasks`` (`indexfill.fill_on_disk`), and searched from it: its inverted lists are in
+    `lists_file`, memory-mapped, so its codes are file pages, which the kernel shares between
+    every process on a machine that maps them and may drop, not memory a process holds. It pickles
     (for a search task elsewhere: `searchtasks`) as its reader and that file's path, so a worker
     maps the same file (which must be on storage it reaches); without ``index_dir``, as the faiss
     index serialised. A process sent the same index twice opens it once. `close` lets the index go
-    and deletes its file."""
+    and deletes its files."""
 
     def __init__(self, vectors: "np.ndarray | VectorReader", exact_limit: int = EXACT_LIMIT, nprobe: int = 64,
-                 seed: int = 0, codes: str = "sq8", index_dir: "Path | str | None" = None):
+                 seed: int = 0, codes: str = "sq8", index_dir: "Path | str | None" = None, tasks: "Tasks | None" = None):
         if codes not in CODES:
             raise ValueError(f"unknown index codes {codes!r}; choose one of {', '.join(CODES)}")
         self.reader = vectors if isinstance(vectors, VectorReader) else VectorReader.of(vectors)
@@ -113,9 +120,19 @@ class NeighbourIndex:
         self._token = uuid.uuid4().hex  # names this index's faiss state across processes
         self.path = None if self.exact or index_dir is None else str(Path(index_dir) / f"{self._token}.faiss")
         self._faiss = None
-        if not self.exact:
-            built = _build_faiss(self.reader, nprobe, seed, self.codes)
-            self._faiss = built if self.path is None else _written_and_mapped(built, self.path)
+        if self.exact:
+            return
+        trained = _trained_faiss(self.reader, nprobe, seed, self.codes)
+        if self.path is None:
+            for start in range(0, len(self.reader), ADD_BLOCK):
+                trained.add(self.reader.block(start, min(start + ADD_BLOCK, len(self.reader))))
+            self._faiss = trained
+        else:  # filled a block per task into the file (`indexfill`), never whole in this process
+            from clipguard.audit.indexfill import fill_on_disk
+
+            fill_on_disk(trained, self.reader, self.path, tasks)
+            del trained
+            self._faiss = _mapped(self.path, nprobe)
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -125,12 +142,13 @@ class NeighbourIndex:
         self._faiss, self._matrix = None, None
         if self.path is not None:
             Path(self.path).unlink(missing_ok=True)
+            Path(lists_file(self.path)).unlink(missing_ok=True)
 
     def __getstate__(self) -> dict:
         inline = not self.exact and self.path is None  # only an index without a file travels as bytes
         return {"reader": self.reader, "exact": self.exact, "codes": self.codes, "token": self._token,
                 "nprobe": None if self.exact else self._faiss.nprobe, "path": self.path,
-                "faiss": _faiss_module().serialize_index(self._faiss) if inline else None}
+                "faiss": faiss_module().serialize_index(self._faiss) if inline else None}
 
     def __setstate__(self, state: dict) -> None:
         self.reader, self.exact, self.codes, self._token = state["reader"], state["exact"], state["codes"], state["token"]
@@ -231,17 +249,22 @@ def pq_bytes(dims: int) -> int:
     return max(d for d in range(1, min(limit, dims) + 1) if dims % d == 0)
 
 
+def lists_file(path: str) -> str:
+    """Where the index file at ``path`` keeps its inverted lists (`indexfill`)."""
+    return path + ".ivfdata"
+
+
 def faiss_threads(threads: int | None) -> contextlib.AbstractContextManager[None]:
     """faiss's OpenMP threads set to ``threads`` inside (None: as they are). A task given one CPU
     must use one: a worker inherits OMP_NUM_THREADS from the environment it was started in, and
     two workers on two cores each running two threads are slower than two running one."""
     if threads is None:
         return contextlib.nullcontext()
-    faiss = _faiss_module()
+    faiss = faiss_module()
     return thread_count(faiss.omp_get_max_threads, faiss.omp_set_num_threads, threads)
 
 
-def _faiss_module(vectors: int | None = None):
+def faiss_module(vectors: int | None = None):
     """faiss, or a clear error: for ``vectors`` too many for exact search, or (None) for a search
     task, which runs wherever the executor put it."""
     try:
@@ -264,23 +287,17 @@ def _opened(token: str, path: str | None, data: np.ndarray | None, nprobe: int):
         if path is not None:
             index = _mapped(path, nprobe)
         else:
-            index = _faiss_module().deserialize_index(np.ascontiguousarray(data))
+            index = faiss_module().deserialize_index(np.ascontiguousarray(data))
             index.nprobe = nprobe
         _OPENED[token] = index
     return _OPENED[token]
 
 
-def _written_and_mapped(index, path: str):
-    faiss = _faiss_module()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(index, path)
-    return _mapped(path, index.nprobe)  # the caller lets the built index go: the file's pages replace its codes
-
-
 def _mapped(path: str, nprobe: int):
-    faiss = _faiss_module()
+    faiss = faiss_module()
     try:
-        index = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
+        # Read-only: the lists file is mapped, not loaded, and a worker never needs to write it.
+        index = faiss.read_index(path, faiss.IO_FLAG_READ_ONLY)
     except RuntimeError as exc:
         raise SearchIndexUnreachable(
             f"the search index {path} cannot be opened here ({str(exc).splitlines()[0]}): on a cluster, the audit's "
@@ -289,10 +306,9 @@ def _mapped(path: str, nprobe: int):
     return index
 
 
-def _build_faiss(reader: VectorReader, nprobe: int, seed: int, codes: str):
-    """An IVF index over ``codes`` (see the module's docstring), trained on a sample and filled
-    ``ADD_BLOCK`` rows at a time."""
-    faiss = _faiss_module(len(reader))
+def _trained_faiss(reader: VectorReader, nprobe: int, seed: int, codes: str):
+    """An empty IVF index over ``codes`` (see the module's docstring), trained on a sample."""
+    faiss = faiss_module(len(reader))
     n, dim = len(reader), reader.dims
     lists = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants about 39 training points per list
     quantizer, ip = faiss.IndexFlatIP(dim), faiss.METRIC_INNER_PRODUCT
@@ -306,7 +322,5 @@ def _build_faiss(reader: VectorReader, nprobe: int, seed: int, codes: str):
     if n > TRAIN_SAMPLE:
         sample = np.sort(np.random.default_rng(seed).choice(n, TRAIN_SAMPLE, replace=False))
     index.train(reader.rows(sample))
-    for start in range(0, n, ADD_BLOCK):
-        index.add(reader.block(start, min(start + ADD_BLOCK, n)))
     index.nprobe = min(nprobe, lists)
     return index

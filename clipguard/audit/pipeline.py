@@ -205,7 +205,7 @@ def _near_duplicates(pairs: AuditPairs, side: str, ids: np.ndarray, count: int, 
     near-duplicate similarity (`duplicate_similarity`) and each distinct item's near-duplicate group."""
     first = _first_rows(ids, count)
     reader = VectorReader(count, pairs.dims, pairs.vector_files(side).subset(first))
-    index = NeighbourIndex(reader, config.exact_limit, config.nprobe, codes=config.index_codes,
+    index = NeighbourIndex(reader, config.exact_limit, config.nprobe, codes=config.index_codes, tasks=tasks,
                            index_dir=Path(config.out) / INDEX_DIR)
     neighbours = own_neighbours(index, config.k, tasks, lambda done, total: on_search(side, done, total))
     threshold = duplicate_similarity(neighbours, floor)
