@@ -4,9 +4,9 @@ Each embedding part's pass (`partpass.code_part`) runs as a task on the executor
 driver keeps its fixed-width columns (~40 bytes a pair). Vectors stay in their memory-mapped
 files: neighbours are searched exactly up to `neighbours.EXACT_LIMIT` distinct vectors (those
 read into memory), and above it through a faiss IVF index of 8-bit codes (512 bytes a vector at
-512 dimensions; `index_codes="pq"`: 64) filled block by block and re-scored exactly from the
-files, written to ``OUT/.search-index`` and searched memory-mapped, one side at a time, its
-search cut into ranges that are tasks on the same executor (`searchtasks`), so the driver holds
+512 dimensions; `index_codes="pq"`: 64) re-scored exactly from the files, filled into
+``OUT/.search-index`` a block per task (`indexfill`) and searched memory-mapped, one side at a
+time, its search cut into ranges that are tasks on the same executor (`searchtasks`), so the driver holds
 per distinct image and caption its id and its k neighbours, and the codes are file pages. What still grows with the data in the driver: the per-pair columns, those
 per-vector tables and each image group's class votes. How it scales to 10^8 pairs in bounded
 memory, with the same statistics (docs/architecture.md says the same):
@@ -16,8 +16,9 @@ memory, with the same statistics (docs/architecture.md says the same):
    in memory) into distinct-caption-per-image and distinct-image-per-caption counts. Patch
    signatures (8 per image) go the same way, partitioned by signature: a partition keeps only the
    signatures shared by two or more image groups, the stamped-images test's input.
-2. Index pass (built: the index trained on a sample, filled block by block from the parts'
-   files, and its own rows searched a range per task, `searchtasks`; not yet: the neighbours
+2. Index pass (built: the index trained on a sample, filled a block per task from the parts'
+   files into an on-disk lists file, `indexfill`, and its own rows searched a range per task,
+   `searchtasks`; not yet: the neighbours
    written to disk rather than returned to the driver, and the groups' centroid searches as
    tasks): k-distances, near-duplicate edges above the threshold (written as edge lists, merged
    with a union-find over int64 ids that fits for 10^8), and each group's nearest outside
