@@ -251,6 +251,12 @@ def test_the_search_in_ranges_from_a_pickled_index_over_its_files_equals_the_who
     np.testing.assert_array_equal(joined.index, whole.index)
     np.testing.assert_array_equal(joined.similarity, whole.similarity)
     assert progress == [(min(3_000, 512 * i), 3_000) for i in range(7)]
+    # Into a folder, as the audit searches: the same neighbours, read back memory-mapped from files.
+    on_disk = searchtasks.own_neighbours(index, 6, Tasks(), into=tmp_path / "nn")
+    assert isinstance(on_disk.index, np.memmap) and not on_disk.index.flags.writeable
+    assert sorted(p.name for p in (tmp_path / "nn").iterdir()) == ["index.npy", "similarity.npy"]
+    np.testing.assert_array_equal(on_disk.index, whole.index)
+    np.testing.assert_array_equal(on_disk.similarity, whole.similarity)
 
 
 def test_the_driver_keeps_one_string_per_shard_not_one_per_pair(tmp_path):
@@ -277,6 +283,69 @@ def test_without_keywords_no_class_test_runs(tmp_path):
     result = run_audit(AuditConfig(scores=scores, out=tmp_path / "a"))
     assert result.findings == [] and not result.classes_known
     assert result.signal_columns["image_fan_in"].max() == 7
+
+
+def _padded_neighbours(rng, n: int, k: int):
+    """Neighbours as a search returns them: some rows short of k (-1, -inf at the end), one empty."""
+    from clipguard.audit.neighbours import Neighbours
+
+    index = rng.integers(0, n, size=(n, k))
+    similarity = np.sort(rng.uniform(0.5, 1.0, size=(n, k)).astype(np.float32), axis=1)[:, ::-1].copy()
+    found = np.minimum(k, rng.integers(1, k + 3, size=n))
+    found[7] = 0
+    missing = np.arange(k)[None, :] >= found[:, None]
+    index[missing], similarity[missing] = -1, -np.inf
+    return Neighbours(index, similarity)
+
+
+def test_density_in_blocks_is_the_row_by_row_definition():
+    rng = np.random.default_rng(4)
+    nn = _padded_neighbours(rng, 500, 6)
+    distance = np.where(nn.index >= 0, 1.0 - nn.similarity.astype(np.float64), np.nan)
+    kth = np.array([row[row == row][-1] if (row == row).any() else np.nan for row in distance])
+    # The mean over the neighbours that have a k-distance (a neighbour without one is left out).
+    around = [kth[ix[ix >= 0]] for ix in nn.index]
+    around = np.array([np.mean(a[a == a]) if (a == a).any() else np.nan for a in around])
+    for block in (1, 37, 500, 10_000):
+        d = density(nn, block=block)
+        np.testing.assert_array_equal(d.knn_distance, kth)
+        np.testing.assert_allclose(d.outlier_ratio, (kth + 1e-6) / (around + 1e-6), rtol=1e-12)
+        assert np.isnan(d.knn_distance[7]) and np.isnan(d.outlier_ratio[7])
+
+
+def test_near_duplicate_groups_in_blocks_are_the_connected_components():
+    from clipguard.audit.grouping import components
+    from clipguard.audit.neighbours import Neighbours
+
+    # Hand-made: 0-5-9 by a chain that crosses blocks, 3-8 and 8-1 (one root hooked twice in a
+    # round), 4 alone although its edge to 2 is under the similarity, 6 and 7 alone.
+    index = np.full((10, 2), -1)
+    similarity = np.full((10, 2), -np.inf, np.float32)
+    for row, col, other, sim in [(9, 0, 5, 0.99), (5, 0, 0, 0.97), (3, 0, 8, 0.98), (8, 0, 1, 0.96), (8, 1, 3, 0.98),
+                                 (4, 0, 2, 0.5)]:
+        index[row, col], similarity[row, col] = other, sim
+    for block in (1, 3, 10):
+        groups = components(10, Neighbours(index, similarity), 0.9, block=block)
+        # numbered in order of first appearance: row 0's group is 0, row 1's is 1, ...
+        assert groups.tolist() == [0, 1, 2, 1, 3, 0, 4, 5, 1, 0]
+    # Random edges: the same as a plain union-find over every edge.
+    rng = np.random.default_rng(5)
+    nn = _padded_neighbours(rng, 2_000, 3)
+    parent = list(range(2_000))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for r, c in zip(*np.nonzero((nn.similarity >= 0.9) & (nn.index >= 0))):
+        a, b = root(r), root(int(nn.index[r, c]))
+        parent[max(a, b)] = min(a, b)
+    roots = [root(i) for i in range(2_000)]
+    expected = np.unique(roots, return_inverse=True)[1]  # roots are each group's smallest row,
+    for block in (64, 2_000):  # so numbering by root is numbering by first appearance
+        np.testing.assert_array_equal(components(2_000, nn, 0.9, block=block), expected)
+    assert 50 < len(np.unique(expected)) < 1_900  # groups of many sizes, not all one or all alone
 
 
 def test_density_ranks_an_isolated_point_highest():
@@ -500,3 +569,23 @@ def test_an_unreadable_embedding_part_is_a_clear_error_naming_its_file(tmp_path)
 
     with pytest.raises(AuditInputError, match="are not aligned"):
         run_audit(AuditConfig(scores=scores, out=tmp_path / "a4", keywords=KEYWORDS, executor=ExecutorSpec(kind="ray", workers=1)))
+
+
+def test_plurality_of_every_group_at_once_is_each_groups_plurality():
+    from clipguard.audit.classes import NO_CLASS, grouped_plurality, plurality, votes_for
+
+    rng = np.random.default_rng(6)
+    group = rng.integers(0, 300, size=2_000)
+    label = rng.integers(-1, 4, size=2_000)  # few classes: ties are common
+    for min_votes in (1, 2, 4):
+        whole = grouped_plurality(group, label, 310, min_votes)
+        each = [plurality(label[group == g], 4, min_votes) for g in range(310)]
+        assert whole.tolist() == each
+    assert set(whole.tolist()) >= {NO_CLASS, 0, 1, 2, 3}
+    assert grouped_plurality(np.zeros(0, np.int64), np.zeros(0, np.int64), 3).tolist() == [NO_CLASS] * 3
+    # Votes kept as labels (a group's row of them) count as the dense tally did.
+    voted = rng.integers(-1, 4, size=(300, 5)).astype(np.int8)
+    tally = np.stack([(voted == c).sum(axis=1) for c in range(4)], axis=1)
+    ask = rng.integers(-1, 4, size=2_000)
+    expected = np.where(ask >= 0, tally[group, np.maximum(ask, 0)], 0)
+    np.testing.assert_array_equal(votes_for(voted, group, ask, block=77), expected)

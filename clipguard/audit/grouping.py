@@ -10,6 +10,7 @@ import numpy as np
 
 from clipguard.audit.neighbours import Neighbours
 
+COMPONENT_BLOCK = 65_536  # neighbour rows whose edges are merged at a time
 _NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
 
@@ -18,15 +19,8 @@ def normalise_caption(caption: str) -> str:
     return _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", caption).casefold()).strip()
 
 
-def factorize(values) -> tuple[np.ndarray, int]:
-    """Each value's number (in order of first appearance) and how many distinct values there are."""
-    numbers: dict = {}
-    codes = np.fromiter((numbers.setdefault(v, len(numbers)) for v in values), dtype=np.int64, count=len(values))
-    return codes, len(numbers)
-
-
 def factorize_codes(codes: np.ndarray) -> tuple[np.ndarray, int]:
-    """`factorize` for an integer array (the per-part pass's hashes), without a Python dict."""
+    """Each integer's number (in order of first appearance) and how many distinct integers there are."""
     if len(codes) == 0:
         return np.zeros(0, np.int64), 0
     distinct, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
@@ -35,23 +29,42 @@ def factorize_codes(codes: np.ndarray) -> tuple[np.ndarray, int]:
     return rank[inverse.ravel()], len(distinct)
 
 
-def components(n: int, neighbours: Neighbours, min_similarity: float) -> np.ndarray:
-    """Group numbers of rows joined by any neighbour edge at or above ``min_similarity``."""
-    parent = np.arange(n)
+def components(n: int, neighbours: Neighbours, min_similarity: float, block: int = COMPONENT_BLOCK) -> np.ndarray:
+    """Group numbers (in order of first appearance) of rows joined by any neighbour edge at or above
+    ``min_similarity``. The neighbours are read a block of rows at a time (they may be memory-mapped
+    files), and each block's edges are merged into one parent array, so what is held beside it is a
+    block's edges, not all of them."""
+    parent = np.arange(n, dtype=np.int64)  # parent[i] <= i: each set's root is its smallest row
+    for start in range(0, n, block):
+        index = np.asarray(neighbours.index[start:start + block])
+        rows, cols = np.nonzero((np.asarray(neighbours.similarity[start:start + block]) >= min_similarity) & (index >= 0))
+        _union(parent, rows + start, index[rows, cols])
+    return factorize_codes(_roots(parent, np.arange(n, dtype=np.int64)))[0]
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
 
-    rows, cols = np.nonzero((neighbours.similarity >= min_similarity) & (neighbours.index >= 0))
-    for r, c in zip(rows, cols):
-        a, b = root(r), root(int(neighbours.index[r, c]))
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    roots = np.array([root(i) for i in range(n)], dtype=np.int64)
-    return factorize(roots.tolist())[0]
+def _roots(parent: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Each item's root, by pointer jumping (every step halves the path that is left)."""
+    found = parent[items]
+    while True:
+        up = parent[found]
+        if np.array_equal(up, found):
+            return found
+        found = up
+
+
+def _union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Join the sets of each edge (a[i], b[i]), vectorised: hook each larger root under the smallest
+    root it meets, compress, and repeat until every edge's ends share a root (an edge whose hook
+    lost to a smaller one joins in a later round)."""
+    while len(a):
+        ra, rb = _roots(parent, a), _roots(parent, b)
+        apart = ra != rb
+        if not apart.any():
+            return
+        ra, rb, a, b = ra[apart], rb[apart], a[apart], b[apart]
+        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
+        touched = np.unique(np.concatenate([a, b]))
+        parent[touched] = _roots(parent, touched)  # path compression keeps later rounds short
 
 
 def distinct_per_group(group: np.ndarray, item: np.ndarray, groups: int) -> np.ndarray:

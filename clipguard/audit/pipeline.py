@@ -6,10 +6,14 @@ files: neighbours are searched exactly up to `neighbours.EXACT_LIMIT` distinct v
 read into memory), and above it through a faiss IVF index of 8-bit codes (512 bytes a vector at
 512 dimensions; `index_codes="pq"`: 64) re-scored exactly from the files, filled into
 ``OUT/.search-index`` a block per task (`indexfill`) and searched memory-mapped, one side at a
-time, its search cut into ranges that are tasks on the same executor (`searchtasks`), so the driver holds
-per distinct image and caption its id and its k neighbours, and the codes are file pages. What still grows with the data in the driver: the per-pair columns, those
-per-vector tables and each image group's class votes. How it scales to 10^8 pairs in bounded
-memory, with the same statistics (docs/architecture.md says the same):
+time, its search cut into ranges that are tasks on the same executor (`searchtasks`). The ranges'
+neighbours are written into ``OUT/.search-index/<side>-neighbours`` as they come and read back
+memory-mapped, and density, the near-duplicate groups and the groups' class votes read them a
+block of rows at a time, so the codes and the neighbours are file pages. What still grows with the
+data in the driver: the per-pair columns, per distinct image and caption a few numbers (its id,
+group, k-distance and outlier ratio: ~40 bytes), and per image group its class and its neighbours'
+labels (k bytes up to 128 classes). How it scales to 10^8 pairs in bounded memory, with the same
+statistics (docs/architecture.md says the same):
 
 1. Counting pass, per shard (the hashing is built: `partpass`; the partitioned merge is not): write
    (hash prefix partition, hash, key) runs to disk; merge each partition alone (a partition fits
@@ -17,12 +21,11 @@ memory, with the same statistics (docs/architecture.md says the same):
    signatures (8 per image) go the same way, partitioned by signature: a partition keeps only the
    signatures shared by two or more image groups, the stamped-images test's input.
 2. Index pass (built: the index trained on a sample, filled a block per task from the parts'
-   files into an on-disk lists file, `indexfill`, and its own rows searched a range per task,
-   `searchtasks`; not yet: the neighbours
-   written to disk rather than returned to the driver, and the groups' centroid searches as
-   tasks): k-distances, near-duplicate edges above the threshold (written as edge lists, merged
-   with a union-find over int64 ids that fits for 10^8), and each group's nearest outside
-   neighbours for its data-driven class.
+   files into an on-disk lists file, `indexfill`, its own rows searched a range per task,
+   `searchtasks`, and their neighbours written to disk; k-distances and near-duplicate edges read
+   from there a block at a time, the edges merged by a vectorised union-find over an int64 parent
+   array, 800 MB at 10^8; not yet: the groups' centroid searches as tasks): k-distances,
+   near-duplicate groups, and each group's nearest outside neighbours for its data-driven class.
 3. Table pass: the (caption class, image class) cell table is C x C counts, summed over shards;
    the tests need only it, the group counts and the group sizes. Per-pair columns are then
    written shard by shard, joining each shard's rows to its groups' counts.
@@ -40,7 +43,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipguard.audit.classes import NO_CLASS, cell_table, image_group_classes, plurality, strong_mismatch
+from clipguard.audit.classes import (NO_CLASS, cell_table, grouped_plurality, image_group_classes, strong_mismatch,
+                                     votes_for)
 from clipguard.audit.density import density
 from clipguard.audit.detect import AuditTables, DetectConfig, Detection, Finding, detect
 from clipguard.audit.grouping import components, distinct_per_group, factorize_codes, normalise_caption
@@ -208,7 +212,8 @@ def _near_duplicates(pairs: AuditPairs, side: str, ids: np.ndarray, count: int, 
     reader = VectorReader(count, pairs.dims, pairs.vector_files(side).subset(first))
     index = NeighbourIndex(reader, config.exact_limit, config.nprobe, codes=config.index_codes, tasks=tasks,
                            index_dir=Path(config.out) / INDEX_DIR)
-    neighbours = own_neighbours(index, config.k, tasks, lambda done, total: on_search(side, done, total))
+    neighbours = own_neighbours(index, config.k, tasks, lambda done, total: on_search(side, done, total),
+                                into=Path(config.out) / INDEX_DIR / f"{side}-neighbours")
     threshold = duplicate_similarity(neighbours, floor)
     return index, neighbours, threshold, components(count, neighbours, threshold)
 
@@ -221,31 +226,26 @@ def _image_classes(index: NeighbourIndex, own_neighbours: Neighbours, image_id: 
     if not classes:
         return np.full(n, NO_CLASS), np.zeros(n, np.int64), np.zeros(n, np.int64)
     groups = int(image_group_of.max()) + 1
-    image_label = _image_labels(image_id, len(image_group_of), caption_class, classes)
-    group_class, votes = image_group_classes(index, image_group_of, groups, image_label, classes, k, own_neighbours)
+    image_label = _image_labels(image_id, len(image_group_of), caption_class)
+    group_class, voted = image_group_classes(index, image_group_of, groups, image_label, classes, k, own_neighbours)
     image_group = image_group_of[image_id]
     image_class = group_class[image_group]
-    caption_votes = np.where(caption_class >= 0, votes[image_group, np.maximum(caption_class, 0)], 0)
-    image_votes = np.where(image_class >= 0, votes[image_group, np.maximum(image_class, 0)], 0)
-    return image_class, caption_votes, image_votes
+    return image_class, votes_for(voted, image_group, caption_class), votes_for(voted, image_group, image_class)
 
 
 def _own_classes(image_group: np.ndarray, caption_id: np.ndarray, caption_class: np.ndarray, classes: int) -> np.ndarray:
     """Per pair: the majority class of its image group's distinct captions (at least two of them
     labelled, one class ahead), NO_CLASS otherwise."""
-    out = np.full(len(image_group), NO_CLASS, np.int64)
-    if not classes:
-        return out
-    order = np.argsort(image_group, kind="stable")
-    bounds = np.flatnonzero(np.diff(image_group[order])) + 1
-    for rows in np.split(order, bounds):
-        labelled = rows[caption_class[rows] >= 0]
-        if len(labelled) < 2:
-            continue
-        _, first = np.unique(caption_id[labelled], return_index=True)
-        if len(first) >= 2:
-            out[rows] = plurality(caption_class[labelled[first]], classes, min_votes=2)
-    return out
+    if not classes or not len(image_group):
+        return np.full(len(image_group), NO_CLASS, np.int64)
+    labelled = np.flatnonzero(caption_class >= 0)
+    # Each (group, caption) once: its first labelled pair.
+    _, first = np.unique(np.stack([image_group[labelled], caption_id[labelled]], axis=1), axis=0, return_index=True)
+    distinct = labelled[first]
+    groups = int(image_group.max()) + 1
+    enough = np.bincount(image_group[distinct], minlength=groups) >= 2
+    own = grouped_plurality(image_group[distinct], caption_class[distinct], groups, min_votes=2)
+    return np.where(enough, own, NO_CLASS)[image_group]
 
 
 def duplicate_similarity(neighbours, floor: float) -> float:
@@ -267,11 +267,6 @@ def _first_rows(ids: np.ndarray, count: int) -> np.ndarray:
     return first
 
 
-def _image_labels(image_id: np.ndarray, n_images: int, caption_class: np.ndarray, classes: int) -> np.ndarray:
+def _image_labels(image_id: np.ndarray, n_images: int, caption_class: np.ndarray) -> np.ndarray:
     """Each distinct image's label as a neighbour: the plurality class of its own captions."""
-    labels = np.full(n_images, NO_CLASS, np.int64)
-    order = np.argsort(image_id, kind="stable")
-    bounds = np.searchsorted(image_id[order], np.arange(n_images + 1))
-    for i in range(n_images):
-        labels[i] = plurality(caption_class[order[bounds[i]:bounds[i + 1]]], classes)
-    return labels
+    return grouped_plurality(image_id, caption_class, n_images)
