@@ -230,6 +230,8 @@ def test_the_search_in_ranges_from_a_pickled_index_over_its_files_equals_the_who
     assert Path(mapped.path).parent == tmp_path / "ix"
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == sorted([Path(mapped.path).name, Path(mapped.path).name + ".ivfdata"])
     assert mapped._faiss.ntotal == 3_000 and mapped._faiss.invlists.compute_ntotal() == 3_000
+    lists = faiss.downcast_InvertedLists(mapped._faiss.invlists)
+    assert type(lists).__name__ == "OnDiskInvertedLists" and lists.prefetch_nthread == 0  # no threads beside the search's
     np.testing.assert_array_equal(mapped.self_neighbours(6).index, whole.index)
     np.testing.assert_array_equal(mapped.self_neighbours(6).similarity, whole.similarity)
     message = pickle.dumps(mapped)

@@ -303,6 +303,9 @@ def _mapped(path: str, nprobe: int):
             f"the search index {path} cannot be opened here ({str(exc).splitlines()[0]}): on a cluster, the audit's "
             "output folder must be on storage every worker reaches, as the embeddings are") from None
     index.nprobe = nprobe
+    # Its lists' own prefetch threads (32 by default) only compete with the search for the cores:
+    # 25% slower on 2 cores, with the file already in the page cache (benchmarks/README.md).
+    faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).prefetch_nthread = 0
     return index
 
 
