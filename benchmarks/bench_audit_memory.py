@@ -48,7 +48,7 @@ BOILERPLATE = ["click here to enlarge", "image may contain", "stock photo", "fre
 
 # Runs in the version's own process, with that version first on sys.path.
 CHILD = r"""
-import json, sys, time
+import hashlib, json, sys, time
 from pathlib import Path
 
 import threading
@@ -83,6 +83,13 @@ if executor.startswith("ray:"):  # its workers' memory is their own, not in this
 result = run_audit(AuditConfig(scores=Path(scores), embeddings=Path(embeddings), out=Path(out),
                                keywords=json.loads(keywords), **extra))
 seconds = time.perf_counter() - started
+
+def column_digest(values):  # the per-pair signal column's bytes, so versions can be held equal
+    import numpy as np
+    values = np.asarray(values)
+    data = "\x1f".join(map(str, values.tolist())).encode() if values.dtype == object else values.tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
 print(json.dumps({
     "seconds": seconds,
     "peak_rss_after_imports_mib": imported,
@@ -90,6 +97,7 @@ print(json.dumps({
     "anon_after_imports_mib": imported_anon, "peak_anon_mib": anon_peak[0],
     "pairs_audited": len(result.pairs), "exact_search": result.exact_search,
     "findings": [[f.kind, f.goal, int(f.observed)] for f in result.findings],
+    "signal_digests": {name: column_digest(column) for name, column in sorted(result.signal_columns.items())},
     "stage_seconds": {k: round(v, 2) for k, v in result.seconds.items()},
 }))
 """
@@ -231,6 +239,10 @@ def main() -> None:
         above = r["peak_anon_mib"] - r["anon_after_imports_mib"]
         print(f"{name:>20}{r['peak_rss_mib']:10,.0f}{r['peak_anon_mib']:11,.0f}{above:20,.0f}{above * 2**20 / args.pairs:12,.0f}"
               f"{r['seconds']:9.1f}  {r['findings']}")
+    first, *others = runs
+    for name in others:  # every per-pair signal column, byte for byte, against the first version's
+        differ = sorted(c for c, d in runs[first]["signal_digests"].items() if runs[name]["signal_digests"].get(c) != d)
+        print(f"{name}: signal columns {'equal to ' + first if not differ else 'differ from ' + first + ': ' + ', '.join(differ)}")
     print("image neighbours, recall@10 against exact (2,000 queries): "
           + ", ".join(f"{name} {r['recall_at_10']:.3f}" for name, r in recall.items()))
     print(f"wrote {args.out}")
