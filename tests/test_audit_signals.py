@@ -591,3 +591,21 @@ def test_plurality_of_every_group_at_once_is_each_groups_plurality():
     ask = rng.integers(-1, 4, size=2_000)
     expected = np.where(ask >= 0, tally[group, np.maximum(ask, 0)], 0)
     np.testing.assert_array_equal(votes_for(voted, group, ask, block=77), expected)
+
+
+def test_the_index_trains_on_enough_vectors_for_its_lists(monkeypatch, capfd):
+    from clipguard.audit import neighbours as neighbours_module
+    from clipguard.audit.neighbours import TRAIN_PER_LIST, list_count, train_size
+
+    assert (list_count(200_000), train_size(200_000)) == (1_788, 100_000)  # the benchmarks' size: the fixed sample
+    assert (list_count(10**8), train_size(10**8)) == (40_000, 1_560_000)
+    for n in (60_000, 410_000, 10**6, 10**7, 10**9):
+        assert train_size(n) >= TRAIN_PER_LIST * list_count(n)
+    assert train_size(1_000) == 1_000
+    # faiss itself warns when a list has too few: with a fixed sample of 500, 3,000 vectors' 76 lists would.
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(neighbours_module, "TRAIN_SAMPLE", 500)
+    vectors = np.random.default_rng(7).normal(size=(3_000, 16)).astype(np.float32)
+    capfd.readouterr()
+    NeighbourIndex(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), exact_limit=100)
+    assert "please provide at least" not in capfd.readouterr().err
