@@ -609,3 +609,34 @@ def test_the_index_trains_on_enough_vectors_for_its_lists(monkeypatch, capfd):
     capfd.readouterr()
     NeighbourIndex(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), exact_limit=100)
     assert "please provide at least" not in capfd.readouterr().err
+
+
+def test_signal_columns_are_gathered_a_shard_at_a_time_from_their_tables(tmp_path):
+    import pyarrow.parquet as pq
+
+    from clipguard.audit.columns import PairColumn, SignalColumns, class_names, per_group
+    from clipguard.audit.output import shard_rows, write_signals
+
+    shard_a, shard_b = "shard-b", "shard-a"
+    shards = np.array([shard_a, shard_b, shard_a, shard_b, shard_b], dtype=object)
+    assert [(name, rows.tolist()) for name, rows in shard_rows(shards)] == [("shard-a", [1, 3, 4]), ("shard-b", [0, 2])]
+    group = np.array([2, 0, 2, 1, 0])
+    columns = SignalColumns({
+        "fan_in": per_group(np.array([10, 20, 30]), group),
+        "score": PairColumn(np.array([0.5, 1.5, 2.5, 3.5, 4.5])),
+        "caption_class": class_names(["cat", "dog"], np.array([1, -1, 0, 0, -1])),
+    })
+    assert columns["fan_in"].tolist() == [30, 10, 30, 20, 10] and list(columns) == ["fan_in", "score", "caption_class"]
+    assert columns["caption_class"].tolist() == ["dog", None, "cat", "cat", None]
+    assert columns.rows("fan_in", np.array([3])).tolist() == [20]
+
+    class Pairs:
+        shard, key = shards, np.array([f"k{i}" for i in range(5)], dtype=object)
+
+    written = write_signals(tmp_path, Pairs(), columns)
+    for path, rows in zip(written, ([1, 3, 4], [0, 2])):
+        table = pq.read_table(path).to_pydict()
+        assert table["key"] == [f"k{i}" for i in rows]
+        assert table["fan_in"] == columns["fan_in"][rows].tolist()
+        assert table["caption_class"] == columns["caption_class"][rows].tolist()
+        np.testing.assert_allclose(table["score"], columns["score"][rows])

@@ -4,12 +4,13 @@ pair's caption added) and ``findings.md`` for a person."""
 
 from __future__ import annotations
 
-
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from clipguard.audit.columns import SignalColumns
 from clipguard.audit.detect import Finding
 from clipguard.audit.inputs import AuditPairs
 from clipguard.reporting.findings import FINDINGS_FORMAT, FINDINGS_NAME, KIND_TITLES
@@ -20,14 +21,14 @@ MARKDOWN_NAME = "findings.md"
 MARKDOWN_PAIRS = 100  # per finding in findings.md; findings.json lists them all
 
 
-def write_signals(out: Path, pairs: AuditPairs, columns: dict[str, np.ndarray]) -> list[Path]:
+def write_signals(out: Path, pairs: AuditPairs, columns: SignalColumns) -> list[Path]:
+    """One parquet file per shard, its columns gathered for its rows only."""
     written = []
-    for shard in sorted(set(pairs.shard)):
-        rows = np.flatnonzero(pairs.shard == shard)
+    for shard, rows in shard_rows(pairs.shard):
         table = {"key": pa.array(pairs.key[rows].tolist(), pa.string()),
                  "shard": pa.array([shard] * len(rows), pa.string())}
-        for name, values in columns.items():
-            picked = values[rows]
+        for name in columns:
+            picked = columns.rows(name, rows)
             if picked.dtype == object:
                 table[name] = pa.array(picked.tolist(), pa.string())
             elif np.issubdtype(picked.dtype, np.integer):
@@ -41,6 +42,15 @@ def write_signals(out: Path, pairs: AuditPairs, columns: dict[str, np.ndarray]) 
     for stale in set((Path(out) / AUDIT_SIGNALS_DIR).glob("*.parquet")) - set(written):
         stale.unlink()
     return written
+
+
+def shard_rows(shards: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    """Each shard (in name order) and its rows, ascending: one sort, not a pass over every pair per shard."""
+    names, number = np.unique(shards, return_inverse=True)  # the shard names' objects, not a copy of each
+    order = np.argsort(number.ravel(), kind="stable")
+    bounds = np.searchsorted(number.ravel()[order], np.arange(len(names) + 1))
+    for i, name in enumerate(names):
+        yield str(name), order[bounds[i]:bounds[i + 1]]
 
 
 def finding_record(finding: Finding, pairs: AuditPairs, captions: list[str]) -> dict:

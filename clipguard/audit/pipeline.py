@@ -28,7 +28,8 @@ statistics (docs/architecture.md says the same):
    near-duplicate groups, and each group's nearest outside neighbours for its data-driven class.
 3. Table pass: the (caption class, image class) cell table is C x C counts, summed over shards;
    the tests need only it, the group counts and the group sizes. Per-pair columns are then
-   written shard by shard, joining each shard's rows to its groups' counts.
+   written shard by shard, joining each shard's rows to its groups' counts (built: `columns`
+   keeps them as those tables, gathered for one shard's rows at a time).
 Every pass is per shard or per range, so each can go through `executors.tasks.Tasks` as the
 hashing pass and the search already do.
 """
@@ -50,6 +51,7 @@ from clipguard.audit.detect import AuditTables, DetectConfig, Detection, Finding
 from clipguard.audit.grouping import components, distinct_per_group, factorize_codes, normalise_caption
 from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
 from clipguard.audit.neighbours import CODES, EXACT_LIMIT, NeighbourIndex, Neighbours, VectorReader
+from clipguard.audit.columns import PairColumn, SignalColumns, class_names, per_group
 from clipguard.audit.output import write_findings, write_signals
 from clipguard.audit.searchtasks import own_neighbours
 from clipguard.audit.timing import StageClock
@@ -91,7 +93,7 @@ class AuditResult:
     pairs: AuditPairs
     tables: AuditTables
     findings: list[Finding]
-    signal_columns: dict[str, np.ndarray]
+    signal_columns: SignalColumns  # name -> the whole per-pair column
     classes_known: bool
     exact_search: bool
     seconds: dict[str, float] = field(default_factory=dict)  # per stage (`StageClock`)
@@ -172,24 +174,25 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
         image_density, text_density = density(image_nn), density(text_nn)
     n_caption_groups = int(tables.caption_group.max()) + 1
     with clock("per-pair columns and writing"):
-        columns = {
-            "image_fan_in": distinct_per_group(image_id, caption_id, n_images)[image_id],
-            "image_fan_in_near": distinct_per_group(image_group, caption_id, n_image_groups)[image_group],
-            "image_group": image_group,
-            "caption_fan_out": distinct_per_group(caption_id, image_id, n_captions)[caption_id],
-            "caption_fan_out_near": distinct_per_group(tables.caption_group, image_id, n_caption_groups)[tables.caption_group],
-            "caption_group": tables.caption_group,
-            "class_cell_neglog10p": detection.cell_score,
-            "relabel_neglog10p": detection.relabel_score,
-            "stamped_neglog10p": detection.stamp_score,
-            "caption_class": np.asarray([classes[c] if c >= 0 else None for c in caption_class], dtype=object),
-            "image_class": np.asarray([classes[c] if c >= 0 else None for c in image_class], dtype=object),
-            "image_cluster_size": distinct_per_group(image_group, image_id, n_image_groups)[image_group],
-            "image_knn_distance": image_density.knn_distance[image_id],
-            "image_lof": image_density.outlier_ratio[image_id],
-            "text_knn_distance": text_density.knn_distance[caption_id],
-            "text_lof": text_density.outlier_ratio[caption_id],
-        }
+        columns = SignalColumns({
+            "image_fan_in": per_group(distinct_per_group(image_id, caption_id, n_images), image_id),
+            "image_fan_in_near": per_group(distinct_per_group(image_group, caption_id, n_image_groups), image_group),
+            "image_group": PairColumn(image_group),
+            "caption_fan_out": per_group(distinct_per_group(caption_id, image_id, n_captions), caption_id),
+            "caption_fan_out_near": per_group(distinct_per_group(tables.caption_group, image_id, n_caption_groups),
+                                              tables.caption_group),
+            "caption_group": PairColumn(tables.caption_group),
+            "class_cell_neglog10p": PairColumn(detection.cell_score),
+            "relabel_neglog10p": PairColumn(detection.relabel_score),
+            "stamped_neglog10p": PairColumn(detection.stamp_score),
+            "caption_class": class_names(classes, caption_class),
+            "image_class": class_names(classes, image_class),
+            "image_cluster_size": per_group(np.bincount(image_group_of, minlength=n_image_groups), image_group),
+            "image_knn_distance": per_group(image_density.knn_distance, image_id),
+            "image_lof": per_group(image_density.outlier_ratio, image_id),
+            "text_knn_distance": per_group(text_density.knn_distance, caption_id),
+            "text_lof": per_group(text_density.outlier_ratio, caption_id),
+        })
         out = Path(config.out)
         write_signals(out, pairs, columns)
     write_findings(out, pairs, findings, summary={
