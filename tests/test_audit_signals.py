@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from audit_worlds import CLASSES, KEYWORDS, World
@@ -400,6 +401,16 @@ def test_a_separate_clip_retrieval_folder_without_shard_or_sha_columns(tmp_path)
     # Without sha256 the exact image is the vector itself: the same fan-in of 7.
     assert result.signal_columns["image_fan_in"].max() == 7
     assert [(f.kind, f.goal) for f in result.findings] == [(f.kind, f.goal) for f in own.findings]
+    assert isinstance(result.pairs.key[0], str) and result.pairs.key.array.type == pa.large_string()
+    # A key scored in two shards cannot be placed by key alone: a clear error, naming it.
+    score_files = sorted(p for p in scores.glob("*.parquet"))
+    first, second = pq.read_table(score_files[0]), pq.read_table(score_files[1])
+    twice = first.column("key")[0].as_py()
+    keys = second.column("key").to_pylist()
+    second = second.set_column(second.schema.get_field_index("key"), "key", pa.array([twice] + keys[1:], second.schema.field("key").type))
+    pq.write_table(second, score_files[1])
+    with pytest.raises(AuditInputError, match=f"key '{twice}' is in several scored shards"):
+        run_audit(AuditConfig(scores=scores, out=tmp_path / "c", embeddings=laion, keywords=KEYWORDS))
 
 
 def test_patch_signatures_that_are_not_integer_lists_are_a_clear_error(tmp_path):
@@ -630,8 +641,10 @@ def test_signal_columns_are_gathered_a_shard_at_a_time_from_their_tables(tmp_pat
     assert columns["caption_class"].tolist() == ["dog", None, "cat", "cat", None]
     assert columns.rows("fan_in", np.array([3])).tolist() == [20]
 
+    from clipguard.audit.inputs import Keys
+
     class Pairs:
-        shard, key = shards, np.array([f"k{i}" for i in range(5)], dtype=object)
+        shard, key = shards, Keys(pa.array([f"k{i}" for i in range(5)], pa.large_string()))
 
     written = write_signals(tmp_path, Pairs(), columns)
     for path, rows in zip(written, ([1, 3, 4], [0, 2])):

@@ -18,15 +18,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipguard.audit.errors import AuditInputError, MissingEmbeddingsError
-from clipguard.audit.partpass import PartCodes, PartFiles, code_part
+from clipguard.audit.partpass import PartCodes, PartFiles, code_part, shared_strings
 from clipguard.audit.vectorfiles import VectorFiles, by_part
 from clipguard.executors.tasks import Tasks
-from clipguard.scoring.scorefiles import read_scores
+from clipguard.scoring.scorefiles import existing_score_files, read_score_columns
 
-__all__ = ["AuditInputError", "AuditPairs", "MissingEmbeddingsError", "load_pairs"]
+__all__ = ["AuditInputError", "AuditPairs", "Keys", "MissingEmbeddingsError", "load_pairs"]
+
+
+class Keys:
+    """The pairs' keys in one arrow buffer (~8 bytes a key besides its text, against ~60 for a
+    Python str each: 6 GB at 10^8 pairs); a key, or an array of them, as str where asked for."""
+
+    def __init__(self, array: pa.Array):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, rows):
+        if isinstance(rows, (int, np.integer)):
+            return self.array[int(rows)].as_py()
+        return np.asarray(self.take(rows).to_pylist(), dtype=object)
+
+    def take(self, rows) -> pa.Array:
+        return self.array.take(pa.array(np.asarray(rows, dtype=np.int64)))
+
+    def __iter__(self):
+        return iter(self.array.to_pylist())
 
 
 @dataclass
@@ -34,8 +58,8 @@ class AuditPairs:
     """The pairs audited, rows aligned: per pair about 40 bytes of codes (and 8 per patch
     signature) besides its shard and key; captions and vectors stay in their files."""
 
-    shard: np.ndarray  # object arrays of str
-    key: np.ndarray
+    shard: np.ndarray  # object array of str, one object per distinct shard
+    key: "Keys"
     caption_hash: np.ndarray  # uint64 of the normalised caption
     image_hash: np.ndarray  # uint64 of the image's sha256 (or stored vector)
     caption_class: np.ndarray  # int64 keyword class, NO_CLASS without one (or without keywords)
@@ -84,54 +108,66 @@ def load_pairs(scores: Path, embeddings: Path | None = None, keywords: dict[str,
     scores = Path(scores)
     if not scores.is_dir():
         raise AuditInputError(f"score folder {scores} does not exist (run `clipguard score` first)")
-    table = read_scores(scores)
+    ok, scored = _scored_ok(scores)
     folder = Path(embeddings) if embeddings is not None else scores
     parts = _embedding_parts(folder)
     if not parts:
         hint = ("run `clipguard score SHARDS --out SCORES --save-embeddings` to write them beside the scores, "
                 "or pass --embeddings DIR for a clip-retrieval folder")
         raise MissingEmbeddingsError(f"no embeddings in {folder} (img_emb/img_emb_*.npy with text_emb/ and metadata/): {hint}")
-    ok = {(s, k) for s, k, good in zip(table.shard, table.key, table.ok) if good}
-    shard_of_key: dict[str, str | None] = {}
-    for s, k in ok:  # for metadata without a shard column (LAION's): a key's shard, if it is unique
-        shard_of_key[k] = s if k not in shard_of_key else None
     files = [PartFiles(stem, str(img), str(txt), str(meta)) for stem, (img, txt, meta) in parts.items()]
     codes: list[PartCodes] = (tasks or Tasks()).map(code_part, [(f, keywords) for f in files], on_done=on_part)
     dims = {c.dims for c in codes if len(c)}
     if len(dims) > 1:
         raise AuditInputError(f"embedding parts of {folder} have vectors of different dimensions: {sorted(dims)}")
-    kept = [_kept_rows(c, f, ok, shard_of_key) for c, f in zip(codes, files)]
+    by_key = None  # for metadata without a shard column (LAION's): each scored key's shard, if it is unique
+    if any(len(c) and c.shard[0] is None for c in codes):
+        by_key = ok.group_by("key").aggregate([("shard", "count_distinct"), ("shard", "min")])
+    kept = [_kept_rows(c, f, ok, by_key) for c, f in zip(codes, files)]
     n = sum(len(rows) for rows, _ in kept)
 
     def column(name: str, dtype) -> np.ndarray:
         return _joined([getattr(c, name)[rows] for c, (rows, _) in zip(codes, kept)], dtype)
 
     return AuditPairs(
-        shard=_joined([shards[rows] for rows, shards in kept], object),
-        key=column("key", object), caption_hash=column("caption_hash", np.uint64),
+        shard=_joined([shards for _, shards in kept], object),
+        key=Keys(pa.concat_arrays([c.key.take(pa.array(rows)).cast(pa.large_string()) for c, (rows, _) in zip(codes, kept)])
+                 if kept else pa.array([], pa.large_string())),
+        caption_hash=column("caption_hash", np.uint64),
         image_hash=column("image_hash", np.uint64), caption_class=column("caption_class", np.int64),
         similarity=column("similarity", np.float32),
         part=_joined([np.full(len(rows), i, np.int32) for i, (rows, _) in enumerate(kept)], np.int32),
         row=_joined([rows for rows, _ in kept], np.int64),
-        parts=files, scored=len(table), without_embeddings=max(0, len(ok) - n),
+        parts=files, scored=scored, without_embeddings=max(0, ok.num_rows - n),
         dims=dims.pop() if dims else 0,
         patches=_joined_patches([c.patches for c in codes], [rows for rows, _ in kept])
         if any(c.patches is not None for c in codes) else None,
     )
 
 
-def _kept_rows(codes: PartCodes, files: PartFiles, ok: set, shard_of_key: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of the part whose pair was scored ok, and every row's shard (from the scores by key
-    where the metadata has no shard column, as LAION's has not)."""
-    shards = codes.shard
-    if len(codes) and shards[0] is None:
-        ambiguous = next((k for k in codes.key if k in shard_of_key and shard_of_key[k] is None), None)
-        if ambiguous is not None:
-            raise AuditInputError(f"{files.metadata} has no shard column and key {ambiguous!r} is in several scored "
-                                  "shards; add a shard column to the metadata")
-        shards = np.asarray([shard_of_key.get(k) for k in codes.key], dtype=object)
-    keep = np.fromiter(((s, k) in ok for s, k in zip(shards, codes.key)), bool, len(codes))
-    return np.flatnonzero(keep), shards
+def _scored_ok(scores: Path) -> tuple[pa.Table, int]:
+    """Every pair scored ok, once, as an arrow table of (shard, key), and how many rows were scored.
+    Arrow's columns and hash joins keep the driver off a Python object per pair (~200 bytes)."""
+    table = read_score_columns(existing_score_files(scores), ["shard", "key", "status"])
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    ok = pa.table({"shard": ok.column("shard").cast(pa.string()), "key": ok.column("key").cast(pa.string())})
+    return ok.group_by(["shard", "key"]).aggregate([]), table.num_rows
+
+
+def _kept_rows(codes: PartCodes, files: PartFiles, ok: pa.Table, by_key: pa.Table | None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the part whose pair was scored ok, ascending, and their shards (from the scores by
+    key where the metadata has no shard column, as LAION's has not)."""
+    part = pa.table({"key": codes.key, "row": pa.array(np.arange(len(codes), dtype=np.int64))})
+    if len(codes) and codes.shard[0] is None:
+        found = part.join(by_key, keys="key", join_type="inner").sort_by("row")
+        several = found.filter(pc.greater(found.column("shard_count_distinct"), 1))
+        if several.num_rows:
+            raise AuditInputError(f"{files.metadata} has no shard column and key {several.column('key')[0].as_py()!r} is "
+                                  "in several scored shards; add a shard column to the metadata")
+        return found.column("row").to_numpy(), shared_strings(found.column("shard_min"))
+    part = part.append_column("shard", pa.array(codes.shard, pa.string()))
+    rows = np.sort(part.join(ok, keys=["shard", "key"], join_type="inner").column("row").to_numpy())
+    return rows, codes.shard[rows]
 
 
 def _joined(arrays: list[np.ndarray], dtype) -> np.ndarray:

@@ -25,7 +25,7 @@ def write_signals(out: Path, pairs: AuditPairs, columns: SignalColumns) -> list[
     """One parquet file per shard, its columns gathered for its rows only."""
     written = []
     for shard, rows in shard_rows(pairs.shard):
-        table = {"key": pa.array(pairs.key[rows].tolist(), pa.string()),
+        table = {"key": pairs.key.take(rows).cast(pa.string()),
                  "shard": pa.array([shard] * len(rows), pa.string())}
         for name in columns:
             picked = columns.rows(name, rows)
@@ -66,7 +66,7 @@ def finding_record(finding: Finding, pairs: AuditPairs, captions: list[str]) -> 
         "expected": finding.expected,
         "neglog10_p": round(finding.neglog10_p, 3),
         "tests": finding.tests,
-        "pairs": [{"shard": str(pairs.shard[i]), "key": str(pairs.key[i]), "caption": caption}
+        "pairs": [{"shard": str(pairs.shard[i]), "key": pairs.key[int(i)], "caption": caption}
                   for i, caption in zip(rows, captions)],
     }
 

@@ -43,8 +43,8 @@ class PartFiles:
 class PartCodes:
     """One part's rows, in file order: identities, caption class, pair similarity, signatures."""
 
-    shard: np.ndarray  # object arrays of str; None where the metadata has no shard column
-    key: np.ndarray
+    shard: np.ndarray  # object array of str, one object per distinct shard; None where the metadata has no shard column
+    key: pa.Array  # str, one buffer: ~8 bytes a key besides its text, against ~60 for a Python str each
     caption_hash: np.ndarray  # uint64, of `grouping.normalise_caption`
     image_hash: np.ndarray  # uint64
     caption_class: np.ndarray  # int64 index into the keyword classes, NO_CLASS for none or several
@@ -71,8 +71,8 @@ def code_part(files: PartFiles, keywords: dict[str, list[str]] | None = None) ->
     shas = meta.column("image_sha256").to_pylist() if "image_sha256" in names else [None] * len(captions)
     labeler = KeywordLabeler(keywords) if keywords else None
     return PartCodes(
-        shard=_shared_strings(meta.column("shard")) if "shard" in names else np.full(len(captions), None, object),
-        key=np.asarray([str(k) for k in meta.column("key").to_pylist()], dtype=object),
+        shard=shared_strings(meta.column("shard")) if "shard" in names else np.full(len(captions), None, object),
+        key=meta.column("key").cast(pa.string()).fill_null("None").combine_chunks(),
         caption_hash=np.fromiter((_hash64(normalise_caption(c).encode("utf-8")) for c in captions), np.uint64, len(captions)),
         # An image without a sha256 is known by its vector's stored bytes (one image scored twice
         # has the same vector); the "v" keeps these apart from hashes of sha256 strings.
@@ -85,10 +85,11 @@ def code_part(files: PartFiles, keywords: dict[str, list[str]] | None = None) ->
     )
 
 
-def _shared_strings(column: pa.ChunkedArray) -> np.ndarray:
+def shared_strings(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """An object array of the column's values as strings, one str object per distinct value: a
     part has a few shards, and a str per row would cost ~60 bytes a pair in the driver."""
-    encoded = column.cast(pa.string()).fill_null("None").combine_chunks().dictionary_encode()
+    column = column.cast(pa.string()).fill_null("None")
+    encoded = (column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column).dictionary_encode()
     names = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
     return names[encoded.indices.to_numpy(zero_copy_only=False)]
 

@@ -164,17 +164,25 @@ def check_one_model(files: list[Path]) -> None:
             )
 
 
-def read_scores(scores: Path) -> ScoreTable:
-    """Read one score file or a folder of them into columns."""
+def existing_score_files(scores: Path) -> list[Path]:
+    """`find_score_files`, refusing a folder without any."""
     files = find_score_files(scores)
     if not files:
         from clipguard.errors import ClipguardError
 
         raise ClipguardError(f"no score files (*.parquet) in {scores}; run `clipguard score` first")
+    return files
+
+
+def read_score_columns(files: list[Path], columns: list[str]) -> pa.Table:
+    """These columns of every score file, as one arrow table (refusing files of two models)."""
     check_one_model(files)
-    table = pa.concat_tables(
-        [pq.read_table(f, columns=["key", "shard", "cosine_distance", "status", "error"]) for f in files]
-    )
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+
+
+def read_scores(scores: Path) -> ScoreTable:
+    """Read one score file or a folder of them into columns."""
+    table = read_score_columns(existing_score_files(scores), ["key", "shard", "cosine_distance", "status", "error"])
     distance = table.column("cosine_distance").to_numpy(zero_copy_only=False).astype(np.float64)
     return ScoreTable(
         key=np.asarray(table.column("key").to_pylist(), dtype=object),
