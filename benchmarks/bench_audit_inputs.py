@@ -1,0 +1,99 @@
+"""What reading an audit's input costs the driver (`audit.inputs.load_pairs`): the checkout against
+earlier commits, each in its own process, on the folder `bench_audit_memory.py` writes.
+
+Each process loads the pairs once to warm what any run keeps (BLAS buffers, arrow's pools,
+imports), hands freed memory back (arrow's pool, malloc_trim), then loads them again and reports
+the seconds, the Python-traced peak and what is still held (tracemalloc), and the anonymous memory
+held above the warm state once freed memory is handed back: what the audit keeps per pair before
+its neighbour search.
+
+Usage: python benchmarks/bench_audit_inputs.py [--pairs 200000] [--baseline f65099d]
+Prints a table and writes bench-out/audit_inputs_benchmark.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_audit_memory import CLASSES, NOISE, REPO, STOCK_SHARE, tree_of, write_folder  # this folder is on the path
+from machine import cpu_name
+
+CHILD = r"""
+import ctypes, gc, json, sys, time, tracemalloc
+tree = sys.argv[3]
+import numpy as np, pyarrow as pa
+import clipguard
+assert clipguard.__file__.startswith(tree), (clipguard.__file__, tree)
+from clipguard.audit.inputs import load_pairs
+
+def anon_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) / 1024
+
+def hand_back():
+    gc.collect(); pa.default_memory_pool().release_unused(); ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+keywords = json.loads(sys.argv[4])
+load_pairs(sys.argv[1], sys.argv[2], keywords)
+hand_back()
+warm = anon_mib()
+tracemalloc.start()
+started = time.perf_counter()
+pairs = load_pairs(sys.argv[1], sys.argv[2], keywords)
+seconds = time.perf_counter() - started
+held, peak = tracemalloc.get_traced_memory()
+tracemalloc.stop()
+hand_back()
+print(json.dumps({"pairs": len(pairs), "seconds": seconds, "traced_peak_mib": peak / 2**20,
+                  "traced_held_mib": held / 2**20, "anon_held_mib": anon_mib() - warm}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=200_000)
+    parser.add_argument("--parts", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--baseline", action="append", default=[], help="a commit to compare (repeatable)")
+    parser.add_argument("--work", type=Path, default=Path("bench-out/audit_memory"))
+    parser.add_argument("--out", type=Path, default=Path("bench-out/audit_inputs_benchmark.json"))
+    args = parser.parse_args()
+    from clipguard.scoring.from_embeddings import EmbeddingSource, score_from_embeddings
+
+    work = args.work.resolve()
+    made = f"{args.pairs}-{args.parts}-{args.dim}-noise{NOISE}-stock{STOCK_SHARE}"  # the same folder as bench_audit_memory's
+    data, scores = work / f"embeddings-{made}", work / f"scores-{made}"
+    if not (scores / "manifest.json").is_file():
+        write_folder(data, args.pairs, args.parts, args.dim)
+        score_from_embeddings(EmbeddingSource(data, "clip-retrieval"), scores)
+    keywords = json.dumps({c: [c] for c in CLASSES})
+    runs = {}
+    for name, tree in [("checkout", REPO), *((c, tree_of(c, work)) for c in args.baseline)]:
+        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+        done = subprocess.run([sys.executable, "-c", CHILD, str(scores), str(data), str(tree / "clipguard"), keywords],
+                              env=env, cwd=tree, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"load_pairs at {tree} failed:\n{done.stderr[-3000:]}")
+        runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
+              "pairs": args.pairs, "runs": runs,
+              "head": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                     text=True).stdout.strip()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{args.pairs:,} pairs | cpu: {result['cpu']}, {result['cores']} cores")
+    print(f"{'version':>10}{'seconds':>9}{'traced peak MiB':>17}{'traced held':>13}{'anon held MiB':>15}{'bytes/pair':>12}")
+    for name, r in runs.items():
+        print(f"{name:>10}{r['seconds']:9.1f}{r['traced_peak_mib']:17.1f}{r['traced_held_mib']:13.1f}"
+              f"{r['anon_held_mib']:15.0f}{r['anon_held_mib'] * 2**20 / r['pairs']:12.0f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
