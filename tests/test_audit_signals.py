@@ -542,11 +542,19 @@ def test_the_part_pass_and_the_neighbour_search_run_as_ray_tasks_with_the_same_r
     monkeypatch.setattr(indexfill, "ADD_BLOCK", 64)
     monkeypatch.setattr(NeighbourIndex, "self_neighbours", lambda *a, **k: pytest.fail("searched in the driver"))
     monkeypatch.setattr(VectorReader, "block", lambda *a, **k: pytest.fail("filled or searched in the driver"))
+    # Trained in a task too, with as many CPUs as the (one, local) node has, not the 16 it would like.
+    from clipguard.audit import neighbours as neighbours_module
+    from clipguard.executors.tasks import Tasks
+
+    monkeypatch.setattr(neighbours_module, "_trained_faiss", lambda *a, **k: pytest.fail("trained in the driver"))
+    asked, node_cpus = [], Tasks.node_cpus
+    monkeypatch.setattr(Tasks, "node_cpus", lambda self, wanted: asked.append((wanted, node_cpus(self, wanted))) or asked[-1][1])
     parts, searched = [], {}
     on_ray = run_audit(AuditConfig(scores=scores, out=tmp_path / "a2", executor=ExecutorSpec(kind="ray", workers=2), **faiss_path),
                        on_part=lambda d, n: parts.append((d, n)),
                        on_search=lambda side, d, n: searched.setdefault(side, []).append((d, n)))
     assert parts[-1] == (3, 3) and not on_ray.exact_search
+    assert asked == [(neighbours_module.TRAIN_CPUS, 2)] * 2  # one training task a side
     assert not (tmp_path / "a2" / ".search-index").exists()  # the index files the workers mapped are gone
     for side, count in (("image", len(np.unique(here.tables.image_id))), ("text", len(np.unique(here.tables.caption_id)))):
         assert len(searched[side]) == 1 - (-count // 64) and searched[side][-1] == (count, count)

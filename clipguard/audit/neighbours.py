@@ -43,6 +43,7 @@ FAISS_BLOCK = 256  # queries per faiss search: RERANK x (k + 1) candidates each 
 TRAIN_SAMPLE = 100_000  # the fewest vectors the index is trained on, where there are more
 TRAIN_PER_LIST = 39  # faiss warns with fewer training vectors per list: its k-means centroids are poor
 ADD_BLOCK = 65_536
+TRAIN_CPUS = 16  # the most CPUs the training task asks for on Ray: faiss's k-means uses every thread it has
 CODES = ("sq8", "pq", "flat")
 RERANK = {"sq8": 2, "pq": 4, "flat": 1}  # candidates asked per neighbour wanted, then re-scored exactly
 PQ_MIN_VECTORS = 10_000  # product quantisation's 256 centroids per subspace want ~10^4 points to train
@@ -123,7 +124,7 @@ class NeighbourIndex:
         self._faiss = None
         if self.exact:
             return
-        trained = _trained_faiss(self.reader, nprobe, seed, self.codes)
+        trained = _trained(self.reader, nprobe, seed, self.codes, tasks)
         if self.path is None:
             for start in range(0, len(self.reader), ADD_BLOCK):
                 trained.add(self.reader.block(start, min(start + ADD_BLOCK, len(self.reader))))
@@ -321,6 +322,24 @@ def train_size(vectors: int) -> int:
     where there are more lists (above ~410,000 vectors: at 10^8, 40,000 lists and 1.56 million
     vectors, 3.2 GB as float32 at 512 dimensions while it trains), never more than there are."""
     return min(vectors, max(TRAIN_SAMPLE, TRAIN_PER_LIST * list_count(vectors)))
+
+
+def _trained(reader: VectorReader, nprobe: int, seed: int, codes: str, tasks: "Tasks | None"):
+    """`_trained_faiss`, here, or on Ray as one task of up to ``TRAIN_CPUS`` CPUs: the training
+    sample and the residuals faiss computes from it (~400 MB at 100,000 vectors of 512
+    dimensions, 6.4 GB at 10^8) are the driver's largest transient, and this keeps them off it;
+    only the trained, empty index comes back (its centroids: 80 MB at 10^8)."""
+    if tasks is None or not tasks.distributed:
+        return _trained_faiss(reader, nprobe, seed, codes)
+    cpus = tasks.node_cpus(TRAIN_CPUS)
+    (data,) = tasks.map(train_task, [(reader, nprobe, seed, codes, cpus)], cpus=cpus)
+    return faiss_module().deserialize_index(data)
+
+
+def train_task(reader: VectorReader, nprobe: int, seed: int, codes: str, threads: int) -> np.ndarray:
+    """One task: the trained, empty index, serialised, trained on ``threads`` threads."""
+    with faiss_threads(threads):
+        return faiss_module().serialize_index(_trained_faiss(reader, nprobe, seed, codes))
 
 
 def _trained_faiss(reader: VectorReader, nprobe: int, seed: int, codes: str):

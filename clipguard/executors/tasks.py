@@ -63,18 +63,27 @@ class Tasks:
             return 1
         return max(1, int(self._session().cluster_resources().get("CPU", 1)) // TASK_CPUS)
 
+    def node_cpus(self, wanted: int) -> int:
+        """CPUs a task may ask for and still be placed: ``wanted``, or the most any live node of
+        the cluster has where that is fewer (this starts the session); 1 here."""
+        if not self.distributed:
+            return 1
+        largest = max((node["Resources"].get("CPU", 0) for node in self._session().nodes() if node.get("Alive")), default=1)
+        return max(1, min(int(wanted), int(largest)))
+
     def map(self, fn: Callable, args: Sequence[tuple], shared: tuple = (),
-            on_done: Callable[[int, int], None] | None = None) -> list[Any]:
+            on_done: Callable[[int, int], None] | None = None, cpus: int = TASK_CPUS) -> list[Any]:
         """``[fn(*shared, *a) for a in args]``; ``on_done(finished, total)`` after each task."""
         results: list[Any] = [None] * len(args)
-        for i, result in self.imap(fn, args, shared, on_done):
+        for i, result in self.imap(fn, args, shared, on_done, cpus):
             results[i] = result
         return results
 
     def imap(self, fn: Callable, args: Sequence[tuple], shared: tuple = (),
-             on_done: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, Any]]:
+             on_done: Callable[[int, int], None] | None = None, cpus: int = TASK_CPUS) -> Iterator[tuple[int, Any]]:
         """(position in ``args``, result) as each task finishes, so a caller can put each result
-        where it belongs without holding them all."""
+        where it belongs without holding them all. On Ray each task reserves ``cpus`` (see
+        `node_cpus`); a task that runs threads of its own should run that many."""
         done = on_done or (lambda finished, total: None)
         if not self.distributed:
             for i, a in enumerate(args):
@@ -82,7 +91,7 @@ class Tasks:
                 done(i + 1, len(args))
                 yield i, result
             return
-        yield from _ray_imap(self._session(), fn, args, shared, done)
+        yield from _ray_imap(self._session(), fn, args, shared, done, cpus)
 
 
 def map_tasks(fn: Callable, args: Sequence[tuple], spec: "ExecutorSpec | None" = None,
@@ -93,12 +102,12 @@ def map_tasks(fn: Callable, args: Sequence[tuple], spec: "ExecutorSpec | None" =
 
 
 def _ray_imap(ray, fn: Callable, args: Sequence[tuple], shared: tuple,
-              done: Callable[[int, int], None]) -> Iterator[tuple[int, Any]]:
+              done: Callable[[int, int], None], cpus: int = TASK_CPUS) -> Iterator[tuple[int, Any]]:
     from clipguard.executors.ray import TASK_ATTEMPTS
 
     # max_retries covers a worker that dies; retry_exceptions stays off, so an error raised by
     # the task (a bad part) comes back once instead of three times.
-    remote = ray.remote(num_cpus=TASK_CPUS, max_retries=TASK_ATTEMPTS)(fn)
+    remote = ray.remote(num_cpus=cpus, max_retries=TASK_ATTEMPTS)(fn)
     refs = [ray.put(s) for s in shared]  # top-level ObjectRef arguments reach the task as values
     pending = {remote.remote(*refs, *a): i for i, a in enumerate(args)}
     try:
