@@ -4,7 +4,7 @@ here (local) or as Ray tasks, and ``map_tasks(fn, args, spec)`` is one such map.
 For passes that need no model, such as the audit's per-part pass and its neighbour search:
 scoring has its own executors (`clipguard.scoring.run._executor`), which keep a model per
 worker. Local runs the tasks in this process, one after another (a process pool is not built
-yet). On Ray each task gets one CPU and is retried on another worker up to
+yet). On Ray each task gets one CPU (or the map's ``cpus``, within `Tasks.node_cpus`) and is retried on another worker up to
 `executors.ray.TASK_ATTEMPTS` times if its worker dies; a task that raises a clipguard error
 (bad input) fails the map with that error at once, since it would fail again anywhere. One
 `Tasks` opened as a context holds one Ray session for all its maps (starting Ray takes seconds),
