@@ -547,6 +547,7 @@ def test_the_part_pass_and_the_neighbour_search_run_as_ray_tasks_with_the_same_r
     from clipguard.executors.tasks import Tasks
 
     monkeypatch.setattr(neighbours_module, "_trained_faiss", lambda *a, **k: pytest.fail("trained in the driver"))
+    monkeypatch.setattr(NeighbourIndex, "search", lambda *a, **k: pytest.fail("a group's centroid searched in the driver"))
     asked, node_cpus = [], Tasks.node_cpus
     monkeypatch.setattr(Tasks, "node_cpus", lambda self, wanted: asked.append((wanted, node_cpus(self, wanted))) or asked[-1][1])
     parts, searched = [], {}

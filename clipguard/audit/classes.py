@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipguard.audit.neighbours import NeighbourIndex, Neighbours
+from clipguard.audit.neighbours import NeighbourIndex, Neighbours, faiss_threads
+from clipguard.executors.tasks import TASK_CPUS, Tasks
 from clipguard.labels import KeywordLabeler
 
 NO_CLASS = -1
@@ -62,7 +63,8 @@ def grouped_plurality(group: np.ndarray, label: np.ndarray, groups: int, min_vot
 
 
 def image_group_classes(index: NeighbourIndex, image_group: np.ndarray, groups: int, image_label: np.ndarray,
-                        classes: int, votes: int, own_neighbours: Neighbours) -> tuple[np.ndarray, np.ndarray]:
+                        classes: int, votes: int, own_neighbours: Neighbours,
+                        tasks: "Tasks | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """Class per image group: the plurality label (at least a quarter of the votes, no tie) of the
     ``votes`` nearest unique images outside the group, searched from the group's centroid; and the
     votes, as the labels of those images, (groups, votes), NO_CLASS where a neighbour has none
@@ -73,7 +75,9 @@ def image_group_classes(index: NeighbourIndex, image_group: np.ndarray, groups: 
     ``image_group`` and ``image_label`` are per unique image (the plurality caption class of its pairs).
     ``own_neighbours`` (`NeighbourIndex.self_neighbours` with k = ``votes``) spares the search for
     groups of one image (most of them): from its centroid, which is the image itself, the nearest
-    outside the group are its own neighbours.
+    outside the group are its own neighbours. The centroid searches of larger groups are tasks of
+    ``tasks`` above the exact limit (`centroid_search`: a block of groups each), as the index's own
+    search is.
     """
     out = np.full(groups, NO_CLASS, np.int64)
     voted = np.full((groups, votes), NO_CLASS, np.min_scalar_type(-max(classes, 1)))
@@ -81,8 +85,18 @@ def image_group_classes(index: NeighbourIndex, image_group: np.ndarray, groups: 
     order = np.argsort(image_group, kind="stable")  # each group's images, ascending, from its start
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     min_votes = max(2, votes // 4)
+
+    def tally(which: np.ndarray, found: np.ndarray, outside: np.ndarray) -> None:
+        labels = np.where(outside, image_label[np.maximum(found, 0)], NO_CLASS)
+        # Each group's counted labels, moved to the front of its row of ``votes``.
+        counted = labels[np.arange(len(which))[:, None], np.argsort(labels < 0, axis=1, kind="stable")][:, :votes]
+        voted[which, :counted.shape[1]] = counted
+        out[which] = grouped_plurality(np.repeat(np.arange(len(which)), labels.shape[1]), labels.ravel(),
+                                       len(which), min_votes)
+
     # Groups of one size share one search (most are single images; large groups are few), a block
     # of groups at a time so that their members' vectors are read and summed in bounded memory.
+    larger = []  # (groups, their member rows) of two or more images, a block each
     for size in np.unique(sizes):
         size = int(size)
         of_size = np.flatnonzero(sizes == size)
@@ -92,20 +106,28 @@ def image_group_classes(index: NeighbourIndex, image_group: np.ndarray, groups: 
             member_rows = order[starts[which][:, None] + np.arange(size)]  # (groups in block, size)
             if size == 1:
                 found = np.asarray(own_neighbours.index[member_rows[:, 0], :votes])
-                outside = found >= 0
+                tally(which, found, found >= 0)
             else:
-                centroids = index.reader.rows(member_rows.ravel()).reshape(len(which), size, -1).sum(axis=1)
-                centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-                found = index.search(centroids, size + votes).index
-                outside = (found >= 0) & ~(found[:, :, None] == member_rows[:, None, :]).any(axis=2)
-                outside &= np.cumsum(outside, axis=1) <= votes  # the first `votes` outside the group
-            labels = np.where(outside, image_label[np.maximum(found, 0)], NO_CLASS)
-            # Each group's counted labels, moved to the front of its row of ``votes``.
-            counted = labels[np.arange(len(which))[:, None], np.argsort(labels < 0, axis=1, kind="stable")][:, :votes]
-            voted[which, :counted.shape[1]] = counted
-            out[which] = grouped_plurality(np.repeat(np.arange(len(which)), labels.shape[1]), labels.ravel(),
-                                           len(which), min_votes)
+                larger.append((which, member_rows))
+    tasks = tasks if tasks is not None and not index.exact else Tasks()  # exact: vectors already here
+    threads = TASK_CPUS if tasks.distributed else None
+    searches = [(rows, rows.shape[1] + votes, threads) for _, rows in larger]
+    for i, found in tasks.imap(centroid_search, searches, shared=(index,)):
+        which, member_rows = larger[i]
+        outside = (found >= 0) & ~(found[:, :, None] == member_rows[:, None, :]).any(axis=2)
+        outside &= np.cumsum(outside, axis=1) <= votes  # the first `votes` outside the group
+        tally(which, found, outside)
     return out, voted
+
+
+def centroid_search(index: NeighbourIndex, member_rows: np.ndarray, wanted: int, threads: int | None = None) -> np.ndarray:
+    """One task: the ``wanted`` nearest rows of each group's centroid (``member_rows``: a group's
+    rows of the index per row), on ``threads`` threads."""
+    size = member_rows.shape[1]
+    with faiss_threads(threads):
+        centroids = index.reader.rows(member_rows.ravel()).reshape(len(member_rows), size, -1).sum(axis=1)
+        centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        return index.search(centroids, wanted).index
 
 
 def votes_for(voted: np.ndarray, group: np.ndarray, label: np.ndarray, block: int = 65_536) -> np.ndarray:

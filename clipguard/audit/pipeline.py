@@ -24,8 +24,9 @@ statistics (docs/architecture.md says the same):
    files into an on-disk lists file, `indexfill`, its own rows searched a range per task,
    `searchtasks`, and their neighbours written to disk; k-distances and near-duplicate edges read
    from there a block at a time, the edges merged by a vectorised union-find over an int64 parent
-   array, 800 MB at 10^8; not yet: the groups' centroid searches as tasks): k-distances,
-   near-duplicate groups, and each group's nearest outside neighbours for its data-driven class.
+   array, 800 MB at 10^8; and the larger groups' centroid searches, a block of groups per task):
+   k-distances, near-duplicate groups, and each group's nearest outside neighbours for its
+   data-driven class.
 3. Table pass: the (caption class, image class) cell table is C x C counts, summed over shards;
    the tests need only it, the group counts and the group sizes. Per-pair columns are then
    written shard by shard, joining each shard's rows to its groups' counts (built: `columns`
@@ -46,12 +47,12 @@ import numpy as np
 
 from clipguard.audit.classes import (NO_CLASS, cell_table, grouped_plurality, image_group_classes, strong_mismatch,
                                      votes_for)
+from clipguard.audit.columns import PairColumn, SignalColumns, class_names, per_group
 from clipguard.audit.density import density
 from clipguard.audit.detect import AuditTables, DetectConfig, Detection, Finding, detect
 from clipguard.audit.grouping import components, distinct_per_group, factorize_codes, normalise_caption
 from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
 from clipguard.audit.neighbours import CODES, EXACT_LIMIT, NeighbourIndex, Neighbours, VectorReader
-from clipguard.audit.columns import PairColumn, SignalColumns, class_names, per_group
 from clipguard.audit.output import write_findings, write_signals
 from clipguard.audit.searchtasks import own_neighbours
 from clipguard.audit.timing import StageClock
@@ -142,7 +143,7 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
     with clock("image classes from neighbours"):
         image_group = image_group_of[image_id]
         image_class, caption_votes, image_votes = _image_classes(
-            image_index, image_nn, image_id, image_group_of, caption_class, len(classes), config.k)
+            image_index, image_nn, image_id, image_group_of, caption_class, len(classes), config.k, tasks)
         own_class = _own_classes(image_group, caption_id, caption_class, len(classes))
         strong = strong_mismatch(caption_class, image_class, caption_votes, image_votes, len(classes), own_class)
         n_image_groups = int(image_group_of.max()) + 1 if n_images else 0
@@ -222,7 +223,7 @@ def _near_duplicates(pairs: AuditPairs, side: str, ids: np.ndarray, count: int, 
 
 
 def _image_classes(index: NeighbourIndex, own_neighbours: Neighbours, image_id: np.ndarray, image_group_of: np.ndarray,
-                   caption_class: np.ndarray, classes: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   caption_class: np.ndarray, classes: int, k: int, tasks: Tasks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pair: its image group's data-driven class, and the neighbours' votes for its caption's
     class and for that image class (what `strong_mismatch` weighs)."""
     n = len(image_id)
@@ -230,7 +231,8 @@ def _image_classes(index: NeighbourIndex, own_neighbours: Neighbours, image_id: 
         return np.full(n, NO_CLASS), np.zeros(n, np.int64), np.zeros(n, np.int64)
     groups = int(image_group_of.max()) + 1
     image_label = _image_labels(image_id, len(image_group_of), caption_class)
-    group_class, voted = image_group_classes(index, image_group_of, groups, image_label, classes, k, own_neighbours)
+    group_class, voted = image_group_classes(index, image_group_of, groups, image_label, classes, k, own_neighbours,
+                                             tasks)
     image_group = image_group_of[image_id]
     image_class = group_class[image_group]
     return image_class, votes_for(voted, image_group, caption_class), votes_for(voted, image_group, image_class)
