@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clipguard.audit.neighbours import NeighbourIndex, Neighbours, faiss_threads
-from clipguard.executors.tasks import TASK_CPUS, Tasks
+from clipguard.executors.tasks import Tasks
 from clipguard.labels import KeywordLabeler
 
 NO_CLASS = -1
@@ -110,7 +110,7 @@ def image_group_classes(index: NeighbourIndex, image_group: np.ndarray, groups: 
             else:
                 larger.append((which, member_rows))
     tasks = tasks if tasks is not None and not index.exact else Tasks()  # exact: vectors already here
-    threads = TASK_CPUS if tasks.distributed else None
+    threads = tasks.task_threads
     searches = [(rows, rows.shape[1] + votes, threads) for _, rows in larger]
     for i, found in tasks.imap(centroid_search, searches, shared=(index,)):
         which, member_rows = larger[i]

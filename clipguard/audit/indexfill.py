@@ -24,7 +24,7 @@ import ctypes
 import numpy as np
 
 from clipguard.audit.neighbours import ADD_BLOCK, VectorReader, faiss_module, faiss_threads, lists_file
-from clipguard.executors.tasks import TASK_CPUS, Tasks
+from clipguard.executors.tasks import Tasks
 
 def fill_on_disk(trained, reader: VectorReader, path: str, tasks: Tasks | None = None) -> None:
     """Write ``trained`` (an empty, trained IVF index) filled with every row of ``reader`` to
@@ -34,7 +34,7 @@ def fill_on_disk(trained, reader: VectorReader, path: str, tasks: Tasks | None =
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     empty = faiss.serialize_index(trained)  # a few MB (the coarse centroids): sent once per map
     n = len(reader)
-    threads = TASK_CPUS if tasks.distributed else None
+    threads = tasks.task_threads
     blocks = [(start, min(start + ADD_BLOCK, n), f"{path}.block-{start}", threads) for start in range(0, n, ADD_BLOCK)]
     written = tasks.map(fill_block, blocks, shared=(empty, reader))
     try:

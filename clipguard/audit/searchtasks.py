@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from clipguard.audit.neighbours import NeighbourIndex, Neighbours, faiss_threads
-from clipguard.executors.tasks import TASK_CPUS, Tasks
+from clipguard.executors.tasks import Tasks
 
 SEARCH_TASK_ROWS = 65_536  # the most queries a task gets: ~8 MB of neighbours back at k = 10
 MIN_TASK_ROWS = 4_096  # the fewest, so that a task's fixed costs (the index unpickled, files mapped) stay small
@@ -47,7 +47,7 @@ def own_neighbours(index: NeighbourIndex, k: int, tasks: Tasks | None = None,
     tasks = tasks or Tasks()
     n, width = len(index), index.neighbour_count(k, exclude_self=True)
     found, similarity = _result_arrays(n, width, into)
-    threads = TASK_CPUS if tasks.distributed else None  # here: every core, as faiss chooses
+    threads = tasks.task_threads
     rows = range_rows(n, tasks.slots())
     ranges = [(start, min(start + rows, n), k, threads) for start in range(0, n, rows)]
     searched = 0

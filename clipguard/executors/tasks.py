@@ -63,6 +63,13 @@ class Tasks:
             return 1
         return max(1, int(self._session().cluster_resources().get("CPU", 1)) // TASK_CPUS)
 
+    @property
+    def task_threads(self) -> int | None:
+        """The threads a task of one CPU should run its library on: ``TASK_CPUS`` on Ray (a
+        worker inherits OMP_NUM_THREADS from where it started), None here (the library's own
+        choice, every core, since the tasks run one after another)."""
+        return TASK_CPUS if self.distributed else None
+
     def node_cpus(self, wanted: int) -> int:
         """CPUs a task may ask for and still be placed: ``wanted``, or the most any live node of
         the cluster has where that is fewer (this starts the session); 1 here."""
