@@ -131,8 +131,7 @@ def load_pairs(scores: Path, embeddings: Path | None = None, keywords: dict[str,
 
     pairs = AuditPairs(
         shard=_joined([shards for _, shards in kept], object),
-        key=Keys(pa.concat_arrays([c.key.take(pa.array(rows)).cast(pa.large_string()) for c, (rows, _) in zip(codes, kept)])
-                 if kept else pa.array([], pa.large_string())),
+        key=Keys(pa.concat_arrays([c.key.take(pa.array(rows)).cast(pa.large_string()) for c, (rows, _) in zip(codes, kept)])),
         caption_hash=column("caption_hash", np.uint64),
         image_hash=column("image_hash", np.uint64), caption_class=column("caption_class", np.int64),
         similarity=column("similarity", np.float32),

@@ -13,6 +13,7 @@ import pyarrow as pa
 from clipguard.audit.columns import SignalColumns
 from clipguard.audit.detect import Finding
 from clipguard.audit.inputs import AuditPairs
+from clipguard.audit.vectorfiles import by_part
 from clipguard.reporting.findings import FINDINGS_FORMAT, FINDINGS_NAME, KIND_TITLES
 from clipguard.scoring.scorefiles import atomic_write_bytes, atomic_write_json, write_parquet
 from clipguard.signals.registry import AUDIT_SIGNALS_DIR
@@ -47,10 +48,8 @@ def write_signals(out: Path, pairs: AuditPairs, columns: SignalColumns) -> list[
 def shard_rows(shards: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
     """Each shard (in name order) and its rows, ascending: one sort, not a pass over every pair per shard."""
     names, number = np.unique(shards, return_inverse=True)  # the shard names' objects, not a copy of each
-    order = np.argsort(number.ravel(), kind="stable")
-    bounds = np.searchsorted(number.ravel()[order], np.arange(len(names) + 1))
-    for i, name in enumerate(names):
-        yield str(name), order[bounds[i]:bounds[i + 1]]
+    for i, rows in by_part(number.ravel()):
+        yield str(names[i]), rows
 
 
 def finding_record(finding: Finding, pairs: AuditPairs, captions: list[str]) -> dict:
@@ -66,7 +65,7 @@ def finding_record(finding: Finding, pairs: AuditPairs, captions: list[str]) -> 
         "expected": finding.expected,
         "neglog10_p": round(finding.neglog10_p, 3),
         "tests": finding.tests,
-        "pairs": [{"shard": str(pairs.shard[i]), "key": pairs.key[int(i)], "caption": caption}
+        "pairs": [{"shard": str(pairs.shard[i]), "key": pairs.key[i], "caption": caption}
                   for i, caption in zip(rows, captions)],
     }
 

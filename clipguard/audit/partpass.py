@@ -85,11 +85,10 @@ def code_part(files: PartFiles, keywords: dict[str, list[str]] | None = None) ->
     )
 
 
-def shared_strings(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def shared_strings(column: pa.ChunkedArray) -> np.ndarray:
     """An object array of the column's values as strings, one str object per distinct value: a
     part has a few shards, and a str per row would cost ~60 bytes a pair in the driver."""
-    column = column.cast(pa.string()).fill_null("None")
-    encoded = (column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column).dictionary_encode()
+    encoded = column.cast(pa.string()).fill_null("None").combine_chunks().dictionary_encode()
     names = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
     return names[encoded.indices.to_numpy(zero_copy_only=False)]
 
