@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_audit_memory import CLASSES, NOISE, REPO, STOCK_SHARE, tree_of, write_folder  # this folder is on the path
+from bench_audit_memory import CLASSES, REPO, scored_folder, tree_of  # this folder is on the path
 from machine import cpu_name
 
 CHILD = r"""
@@ -64,14 +64,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench-out/audit_memory"))
     parser.add_argument("--out", type=Path, default=Path("bench-out/audit_inputs_benchmark.json"))
     args = parser.parse_args()
-    from clipguard.scoring.from_embeddings import EmbeddingSource, score_from_embeddings
-
     work = args.work.resolve()
-    made = f"{args.pairs}-{args.parts}-{args.dim}-noise{NOISE}-stock{STOCK_SHARE}"  # the same folder as bench_audit_memory's
-    data, scores = work / f"embeddings-{made}", work / f"scores-{made}"
-    if not (scores / "manifest.json").is_file():
-        write_folder(data, args.pairs, args.parts, args.dim)
-        score_from_embeddings(EmbeddingSource(data, "clip-retrieval"), scores)
+    data, scores = scored_folder(work, args.pairs, args.parts, args.dim)  # the same folder as bench_audit_memory's
     keywords = json.dumps({c: [c] for c in CLASSES})
     runs = {}
     for name, tree in [("checkout", REPO), *((c, tree_of(c, work)) for c in args.baseline)]:

@@ -135,6 +135,21 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
+def scored_folder(work: Path, pairs: int, parts: int, dim: int) -> tuple[Path, Path]:
+    """The clip-retrieval folder (`write_folder`) and its score folder under ``work``, made once
+    for these sizes and reused by later runs (and by `bench_audit_inputs.py`)."""
+    from clipguard.scoring.from_embeddings import EmbeddingSource, score_from_embeddings
+
+    made = f"{pairs}-{parts}-{dim}-noise{NOISE}-stock{STOCK_SHARE}"  # a folder is reused only as made
+    data, scores = work / f"embeddings-{made}", work / f"scores-{made}"
+    if not (scores / "manifest.json").is_file():
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(scores, ignore_errors=True)
+        write_folder(data, pairs, parts, dim)
+        score_from_embeddings(EmbeddingSource(data, "clip-retrieval"), scores)
+    return data, scores
+
+
 def tree_of(commit: str, work: Path) -> Path:
     """A worktree of ``commit`` under ``work`` (made once, reused by later runs)."""
     tree = work / "trees" / commit
@@ -195,16 +210,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench-out/audit_memory"))
     parser.add_argument("--out", type=Path, default=Path("bench-out/audit_memory_benchmark.json"))
     args = parser.parse_args()
-    from clipguard.scoring.from_embeddings import EmbeddingSource, score_from_embeddings
-
     work = args.work.resolve()
-    made = f"{args.pairs}-{args.parts}-{args.dim}-noise{NOISE}-stock{STOCK_SHARE}"  # a folder is reused only as made
-    data, scores = work / f"embeddings-{made}", work / f"scores-{made}"
-    if not (scores / "manifest.json").is_file():
-        shutil.rmtree(data, ignore_errors=True)
-        shutil.rmtree(scores, ignore_errors=True)
-        write_folder(data, args.pairs, args.parts, args.dim)
-        score_from_embeddings(EmbeddingSource(data, "clip-retrieval"), scores)
+    data, scores = scored_folder(work, args.pairs, args.parts, args.dim)
     for path in data.rglob("*"):  # into the page cache, so no version pays the first read
         if path.is_file():
             path.read_bytes()
