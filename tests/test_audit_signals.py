@@ -531,7 +531,8 @@ def test_the_part_pass_and_the_neighbour_search_run_as_ray_tasks_with_the_same_r
 
     world = World(9).clean(n=240).fan_in("sheep", "aeroplane", captions=7).cluster("banana", images=20)
     scores = world.write(tmp_path / "w", shards=3)
-    faiss_path = dict(keywords=KEYWORDS, exact_limit=10, nprobe=10_000)
+    # The counting pass in partitions of about 64 rows, each a task.
+    faiss_path = dict(keywords=KEYWORDS, exact_limit=10, nprobe=10_000, partition_rows=64)
     here = run_audit(AuditConfig(scores=scores, out=tmp_path / "a1", **faiss_path))
     # Several ranges a side; and this process cannot search any of them, so the Ray run's
     # neighbours can only come from its workers (which import the real method).
@@ -548,6 +549,9 @@ def test_the_part_pass_and_the_neighbour_search_run_as_ray_tasks_with_the_same_r
 
     monkeypatch.setattr(neighbours_module, "_trained_faiss", lambda *a, **k: pytest.fail("trained in the driver"))
     monkeypatch.setattr(NeighbourIndex, "search", lambda *a, **k: pytest.fail("a group's centroid searched in the driver"))
+    from clipguard.audit import counting
+
+    monkeypatch.setattr(counting, "read_run", lambda *a, **k: pytest.fail("a counting partition worked in the driver"))
     asked, node_cpus = [], Tasks.node_cpus
     monkeypatch.setattr(Tasks, "node_cpus", lambda self, wanted: asked.append((wanted, node_cpus(self, wanted))) or asked[-1][1])
     parts, searched = [], {}

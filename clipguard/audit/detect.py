@@ -45,6 +45,7 @@ import numpy as np
 from scipy import stats
 
 from clipguard.audit.classes import NO_CLASS, CellTable, plurality
+from clipguard.audit.counting import patch_units
 from clipguard.audit.timing import StageClock
 
 LN10 = math.log(10.0)
@@ -79,6 +80,12 @@ class AuditTables:
     pair_similarity: np.ndarray | None = None
     # (n, KEEP) uint64 patch signatures of each pair's image, 0 = none; None: not recorded by score.
     patches: np.ndarray | None = None
+    # `counting.patch_units` of those signatures, where the audit has counted them (partitioned on
+    # disk); None: counted here from ``patches``. Per signature on two or more image groups (counted
+    # in groups, so a stock photo on many pages is one image), per group the rows whose image
+    # carries it (only those, so a stamped copy that joined its original's near-duplicate group
+    # brings its own captions, not the original's).
+    patch_units: list | None = None
 
 
 @dataclass
@@ -633,31 +640,6 @@ def _group_class_counts(t: AuditTables):
             yield labelled, counts
 
 
-def _patch_units(t: AuditTables) -> list[list[np.ndarray]]:
-    """Per patch signature shared by at least two image groups: per group, the rows whose image
-    carries the signature. Counted in image groups, so a stock photo on many
-    pages is one image; only the rows carrying the patch, so a stamped copy that joined its
-    original's near-duplicate group brings its own captions, not the original's."""
-    if t.patches is None or not t.patches.size:
-        return []
-    width = t.patches.shape[1]
-    rows = np.repeat(np.arange(len(t.caption_class)), width)
-    keys = t.patches.ravel()
-    present = keys != 0
-    rows, keys = rows[present], keys[present]
-    order = np.lexsort((t.image_group[rows], keys))
-    rows, keys = rows[order], keys[order]
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    ends = np.r_[starts[1:], len(keys)]
-    out = []
-    for start, end in zip(starts, ends):
-        groups = t.image_group[rows[start:end]]
-        if groups[0] == groups[-1]:
-            continue  # one image group: reuse, which the fan-in test reads
-        out.append(np.split(rows[start:end], np.flatnonzero(np.diff(groups)) + 1))
-    return out
-
-
 def _stamped_images(t: AuditTables, config: DetectConfig, mislabel: np.ndarray | None = None) -> list[Finding]:
     """A patch on many image groups whose captions name one label their images do not explain.
     ``mislabel``: `_group_mislabel` of the data's image groups, where `detect` has built it."""
@@ -665,7 +647,8 @@ def _stamped_images(t: AuditTables, config: DetectConfig, mislabel: np.ndarray |
     if mislabel is None:
         mislabel = _group_mislabel(_image_group_table(t), classes)
     candidates = []
-    for members in _patch_units(t):  # per image group carrying the patch, its rows
+    units = t.patch_units if t.patch_units is not None else patch_units(t.patches, t.image_group)
+    for members in units:  # per image group carrying the patch, its rows
         if len(members) < config.min_cluster:
             continue
         labels = np.array([_distinct_plurality(t, rows, classes) for rows in members])

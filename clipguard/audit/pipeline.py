@@ -10,16 +10,18 @@ time, its search cut into ranges that are tasks on the same executor (`searchtas
 neighbours are written into ``OUT/.search-index/<side>-neighbours`` as they come and read back
 memory-mapped, and density, the near-duplicate groups and the groups' class votes read them a
 block of rows at a time, so the codes and the neighbours are file pages. What still grows with the
-data in the driver: the per-pair columns, per distinct image and caption a few numbers (its id,
-group, k-distance and outlier ratio: ~40 bytes), and per image group its class and its neighbours'
-labels (k bytes up to 128 classes). How it scales to 10^8 pairs in bounded memory, with the same
+data in the driver: the per-pair columns (and the ids the counting pass numbers them with), per
+distinct image and caption a few numbers (its id, group, k-distance and outlier ratio: ~40
+bytes), and per image group its class and its neighbours' labels (k bytes up to 128 classes). How it scales to 10^8 pairs in bounded memory, with the same
 statistics (docs/architecture.md says the same):
 
-1. Counting pass, per shard (the hashing is built: `partpass`; the partitioned merge is not): write
-   (hash prefix partition, hash, key) runs to disk; merge each partition alone (a partition fits
-   in memory) into distinct-caption-per-image and distinct-image-per-caption counts. Patch
-   signatures (8 per image) go the same way, partitioned by signature: a partition keeps only the
-   signatures shared by two or more image groups, the stamped-images test's input.
+1. Counting pass (built: the hashing per part, `partpass`; the rest in `counting`): the pairs'
+   caption and image hashes are numbered, the distinct captions per image and images per caption
+   counted, and the patch signatures (8 per image) grouped, each through partitions written to
+   ``OUT/.search-index/counting`` a chunk of rows at a time (by a hash's top bits, or a range of
+   group numbers) and worked one partition per task, so a process holds one partition's sort, not
+   the whole data's; a patch partition hands back only the signatures shared by two or more image
+   groups, the stamped-images test's input.
 2. Index pass (built: the index trained on a sample, filled a block per task from the parts'
    files into an on-disk lists file, `indexfill`, its own rows searched a range per task,
    `searchtasks`, and their neighbours written to disk; k-distances and near-duplicate edges read
@@ -48,9 +50,10 @@ import numpy as np
 from clipguard.audit.classes import (NO_CLASS, cell_table, grouped_plurality, image_group_classes, strong_mismatch,
                                      votes_for)
 from clipguard.audit.columns import PairColumn, SignalColumns, class_names, per_group
+from clipguard.audit.counting import PARTITION_ROWS, distinct_counts, distinct_ids, patch_units
 from clipguard.audit.density import density
 from clipguard.audit.detect import AuditTables, DetectConfig, Detection, Finding, detect
-from clipguard.audit.grouping import components, distinct_per_group, factorize_codes, normalise_caption
+from clipguard.audit.grouping import components, normalise_caption
 from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
 from clipguard.audit.neighbours import CODES, EXACT_LIMIT, NeighbourIndex, Neighbours, VectorReader
 from clipguard.audit.output import write_findings, write_signals
@@ -64,9 +67,11 @@ if TYPE_CHECKING:
 
 
 DUPLICATE_SHARE = 0.25
-# The faiss indexes, written here while the audit runs and searched memory-mapped (by the workers
-# too, so on a cluster the output folder must be on storage they reach); removed at the end.
+# The audit's working files: the counting pass's partitions and the faiss indexes, written here
+# while the audit runs and read memory-mapped (by the workers too, so on a cluster the output
+# folder must be on storage they reach); removed at the end.
 INDEX_DIR = ".search-index"
+COUNTING_DIR = "counting"  # in INDEX_DIR
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class AuditConfig:
     index_codes: str = "sq8"  # what the faiss index stores (`neighbours.CODES`): pq for 10^8 vectors
     detect: DetectConfig = field(default_factory=DetectConfig)
     executor: "ExecutorSpec | None" = None  # where the per-part pass runs; None: in this process
+    partition_rows: int = PARTITION_ROWS  # rows, about, in one partition of the counting pass (`counting`)
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,8 @@ def run_audit(config: AuditConfig, on_part: Callable[[int, int], None] | None = 
         raise AuditInputError(f"the significance level must be in (0, 1), got {config.alpha}")
     if not (0 < config.image_duplicate <= 1 and 0 < config.text_duplicate <= 1):
         raise AuditInputError("near-duplicate similarities must be in (0, 1]")
+    if config.partition_rows < 1:
+        raise AuditInputError(f"a counting partition needs at least one row, got partition_rows={config.partition_rows}")
     if config.index_codes not in CODES:
         raise AuditInputError(f"unknown index codes {config.index_codes!r}; choose one of {', '.join(CODES)}")
     clock = StageClock()
@@ -130,9 +138,15 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
     if len(pairs) == 0:
         raise AuditInputError(f"no scored pairs with embeddings in {config.embeddings or config.scores}")
     caption_class = pairs.caption_class
+    work = Path(config.out) / INDEX_DIR / COUNTING_DIR
+    rows = config.partition_rows
+
+    def distinct(group: np.ndarray, item: np.ndarray, groups: int) -> np.ndarray:
+        return distinct_counts(group, item, groups, work, tasks, rows)
+
     with clock("exact identities (caption text, image sha256)"):
-        caption_id, n_captions = factorize_codes(pairs.caption_hash)
-        image_id, n_images = factorize_codes(pairs.image_hash)
+        caption_id, n_captions = distinct_ids(pairs.caption_hash, work, tasks, rows)
+        image_id, n_images = distinct_ids(pairs.image_hash, work, tasks, rows)
 
     # Neighbours among distinct images and distinct captions: a reused image is not its own
     # neighbour. One side's index at a time: the image index serves the image classes, and is let
@@ -155,6 +169,8 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
     exact_search = exact_search and text_index.exact
     text_index.close()
 
+    with clock("shared patch signatures"):
+        units = patch_units(pairs.patches, image_group, work, tasks, rows)
     tables = AuditTables(
         classes=classes, caption_class=caption_class, image_class=image_class,
         caption_texts=lambda rows: [normalise_caption(c) for c in pairs.captions(rows)],
@@ -162,7 +178,7 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
         caption_group=caption_group_of[caption_id], strong_mismatch=strong,
         cells=cell_table(caption_class, image_class, len(classes), image_group, strong),
         pair_similarity=pairs.similarity,
-        patches=pairs.patches,
+        patches=pairs.patches, patch_units=units,
     )
     if classes:
         detection = detect(tables, config.detect, clock)
@@ -176,11 +192,11 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
     n_caption_groups = int(tables.caption_group.max()) + 1
     with clock("per-pair columns and writing"):
         columns = SignalColumns({
-            "image_fan_in": per_group(distinct_per_group(image_id, caption_id, n_images), image_id),
-            "image_fan_in_near": per_group(distinct_per_group(image_group, caption_id, n_image_groups), image_group),
+            "image_fan_in": per_group(distinct(image_id, caption_id, n_images), image_id),
+            "image_fan_in_near": per_group(distinct(image_group, caption_id, n_image_groups), image_group),
             "image_group": PairColumn(image_group),
-            "caption_fan_out": per_group(distinct_per_group(caption_id, image_id, n_captions), caption_id),
-            "caption_fan_out_near": per_group(distinct_per_group(tables.caption_group, image_id, n_caption_groups),
+            "caption_fan_out": per_group(distinct(caption_id, image_id, n_captions), caption_id),
+            "caption_fan_out_near": per_group(distinct(tables.caption_group, image_id, n_caption_groups),
                                               tables.caption_group),
             "caption_group": PairColumn(tables.caption_group),
             "class_cell_neglog10p": PairColumn(detection.cell_score),

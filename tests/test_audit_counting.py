@@ -1,0 +1,120 @@
+"""The audit's counting pass through partitions on disk (`clipguard.audit.counting`): the numbers,
+counts and patch groups of the in-memory definitions, on hand-made data where the answer is known
+and on random data at many partition sizes, and the whole audit unchanged by it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audit_worlds import KEYWORDS, World
+from clipguard.audit import AuditConfig, AuditInputError, run_audit
+from clipguard.audit import counting
+from clipguard.audit.counting import distinct_counts, distinct_ids, patch_units, prefix_bits
+from clipguard.audit.grouping import distinct_per_group, factorize_codes
+
+SIZES = [1, 3, 64, 1_000, 10**9]  # rows a partition: one a row, a few, ..., one partition (in memory)
+
+
+def _spread(rng, n: int, distinct: int) -> np.ndarray:
+    """n uint64 hashes over the whole range, ``distinct`` of them, reused unevenly (a web scrape's stock images)."""
+    values = rng.integers(0, 2**64, size=distinct, dtype=np.uint64)
+    return values[np.minimum(rng.zipf(1.5, size=n) - 1, distinct - 1)]
+
+
+def _no_runs_left(work: Path) -> None:
+    assert not work.exists() or not any(work.iterdir()), sorted(p.name for p in work.iterdir())
+
+
+def test_hand_made_numbers_and_counts(tmp_path):
+    codes = np.array([5, 3, 5, 9, 3], np.uint64) << np.uint64(60)  # top bits differ: three partitions
+    ids, count = distinct_ids(codes, tmp_path, partition_rows=1)
+    assert ids.tolist() == [0, 1, 0, 2, 1] and count == 3
+    # Image 0 behind captions 4, 5, 4 and 6: three distinct; image 1 behind one; image 2 behind none.
+    image = np.array([0, 0, 1, 0, 0])
+    caption = np.array([4, 5, 4, 4, 6])
+    assert distinct_counts(image, caption, 3, tmp_path, partition_rows=1).tolist() == [3, 1, 0]
+    _no_runs_left(tmp_path)
+
+
+@pytest.mark.parametrize("partition_rows", SIZES)
+def test_distinct_ids_through_partitions_are_the_in_memory_numbers(tmp_path, partition_rows):
+    rng = np.random.default_rng(partition_rows)
+    for codes in (_spread(rng, 5_000, 800),
+                  rng.integers(0, 50, size=3_000).astype(np.uint64),  # small integers: every hash in one partition
+                  np.zeros(0, np.uint64), np.full(7, 2**64 - 1, np.uint64)):
+        ids, count = distinct_ids(codes, tmp_path / "work", partition_rows=partition_rows)
+        expected, expected_count = factorize_codes(codes)
+        np.testing.assert_array_equal(ids, expected)
+        assert count == expected_count and ids.dtype == np.int64
+    _no_runs_left(tmp_path / "work")
+
+
+@pytest.mark.parametrize("partition_rows", SIZES)
+def test_distinct_counts_through_partitions_are_the_in_memory_counts(tmp_path, partition_rows):
+    rng = np.random.default_rng(partition_rows + 1)
+    groups = 700
+    group = np.minimum(rng.zipf(1.3, size=6_000) - 1, groups - 1)
+    item = rng.integers(0, 300, size=len(group))
+    counts = distinct_counts(group, item, groups, tmp_path, partition_rows=partition_rows)
+    np.testing.assert_array_equal(counts, distinct_per_group(group, item, groups))
+    assert (counts == 0).any()  # groups without rows are counted as 0, not dropped
+    _no_runs_left(tmp_path)
+
+
+def _units(found):
+    return [[rows.tolist() for rows in unit] for unit in found]
+
+
+def test_hand_made_shared_patches(tmp_path):
+    s, t, u = (np.uint64(v) << np.uint64(62) | np.uint64(1) for v in (1, 2, 3))
+    # s: row 0 (group 0), rows 2 and 3 (group 1); t: rows 1 and 4, both group 2 (reuse: dropped);
+    # u: rows 1 (group 2) and 3 (group 1), on the second tile.
+    patches = np.array([[s, 0], [t, u], [s, 0], [s, u], [t, 0]], np.uint64)
+    image_group = np.array([0, 2, 1, 1, 2])
+    expected = [[[0], [2, 3]], [[3], [1]]]  # in signature order: s, then u; groups ascending
+    assert _units(patch_units(patches, image_group)) == expected
+    assert _units(patch_units(patches, image_group, tmp_path, partition_rows=1)) == expected
+    assert patch_units(None, image_group) == [] and patch_units(np.zeros((5, 2), np.uint64), image_group, tmp_path, partition_rows=1) == []
+    _no_runs_left(tmp_path)
+
+
+@pytest.mark.parametrize("partition_rows", SIZES)
+def test_patch_groups_through_partitions_are_the_in_memory_groups(tmp_path, partition_rows):
+    rng = np.random.default_rng(partition_rows + 2)
+    n, width = 2_000, 4
+    patches = rng.integers(1, 2**64, size=(n, width), dtype=np.uint64)
+    patches[rng.random((n, width)) < 0.3] = 0
+    shared = rng.integers(1, 2**64, size=40, dtype=np.uint64)  # triggers and watermarks on many images
+    carriers = rng.random(n) < 0.4
+    patches[carriers, 0] = shared[rng.integers(0, len(shared), size=carriers.sum())]
+    image_group = np.minimum(rng.zipf(1.6, size=n) - 1, 900)
+    found = patch_units(patches, image_group, tmp_path, partition_rows=partition_rows)
+    assert _units(found) == _units(patch_units(patches, image_group))
+    assert len(found) >= 30
+    _no_runs_left(tmp_path)
+
+
+def test_prefix_bits_split_rows_into_partitions_of_about_the_size_asked():
+    assert prefix_bits(0, 100) == prefix_bits(100, 100) == 0
+    assert prefix_bits(101, 100) == 1 and prefix_bits(10**8, counting.PARTITION_ROWS) == 5
+    with pytest.raises(ValueError):
+        prefix_bits(10, 0)
+
+
+def test_the_audit_counted_through_partitions_equals_the_audit_counted_in_memory(tmp_path):
+    world = (World(7).clean().with_patches().stamp("sheep", images=9, echo=7)
+             .fan_in("horse", "aeroplane").fan_out("horse", "dog").cluster("banana", images=20))
+    scores = world.write(tmp_path / "w", shards=3)
+    whole = run_audit(AuditConfig(scores=scores, out=tmp_path / "a1", keywords=KEYWORDS))
+    parted = run_audit(AuditConfig(scores=scores, out=tmp_path / "a2", keywords=KEYWORDS, partition_rows=64))
+    assert {"stamped_images", "image_fan_in", "caption_fan_out", "image_cluster"} <= {f.kind for f in whole.findings}
+    assert [(f.kind, f.goal, f.observed, f.rows.tolist()) for f in parted.findings] == \
+        [(f.kind, f.goal, f.observed, f.rows.tolist()) for f in whole.findings]
+    for name, values in whole.signal_columns.items():
+        np.testing.assert_array_equal(parted.signal_columns[name], values, err_msg=name)
+    assert not (tmp_path / "a2" / ".search-index").exists()  # the partitions went with the index
+    with pytest.raises(AuditInputError, match="partition"):
+        run_audit(AuditConfig(scores=scores, out=tmp_path / "a3", keywords=KEYWORDS, partition_rows=0))
