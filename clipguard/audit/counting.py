@@ -206,7 +206,8 @@ def shared_units(keys: np.ndarray, rows: np.ndarray, groups: np.ndarray) -> list
     # A signature on one image group is reuse, which the fan-in test reads: only the others are
     # split (most signatures are on one image, so they are dropped without a Python step each).
     shared = groups[starts] != groups[ends - 1]
-    return [np.split(rows[start:end], np.flatnonzero(np.diff(groups[start:end])) + 1)
+    # Copied: a view would keep the whole partition's rows alive as long as the finding's rows.
+    return [np.split(rows[start:end].copy(), np.flatnonzero(np.diff(groups[start:end])) + 1)
             for start, end in zip(starts[shared], ends[shared])]
 
 
