@@ -118,3 +118,78 @@ def test_the_audit_counted_through_partitions_equals_the_audit_counted_in_memory
     assert not (tmp_path / "a2" / ".search-index").exists()  # the partitions went with the index
     with pytest.raises(AuditInputError, match="partition"):
         run_audit(AuditConfig(scores=scores, out=tmp_path / "a3", keywords=KEYWORDS, partition_rows=0))
+
+
+def _random_tables(seed: int, n: int = 3_000, classes: int = 5):
+    """Per pair: image groups over images, captions (reused, some unlabelled), classes."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(seed)
+    image_id = np.minimum(rng.zipf(1.4, size=n) - 1, 1_500)
+    image_group = image_id // 3  # near-duplicates: three images a group
+    caption_id = np.minimum(rng.zipf(1.3, size=n) - 1, 2_000)
+    caption_class = np.where(rng.random(n) < 0.2, -1, rng.integers(0, classes, size=n))
+    image_class = np.where(rng.random(image_group.max() + 1) < 0.1, -1, rng.integers(0, classes, size=image_group.max() + 1))
+    return SimpleNamespace(classes=[f"c{i}" for i in range(classes)], image_id=image_id, image_group=image_group,
+                           caption_id=caption_id, caption_class=caption_class, image_class=image_class[image_group],
+                           caption_group=caption_id // 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_image_group_table_as_arrays_is_each_groups_own_numbers(seed):
+    """The detect tests' per-group figures, computed for all groups at once, against the
+    definition one group at a time (what the code did before: a Python object a group)."""
+    from clipguard.audit import detect
+    from clipguard.audit.classes import plurality
+
+    t = _random_tables(seed)
+    groups = detect._image_group_table(t)
+    noise_off = noise_total = 0
+    numbers = np.unique(t.image_group)
+    assert len(groups) == len(numbers)
+    multi = []
+    for i, number in enumerate(numbers):
+        rows = np.flatnonzero(t.image_group == number)
+        g = groups[i]
+        assert g.rows.tolist() == rows.tolist()
+        assert (g.images, g.captions) == (len(np.unique(t.image_id[rows])), len(np.unique(t.caption_id[rows])))
+        assert (g.image_class, g.label) == (int(t.image_class[rows[0]]), plurality(t.caption_class[rows], 5))
+        labelled = rows[t.caption_class[rows] >= 0]
+        _, first = np.unique(t.caption_id[labelled], return_index=True)
+        counts = np.bincount(t.caption_class[labelled[first]], minlength=5)
+        if len(first) >= 3:
+            noise_off, noise_total = noise_off + len(first) - counts.max(), noise_total + len(first)
+        if (counts > 0).sum() >= 2:
+            multi.append((labelled.tolist(), counts.tolist()))
+    assert detect._caption_noise(t, groups) == pytest.approx((noise_off + 1) / (noise_total + 1) / 4, rel=1e-12)
+    assert [(rows.tolist(), counts.tolist()) for rows, counts in detect._group_class_counts(t)] == multi and multi
+    mislabel = np.zeros((5, 5))
+    for i in range(len(groups)):
+        if groups[i].label >= 0 and groups[i].image_class >= 0:
+            mislabel[groups[i].label, groups[i].image_class] += 1
+    np.testing.assert_array_equal(detect._group_mislabel(groups, 5), mislabel)
+
+
+def test_group_rows_hold_every_groups_rows_in_order():
+    from clipguard.audit.detect import group_rows
+
+    slices = group_rows(np.array([4, 1, 4, 4, 9, 1]))
+    assert slices.number.tolist() == [1, 4, 9] and slices.sizes.tolist() == [2, 3, 1]
+    assert [slices.rows(i).tolist() for i in range(3)] == [[1, 5], [0, 2, 3], [4]]
+    assert slices.distinct(np.array([7, 7, 8, 7, 7, 7])).tolist() == [1, 2, 1]
+    assert len(group_rows(np.zeros(0, np.int64))) == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_caption_groups_chosen_at_once_are_those_chosen_one_by_one(seed):
+    from clipguard.audit.detect import DetectConfig, _fan_out_groups
+
+    t = _random_tables(seed)
+    config = DetectConfig(min_fan_out=3)
+    expected = []
+    for number in np.unique(t.caption_group):
+        rows = np.flatnonzero(t.caption_group == number)
+        labelled = t.caption_class[rows][t.caption_class[rows] >= 0]
+        if len(labelled) * 2 > len(rows) and len(np.unique(t.image_id[rows])) >= config.min_fan_out:
+            expected.append((int(np.bincount(labelled, minlength=5).argmax()), rows.tolist()))
+    assert [(a, rows.tolist()) for a, rows in _fan_out_groups(t, config)] == expected and expected

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from clipguard.audit.classes import NO_CLASS, CellTable, plurality
+from clipguard.audit.classes import NO_CLASS, CellTable, grouped_plurality, plurality
 from clipguard.audit.counting import patch_units
 from clipguard.audit.timing import StageClock
 
@@ -195,13 +195,97 @@ class _ImageGroup:
     label: int  # plurality class of its own captions
 
 
-def _image_group_table(t: AuditTables) -> list[_ImageGroup]:
-    order = np.argsort(t.image_group, kind="stable")
-    bounds = np.flatnonzero(np.diff(t.image_group[order])) + 1
-    classes = len(t.classes)
-    return [_ImageGroup(rows, len(np.unique(t.image_id[rows])), len(np.unique(t.caption_id[rows])),
-                        int(t.image_class[rows[0]]), plurality(t.caption_class[rows], classes))
-            for rows in np.split(order, bounds) if len(rows)]
+@dataclass(frozen=True)
+class GroupRows:
+    """The pairs sorted by a group column (stably: rows ascending within a group), and each group
+    present as a slice of that order: three arrays, not a Python object a group (~300 bytes each,
+    ~20 GB for the 7 x 10^7 image groups of 10^8 web pairs)."""
+
+    order: np.ndarray  # pair rows, by group
+    bounds: np.ndarray  # group i's rows are order[bounds[i]:bounds[i + 1]]
+    number: np.ndarray  # group i's number in the column
+
+    def __len__(self) -> int:
+        return len(self.number)
+
+    def rows(self, i: int) -> np.ndarray:
+        return self.order[self.bounds[i]:self.bounds[i + 1]]
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.bounds)
+
+    @property
+    def position(self) -> np.ndarray:
+        """Per entry of ``order``, which group (0 ... len - 1) it is in."""
+        return np.repeat(np.arange(len(self)), self.sizes)
+
+    def distinct(self, item: np.ndarray) -> np.ndarray:
+        """Per group, how many distinct values of ``item`` (per pair) its rows hold."""
+        position, values = self.position, item[self.order]
+        ordered = np.lexsort((values, position))
+        position, values = position[ordered], values[ordered]
+        new = np.ones(len(position), bool)
+        new[1:] = (position[1:] != position[:-1]) | (values[1:] != values[:-1])
+        return np.bincount(position[new], minlength=len(self))
+
+
+def group_rows(group: np.ndarray) -> GroupRows:
+    order = np.argsort(group, kind="stable")
+    ordered = group[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(order) else np.zeros(0, np.int64)
+    return GroupRows(order, np.r_[starts, len(order)], ordered[starts])
+
+
+@dataclass(frozen=True)
+class _ImageGroups:
+    """Every image group's sizes and classes as arrays; `_ImageGroup` made only for those asked for."""
+
+    slices: GroupRows
+    images: np.ndarray  # distinct exact images
+    captions: np.ndarray  # distinct normalised captions
+    image_class: np.ndarray  # data-driven, from neighbours outside the group
+    label: np.ndarray  # plurality class of its own captions
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, i: int) -> _ImageGroup:
+        return _ImageGroup(self.slices.rows(i), int(self.images[i]), int(self.captions[i]), int(self.image_class[i]),
+                           int(self.label[i]))
+
+
+def _image_group_table(t: AuditTables) -> _ImageGroups:
+    slices = group_rows(t.image_group)
+    first = slices.order[slices.bounds[:-1]]
+    return _ImageGroups(slices, slices.distinct(t.image_id), slices.distinct(t.caption_id), t.image_class[first],
+                        grouped_plurality(slices.position, t.caption_class[slices.order], len(slices)))
+
+
+def _distinct_caption_classes(t: AuditTables, slices: GroupRows) -> tuple[np.ndarray, np.ndarray]:
+    """Per distinct (group, normalised caption) among the labelled pairs, by group: the group (its
+    position in ``slices``) and the class of the caption's first pair in the group. One vote per
+    distinct caption: the same caption copied twice is not two witnesses."""
+    labelled = t.caption_class[slices.order] >= 0
+    position, rows = slices.position[labelled], slices.order[labelled]
+    ordered = np.lexsort((t.caption_id[rows], position))  # stable: a run starts at its first row
+    position, rows = position[ordered], rows[ordered]
+    caption = t.caption_id[rows]
+    new = np.ones(len(rows), bool)
+    new[1:] = (position[1:] != position[:-1]) | (caption[1:] != caption[:-1])
+    return position[new], t.caption_class[rows[new]]
+
+
+def _class_runs(position: np.ndarray, label: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group: how many distinct labels, and the largest count of one label."""
+    ordered = np.lexsort((label, position))
+    position, label = position[ordered], label[ordered]
+    starts = np.flatnonzero(np.r_[True, (position[1:] != position[:-1]) | (label[1:] != label[:-1])]) \
+        if len(position) else np.zeros(0, np.int64)
+    counts = np.diff(np.r_[starts, len(position)])
+    top = np.zeros(groups, np.int64)
+    np.maximum.at(top, position[starts], counts)
+    return np.bincount(position[starts], minlength=groups), top
 
 
 def _geometric_tail(counts: np.ndarray) -> float:
@@ -236,14 +320,13 @@ def _hurdle_tail(values: np.ndarray, x: int, own: int, dispersed: bool = False) 
     return min(1.0, share * (mean / (1.0 + mean)) ** (x - 1))
 
 
-def _group_mislabel(groups: list[_ImageGroup], classes: int) -> np.ndarray:
+def _group_mislabel(groups: _ImageGroups, classes: int) -> np.ndarray:
     """P(a group's own captions name A | its neighbours say B), per image group rather than per
     pair: the captions behind one image share its fate, so a misjudged image class or a reused
     stock photo mismatches all of them at once."""
     counts = np.zeros((classes, classes))
-    for g in groups:
-        if g.label >= 0 and g.image_class >= 0:
-            counts[g.label, g.image_class] += 1
+    known = (groups.label >= 0) & (groups.image_class >= 0)
+    np.add.at(counts, (groups.label[known], groups.image_class[known]), 1)
     return counts
 
 
@@ -261,24 +344,20 @@ def _joint_mismatch(counts: np.ndarray, label: int, image_class: int, own: bool)
     return float((max(cell, 0) + off_share * row_share) / (rest + 1.0))
 
 
-def _caption_noise(t: AuditTables, groups: list[_ImageGroup]) -> float:
+def _caption_noise(t: AuditTables, groups: _ImageGroups) -> float:
     """The rate at which one distinct caption of a reused image names one given other class than
     its image's majority (natural label noise, per class): measured on the data's groups with at
     least three labelled distinct captions, floored so that clean data never makes it zero."""
     classes = max(len(t.classes), 2)
-    off, total = 0, 0
-    for g in groups:
-        labelled = g.rows[t.caption_class[g.rows] >= 0]
-        _, first = np.unique(t.caption_id[labelled], return_index=True)
-        if len(first) < 3:
-            continue
-        counts = np.bincount(t.caption_class[labelled[first]], minlength=classes)
-        off += int(len(first) - counts.max())
-        total += len(first)
+    position, label = _distinct_caption_classes(t, groups.slices)
+    distinct = np.bincount(position, minlength=len(groups))
+    _, top = _class_runs(position, label, len(groups))
+    counted = distinct >= 3
+    off, total = int((distinct[counted] - top[counted]).sum()), int(distinct[counted].sum())
     return float(min(1.0, (off + 1.0) / (total + 1.0) / (classes - 1)))
 
 
-def _image_groups(t: AuditTables, config: DetectConfig, groups: list[_ImageGroup], mislabel: np.ndarray) -> list[Finding]:
+def _image_groups(t: AuditTables, config: DetectConfig, groups: _ImageGroups, mislabel: np.ndarray) -> list[Finding]:
     """Fan-in (one or a few distinct images) and clusters (many distinct images), per image group.
 
     Under the null a group is ordinary reuse: its size follows the data's own (geometric) tail of
@@ -289,16 +368,17 @@ def _image_groups(t: AuditTables, config: DetectConfig, groups: list[_ImageGroup
     # Captions in excess of the usual number per distinct image (the median: a world with two
     # captions per image has nothing unusual about two, nor three near-duplicates about six), so
     # the tail is fitted to the reuse alone.
-    usual_captions = int(np.median([g.captions / g.images for g in groups])) if groups else 1
+    usual_captions = int(np.median(groups.captions / groups.images)) if len(groups) else 1
 
     def excess(g: _ImageGroup) -> int:
         return max(0, g.captions - usual_captions * g.images)
 
-    excesses = np.array([excess(g) for g in groups])
+    excesses = np.maximum(0, groups.captions - usual_captions * groups.images)
     noise = _caption_noise(t, groups)
-    extra_images = np.array([g.images - 1 for g in groups])
-    fan_in = [g for g in groups if g.images < config.min_cluster and g.captions >= config.min_fan_in]
-    clusters = [g for g in groups if g.images >= config.min_cluster]
+    extra_images = groups.images - 1
+    # Only the few groups that can be a finding become objects.
+    fan_in = [groups[i] for i in np.flatnonzero((groups.images < config.min_cluster) & (groups.captions >= config.min_fan_in))]
+    clusters = [groups[i] for i in np.flatnonzero(groups.images >= config.min_cluster)]
     rate = _caption_rate(t)
     found = []
     candidates, fan_in_tests = [], 0
@@ -366,15 +446,23 @@ def _image_groups(t: AuditTables, config: DetectConfig, groups: list[_ImageGroup
     return found
 
 
+def _fan_out_groups(t: AuditTables, config: DetectConfig) -> list[tuple[int, np.ndarray]]:
+    """The caption groups the fan-out test reads: mostly labelled, behind at least ``min_fan_out``
+    distinct images (chosen for all groups at once); each one's most frequent class and its rows."""
+    slices = group_rows(t.caption_group)
+    labelled_pairs = np.bincount(slices.position[t.caption_class[slices.order] >= 0], minlength=len(slices))
+    tested = np.flatnonzero((labelled_pairs * 2 > slices.sizes) & (slices.distinct(t.image_id) >= config.min_fan_out))
+    groups = []
+    for i in tested:
+        rows = slices.rows(i)
+        labelled = t.caption_class[rows][t.caption_class[rows] >= 0]
+        groups.append((int(np.bincount(labelled, minlength=len(t.classes)).argmax()), rows))
+    return groups
+
+
 def _caption_groups(t: AuditTables, config: DetectConfig) -> list[Finding]:
     classes = len(t.classes)
-    order = np.argsort(t.caption_group, kind="stable")
-    bounds = np.flatnonzero(np.diff(t.caption_group[order])) + 1
-    groups = []
-    for rows in np.split(order, bounds):
-        labelled = t.caption_class[rows][t.caption_class[rows] >= 0]
-        if len(rows) and len(labelled) * 2 > len(rows) and len(np.unique(t.image_id[rows])) >= config.min_fan_out:
-            groups.append((int(np.bincount(labelled, minlength=classes).argmax()), rows))
+    groups = _fan_out_groups(t, config)
     tests = len(groups) * (classes - 1)
     found = []
     for a, rows in groups:
@@ -626,18 +714,17 @@ def _a_not_ahead(counts: np.ndarray, a: int, b: int) -> bool:
 def _group_class_counts(t: AuditTables):
     """Per image group whose distinct captions name at least two classes: (its labelled rows, the
     number of distinct captions of each class). One vote per distinct caption: the same caption
-    copied twice is not two witnesses."""
+    copied twice is not two witnesses. The groups are chosen at once (`_distinct_caption_classes`);
+    only those, a few percent of web images, are gone through one by one."""
     classes = len(t.classes)
-    order = np.argsort(t.image_group, kind="stable")
-    bounds = np.flatnonzero(np.diff(t.image_group[order])) + 1
-    for rows in np.split(order, bounds):
+    slices = group_rows(t.image_group)
+    position, label = _distinct_caption_classes(t, slices)
+    named, _ = _class_runs(position, label, len(slices))
+    for i in np.flatnonzero(named >= 2):
+        rows = slices.rows(i)
         labelled = rows[t.caption_class[rows] >= 0]
-        if len(labelled) < 2:
-            continue
         _, first = np.unique(t.caption_id[labelled], return_index=True)
-        counts = np.bincount(t.caption_class[labelled[first]], minlength=classes)
-        if (counts > 0).sum() >= 2:
-            yield labelled, counts
+        yield labelled, np.bincount(t.caption_class[labelled[first]], minlength=classes)
 
 
 def _stamped_images(t: AuditTables, config: DetectConfig, mislabel: np.ndarray | None = None) -> list[Finding]:
