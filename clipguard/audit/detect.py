@@ -86,6 +86,8 @@ class AuditTables:
     # carries it (only those, so a stamped copy that joined its original's near-duplicate group
     # brings its own captions, not the original's).
     patch_units: list | None = None
+    # `_group_class_counts`, made at its first use: the relabel tests read it once per finding.
+    _class_counts: list | None = field(default=None, init=False, repr=False, compare=False)
 
 
 @dataclass
@@ -711,20 +713,27 @@ def _a_not_ahead(counts: np.ndarray, a: int, b: int) -> bool:
     return counts[b] > 0 and counts[a] <= counts[b]
 
 
-def _group_class_counts(t: AuditTables):
+def _group_class_counts(t: AuditTables) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per image group whose distinct captions name at least two classes: (its labelled rows, the
     number of distinct captions of each class). One vote per distinct caption: the same caption
     copied twice is not two witnesses. The groups are chosen at once (`_distinct_caption_classes`);
-    only those, a few percent of web images, are gone through one by one."""
+    only those, a few percent of web images, are gone through one by one, and the list is kept on
+    the tables (which do not change once built): the relabel tests read it once per finding."""
+    cached = getattr(t, "_class_counts", None)
+    if cached is not None:
+        return cached
     classes = len(t.classes)
     slices = group_rows(t.image_group)
     position, label = _distinct_caption_classes(t, slices)
     named, _ = _class_runs(position, label, len(slices))
+    found = []
     for i in np.flatnonzero(named >= 2):
         rows = slices.rows(i)
         labelled = rows[t.caption_class[rows] >= 0]
         _, first = np.unique(t.caption_id[labelled], return_index=True)
-        yield labelled, np.bincount(t.caption_class[labelled[first]], minlength=classes)
+        found.append((labelled, np.bincount(t.caption_class[labelled[first]], minlength=classes)))
+    t._class_counts = found
+    return found
 
 
 def _stamped_images(t: AuditTables, config: DetectConfig, mislabel: np.ndarray | None = None) -> list[Finding]:
