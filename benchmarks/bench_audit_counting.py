@@ -4,10 +4,13 @@ each in its own process, on the same synthetic hashes.
 
 Each process makes the same data from one seed: ``--pairs`` pairs whose images and captions are
 drawn with reuse (about 0.6 distinct images and 0.7 distinct captions a pair), 8 patch
-signatures an image (10% of tiles empty) and 1,000 signatures planted on 20 images each. Then,
-stage by stage, what the audit's pipeline does with them: number the captions and the images,
-count the distinct captions behind each image and images behind each caption, and group the
-patch signatures shared by two or more images. For each stage it reports the seconds (a run
+signatures an image (10% of tiles empty), 1,000 signatures planted on 20 images each, and random
+caption and image classes. Then, stage by stage, what the audit's pipeline does with them: number
+the captions and the images, count the distinct captions behind each image and images behind
+each caption, group the patch signatures shared by two or more images, count the (caption class,
+image class) cells in distinct groups (`classes.cell_table`) and find each group's own captions'
+class (`pipeline._own_classes`; both one `np.unique` of a combined code since 2026-12-04, of
+stacked columns before). For each stage it reports the seconds (a run
 without tracemalloc) and the Python-traced peak above the data held (a second run with it:
 numpy's arrays are traced), and a digest of every output, which must be equal across versions.
 
@@ -46,6 +49,8 @@ try:
 except ImportError:
     counting = None
 from clipguard.audit import detect, grouping
+from clipguard.audit.classes import cell_table
+from clipguard.audit.pipeline import _own_classes
 
 rng = np.random.default_rng(0)
 images, captions = int(pairs * 0.75), int(pairs * 0.9)
@@ -58,6 +63,9 @@ planted = rng.integers(1, 2**64, size=1_000, dtype=np.uint64)
 signatures[rng.integers(0, images, size=20_000), 7] = np.repeat(planted, 20)
 patches = signatures[image_of]
 del signatures, image_of
+caption_class = np.where(rng.random(pairs) < 0.1, -1, rng.integers(0, 10, size=pairs))
+image_class = rng.integers(0, 10, size=pairs)
+strong = rng.random(pairs) < 0.5
 
 if counting is not None:
     ids = lambda codes: counting.distinct_ids(codes, work, None, partition_rows)
@@ -94,12 +102,15 @@ image_id, n_images = stage("image ids", lambda: ids(image_hash))
 fan_in = stage("captions per image", lambda: distinct(image_id, caption_id, n_images))
 fan_out = stage("images per caption", lambda: distinct(caption_id, image_id, n_captions))
 found = stage("shared patches", lambda: units(patches, image_id))
+cells = stage("class cells", lambda: cell_table(caption_class, image_class, 10, image_id, strong).observed)
+own = stage("own classes", lambda: _own_classes(image_id, caption_id, caption_class, 10))
 shared = [np.concatenate([np.r_[len(unit)], *unit]) for unit in found]
 print(json.dumps({"pairs": pairs, "stages": stages, "images": n_images, "captions": n_captions,
                   "shared_signatures": len(found),
                   "digests": {"caption ids": digest(caption_id), "image ids": digest(image_id),
                               "captions per image": digest(fan_in), "images per caption": digest(fan_out),
-                              "shared patches": digest(*shared) if shared else ""}}))
+                              "shared patches": digest(*shared) if shared else "",
+                              "class cells": digest(cells), "own classes": digest(own)}}))
 """
 
 

@@ -193,3 +193,35 @@ def test_caption_groups_chosen_at_once_are_those_chosen_one_by_one(seed):
         if len(labelled) * 2 > len(rows) and len(np.unique(t.image_id[rows])) >= config.min_fan_out:
             expected.append((int(np.bincount(labelled, minlength=5).argmax()), rows.tolist()))
     assert [(a, rows.tolist()) for a, rows in _fan_out_groups(t, config)] == expected and expected
+
+
+def test_combined_codes_sort_as_the_rows_and_refuse_what_does_not_fit():
+    from clipguard.audit.grouping import combined_codes
+
+    rng = np.random.default_rng(3)
+    a, b, c = rng.integers(0, 7, 500), rng.integers(0, 1_000, 500), rng.integers(0, 40, 500)
+    codes = combined_codes(a, b, c)
+    rows = np.stack([a, b, c], axis=1)
+    # Equal codes are equal rows, and their order is the rows' lexicographic order.
+    np.testing.assert_array_equal(np.unique(rows, axis=0), rows[np.unique(codes, return_index=True)[1]])
+    np.testing.assert_array_equal(np.unique(rows, axis=0, return_index=True)[1], np.unique(codes, return_index=True)[1])
+    assert combined_codes(np.array([2**40]), np.array([2**30])) is None  # 71 bits
+
+
+def test_cell_table_counts_each_image_group_once_per_cell():
+    from clipguard.audit.classes import cell_table
+
+    # Group 0: two A captions on a B image (one observation of A:B); group 1: one A on B; group 2: B on B.
+    caption_class = np.array([0, 0, 0, 1, 1])
+    image_class = np.array([1, 1, 1, 1, 1])
+    image_group = np.array([0, 0, 1, 2, 2])
+    table = cell_table(caption_class, image_class, 2, image_group, np.ones(5, bool))
+    assert table.observed.tolist() == [[0, 2], [0, 1]]
+    rng = np.random.default_rng(4)
+    caption_class, image_class = rng.integers(-1, 4, 2_000), rng.integers(-1, 4, 2_000)
+    image_group, strong = rng.integers(0, 300, 2_000), rng.random(2_000) < 0.5
+    both = (caption_class >= 0) & (image_class >= 0) & ((caption_class == image_class) | strong)
+    expected = np.zeros((4, 4), np.int64)
+    for a, b, _ in {(a, b, g) for a, b, g in zip(caption_class[both], image_class[both], image_group[both])}:
+        expected[a, b] += 1
+    np.testing.assert_array_equal(cell_table(caption_class, image_class, 4, image_group, strong).observed, expected)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clipguard.audit.grouping import combined_codes
 from clipguard.audit.neighbours import NeighbourIndex, Neighbours, faiss_threads
 from clipguard.executors.tasks import Tasks
 from clipguard.labels import KeywordLabeler
@@ -189,8 +190,14 @@ def cell_table(caption_class: np.ndarray, image_class: np.ndarray, classes: int,
     both = (caption_class >= 0) & (image_class >= 0) & ((caption_class == image_class) | strong)
     observed = np.zeros((classes, classes), np.int64)
     if both.any():
-        units = np.unique(np.stack([caption_class[both], image_class[both], image_group[both]], axis=1), axis=0)
-        np.add.at(observed, (units[:, 0], units[:, 1]), 1)
+        a, b, group = caption_class[both], image_class[both], image_group[both]
+        codes = combined_codes(a, b, group)
+        if codes is None:
+            units = np.unique(np.stack([a, b, group], axis=1), axis=0)
+            np.add.at(observed, (units[:, 0], units[:, 1]), 1)
+        else:
+            _, first = np.unique(codes, return_index=True)  # one row of each distinct (A, B, group)
+            np.add.at(observed, (a[first], b[first]), 1)
     off = observed.copy()
     np.fill_diagonal(off, 0)
     row, col, total = off.sum(axis=1, keepdims=True), off.sum(axis=0, keepdims=True), off.sum()

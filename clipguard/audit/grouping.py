@@ -29,6 +29,22 @@ def factorize_codes(codes: np.ndarray) -> tuple[np.ndarray, int]:
     return rank[inverse.ravel()], len(distinct)
 
 
+def combined_codes(*columns: np.ndarray) -> np.ndarray | None:
+    """One int64 a row that sorts as the rows of the non-negative integer ``columns`` do, so a
+    distinct-rows question is a 1-D `np.unique` (8 bytes a row) and not `np.unique(axis=0)` over
+    a stacked copy (8 bytes a column a row, and its row view sorts slowly). None where the columns'
+    ranges do not fit in 63 bits together."""
+    code = np.zeros(len(columns[0]), np.int64)
+    span = 1
+    for column in columns:
+        width = int(column.max()) + 1 if len(column) else 1
+        span *= width
+        if span >= 2**63:
+            return None
+        code = code * width + np.asarray(column, np.int64)
+    return code
+
+
 def components(n: int, neighbours: Neighbours, min_similarity: float, block: int = COMPONENT_BLOCK) -> np.ndarray:
     """Group numbers (in order of first appearance) of rows joined by any neighbour edge at or above
     ``min_similarity``. The neighbours are read a block of rows at a time (they may be memory-mapped

@@ -53,7 +53,7 @@ from clipguard.audit.columns import PairColumn, SignalColumns, class_names, per_
 from clipguard.audit.counting import PARTITION_ROWS, distinct_counts, distinct_ids, patch_units
 from clipguard.audit.density import density
 from clipguard.audit.detect import AuditTables, DetectConfig, Detection, Finding, detect
-from clipguard.audit.grouping import components, normalise_caption
+from clipguard.audit.grouping import combined_codes, components, normalise_caption
 from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
 from clipguard.audit.neighbours import CODES, EXACT_LIMIT, NeighbourIndex, Neighbours, VectorReader
 from clipguard.audit.output import write_findings, write_signals
@@ -261,7 +261,11 @@ def _own_classes(image_group: np.ndarray, caption_id: np.ndarray, caption_class:
         return np.full(len(image_group), NO_CLASS, np.int64)
     labelled = np.flatnonzero(caption_class >= 0)
     # Each (group, caption) once: its first labelled pair.
-    _, first = np.unique(np.stack([image_group[labelled], caption_id[labelled]], axis=1), axis=0, return_index=True)
+    codes = combined_codes(image_group[labelled], caption_id[labelled])
+    if codes is None:
+        _, first = np.unique(np.stack([image_group[labelled], caption_id[labelled]], axis=1), axis=0, return_index=True)
+    else:
+        _, first = np.unique(codes, return_index=True)
     distinct = labelled[first]
     groups = int(image_group.max()) + 1
     enough = np.bincount(image_group[distinct], minlength=groups) >= 2
