@@ -161,7 +161,7 @@ def test_image_group_table_as_arrays_is_each_groups_own_numbers(seed):
             noise_off, noise_total = noise_off + len(first) - counts.max(), noise_total + len(first)
         if (counts > 0).sum() >= 2:
             multi.append((labelled.tolist(), counts.tolist()))
-    assert detect._caption_noise(t, groups) == pytest.approx((noise_off + 1) / (noise_total + 1) / 4, rel=1e-12)
+    assert detect._caption_noise(t) == pytest.approx((noise_off + 1) / (noise_total + 1) / 4, rel=1e-12)
     assert [(rows.tolist(), counts.tolist()) for rows, counts in detect._group_class_counts(t)] == multi and multi
     mislabel = np.zeros((5, 5))
     for i in range(len(groups)):

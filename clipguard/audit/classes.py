@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipguard.audit.grouping import combined_codes
+from clipguard.audit.grouping import combined_codes, run_starts
 from clipguard.audit.neighbours import NeighbourIndex, Neighbours, faiss_threads
 from clipguard.executors.tasks import Tasks
 from clipguard.labels import KeywordLabeler
@@ -50,17 +50,31 @@ def grouped_plurality(group: np.ndarray, label: np.ndarray, groups: int, min_vot
     group, label = np.asarray(group)[voting], np.asarray(label)[voting].astype(np.int64)
     if not len(group):
         return out
-    order = np.lexsort((label, group))
-    group, label = group[order], label[order]
-    starts = np.flatnonzero(np.r_[True, (group[1:] != group[:-1]) | (label[1:] != label[:-1])])
-    counts = np.diff(np.r_[starts, len(group)])
-    run_group, run_label = group[starts], label[starts]
+    run_group, run_label, counts = label_runs(group, label)
     top = np.zeros(groups, np.int64)
     np.maximum.at(top, run_group, counts)
     at_top = counts == top[run_group]
     alone = np.bincount(run_group[at_top], minlength=groups) == 1
     out[run_group[at_top]] = run_label[at_top]
     return np.where(alone & (top >= min_votes), out, NO_CLASS)
+
+
+def label_runs(group: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each distinct (group, label) once, by group then label, with how many items have it."""
+    order = np.lexsort((label, group))
+    group, label = group[order], label[order]
+    starts = np.flatnonzero(run_starts(group, label)) if len(group) else np.zeros(0, np.int64)
+    return group[starts], label[starts], np.diff(np.r_[starts, len(group)])
+
+
+def distinct_caption_rows(group: np.ndarray, caption_id: np.ndarray, caption_class: np.ndarray) -> np.ndarray:
+    """The first labelled pair of each distinct (group, caption), by group then caption: one vote
+    per distinct caption, since the same caption copied twice is not two witnesses."""
+    labelled = np.flatnonzero(caption_class >= 0)
+    ordered = labelled[np.lexsort((caption_id[labelled], group[labelled]))]  # stable: a run starts at its first row
+    if not len(ordered):
+        return ordered
+    return ordered[run_starts(group[ordered], caption_id[ordered])]
 
 
 def image_group_classes(index: NeighbourIndex, image_group: np.ndarray, groups: int, image_label: np.ndarray,

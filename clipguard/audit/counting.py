@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipguard.audit.grouping import distinct_per_group, factorize_codes
+from clipguard.audit.grouping import distinct_per_group, factorize_codes, run_starts
 from clipguard.executors.tasks import Tasks
 
 # Rows in a partition, about: 2^22 rows of (hash, row) are 64 MB, and their unique holds ~4x that.
@@ -150,11 +150,8 @@ def distinct_counts(group: np.ndarray, item: np.ndarray, groups: int, work: Path
 def count_run(paths: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
     """A task: one partition of (group, item) rows; its groups and their distinct items."""
     group, item = read_run(paths, (np.int64, np.int64))
-    order = np.lexsort((item, group))
-    group, item = group[order], item[order]
-    new = np.ones(len(group), bool)
-    new[1:] = (group[1:] != group[:-1]) | (item[1:] != item[:-1])
-    return np.unique(group[new], return_counts=True)
+    numbers, local = np.unique(group, return_inverse=True)
+    return numbers, distinct_per_group(local.ravel(), item, len(numbers))
 
 
 def patch_units(patches: np.ndarray | None, image_group: np.ndarray, work: Path | None = None,
@@ -168,18 +165,12 @@ def patch_units(patches: np.ndarray | None, image_group: np.ndarray, work: Path 
     n, width = patches.shape
     bits = prefix_bits(n * width, partition_rows) if work is not None else 0
     if not bits:
-        rows = np.repeat(np.arange(n), width)
-        keys = patches.ravel()
-        present = keys != 0
-        return shared_units(keys[present], rows[present], image_group[rows[present]])
+        keys, rows = _signatures(patches, 0, n)
+        return shared_units(keys, rows, image_group[rows])
     runs = Runs(Path(work), "patches", 1 << bits, (np.uint64, np.int64, np.int64))
     step = max(1, CHUNK_ROWS // width)
     for start in range(0, n, step):
-        block = np.asarray(patches[start:start + step], np.uint64)
-        rows = np.repeat(np.arange(start, start + len(block), dtype=np.int64), width)
-        keys = block.ravel()
-        present = keys != 0
-        keys, rows = keys[present], rows[present]
+        keys, rows = _signatures(patches, start, step)
         runs.add(_prefix(keys, bits), keys, rows, image_group[rows])
     filled = runs.filled()
     found: list[list[list[np.ndarray]]] = [[] for _ in filled]
@@ -187,6 +178,15 @@ def patch_units(patches: np.ndarray | None, image_group: np.ndarray, work: Path 
         found[i] = units
         runs.remove(filled[i])
     return [unit for units in found for unit in units]
+
+
+def _signatures(patches: np.ndarray, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The signatures of rows start ... start + count - 1 that are there (not 0), and their rows."""
+    block = np.asarray(patches[start:start + count], np.uint64)
+    rows = np.repeat(np.arange(start, start + len(block), dtype=np.int64), block.shape[1])
+    keys = block.ravel()
+    present = keys != 0
+    return keys[present], rows[present]
 
 
 def units_run(paths: tuple[str, str, str]) -> list[list[np.ndarray]]:
@@ -201,7 +201,7 @@ def shared_units(keys: np.ndarray, rows: np.ndarray, groups: np.ndarray) -> list
         return []
     order = np.lexsort((groups, keys))
     rows, keys, groups = rows[order], keys[order], groups[order]
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    starts = np.flatnonzero(run_starts(keys))
     ends = np.r_[starts[1:], len(keys)]
     # A signature on one image group is reuse, which the fan-in test reads: only the others are
     # split (most signatures are on one image, so they are dropped without a Python step each).

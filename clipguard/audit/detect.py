@@ -44,8 +44,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from clipguard.audit.classes import NO_CLASS, CellTable, grouped_plurality, plurality
+from clipguard.audit.classes import NO_CLASS, CellTable, distinct_caption_rows, grouped_plurality, label_runs, plurality
 from clipguard.audit.counting import patch_units
+from clipguard.audit.grouping import distinct_per_group
 from clipguard.audit.timing import StageClock
 
 LN10 = math.log(10.0)
@@ -224,12 +225,7 @@ class GroupRows:
 
     def distinct(self, item: np.ndarray) -> np.ndarray:
         """Per group, how many distinct values of ``item`` (per pair) its rows hold."""
-        position, values = self.position, item[self.order]
-        ordered = np.lexsort((values, position))
-        position, values = position[ordered], values[ordered]
-        new = np.ones(len(position), bool)
-        new[1:] = (position[1:] != position[:-1]) | (values[1:] != values[:-1])
-        return np.bincount(position[new], minlength=len(self))
+        return distinct_per_group(self.position, item[self.order], len(self))
 
 
 def group_rows(group: np.ndarray) -> GroupRows:
@@ -264,30 +260,15 @@ def _image_group_table(t: AuditTables) -> _ImageGroups:
                         grouped_plurality(slices.position, t.caption_class[slices.order], len(slices)))
 
 
-def _distinct_caption_classes(t: AuditTables, slices: GroupRows) -> tuple[np.ndarray, np.ndarray]:
-    """Per distinct (group, normalised caption) among the labelled pairs, by group: the group (its
-    position in ``slices``) and the class of the caption's first pair in the group. One vote per
-    distinct caption: the same caption copied twice is not two witnesses."""
-    labelled = t.caption_class[slices.order] >= 0
-    position, rows = slices.position[labelled], slices.order[labelled]
-    ordered = np.lexsort((t.caption_id[rows], position))  # stable: a run starts at its first row
-    position, rows = position[ordered], rows[ordered]
-    caption = t.caption_id[rows]
-    new = np.ones(len(rows), bool)
-    new[1:] = (position[1:] != position[:-1]) | (caption[1:] != caption[:-1])
-    return position[new], t.caption_class[rows[new]]
-
-
-def _class_runs(position: np.ndarray, label: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per group: how many distinct labels, and the largest count of one label."""
-    ordered = np.lexsort((label, position))
-    position, label = position[ordered], label[ordered]
-    starts = np.flatnonzero(np.r_[True, (position[1:] != position[:-1]) | (label[1:] != label[:-1])]) \
-        if len(position) else np.zeros(0, np.int64)
-    counts = np.diff(np.r_[starts, len(position)])
+def _caption_votes(t: AuditTables) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image group number: how many distinct labelled captions it has, and how many distinct
+    classes they name, and the most distinct captions of one class (`classes.distinct_caption_rows`)."""
+    rows = distinct_caption_rows(t.image_group, t.caption_id, t.caption_class)
+    groups = int(t.image_group.max()) + 1 if len(t.image_group) else 0
+    run_group, _, counts = label_runs(t.image_group[rows], t.caption_class[rows])
     top = np.zeros(groups, np.int64)
-    np.maximum.at(top, position[starts], counts)
-    return np.bincount(position[starts], minlength=groups), top
+    np.maximum.at(top, run_group, counts)
+    return np.bincount(t.image_group[rows], minlength=groups), np.bincount(run_group, minlength=groups), top
 
 
 def _geometric_tail(counts: np.ndarray) -> float:
@@ -346,14 +327,12 @@ def _joint_mismatch(counts: np.ndarray, label: int, image_class: int, own: bool)
     return float((max(cell, 0) + off_share * row_share) / (rest + 1.0))
 
 
-def _caption_noise(t: AuditTables, groups: _ImageGroups) -> float:
+def _caption_noise(t: AuditTables) -> float:
     """The rate at which one distinct caption of a reused image names one given other class than
     its image's majority (natural label noise, per class): measured on the data's groups with at
     least three labelled distinct captions, floored so that clean data never makes it zero."""
     classes = max(len(t.classes), 2)
-    position, label = _distinct_caption_classes(t, groups.slices)
-    distinct = np.bincount(position, minlength=len(groups))
-    _, top = _class_runs(position, label, len(groups))
+    distinct, _, top = _caption_votes(t)
     counted = distinct >= 3
     off, total = int((distinct[counted] - top[counted]).sum()), int(distinct[counted].sum())
     return float(min(1.0, (off + 1.0) / (total + 1.0) / (classes - 1)))
@@ -376,7 +355,7 @@ def _image_groups(t: AuditTables, config: DetectConfig, groups: _ImageGroups, mi
         return max(0, g.captions - usual_captions * g.images)
 
     excesses = np.maximum(0, groups.captions - usual_captions * groups.images)
-    noise = _caption_noise(t, groups)
+    noise = _caption_noise(t)
     extra_images = groups.images - 1
     # Only the few groups that can be a finding become objects.
     fan_in = [groups[i] for i in np.flatnonzero((groups.images < config.min_cluster) & (groups.captions >= config.min_fan_in))]
@@ -716,7 +695,7 @@ def _a_not_ahead(counts: np.ndarray, a: int, b: int) -> bool:
 def _group_class_counts(t: AuditTables) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per image group whose distinct captions name at least two classes: (its labelled rows, the
     number of distinct captions of each class). One vote per distinct caption: the same caption
-    copied twice is not two witnesses. The groups are chosen at once (`_distinct_caption_classes`);
+    copied twice is not two witnesses. The groups are chosen at once (`_caption_votes`);
     only those, a few percent of web images, are gone through one by one, and the list is kept on
     the tables (which do not change once built): the relabel tests read it once per finding."""
     cached = getattr(t, "_class_counts", None)
@@ -724,10 +703,9 @@ def _group_class_counts(t: AuditTables) -> list[tuple[np.ndarray, np.ndarray]]:
         return cached
     classes = len(t.classes)
     slices = group_rows(t.image_group)
-    position, label = _distinct_caption_classes(t, slices)
-    named, _ = _class_runs(position, label, len(slices))
+    _, named, _ = _caption_votes(t)
     found = []
-    for i in np.flatnonzero(named >= 2):
+    for i in np.searchsorted(slices.number, np.flatnonzero(named >= 2)):
         rows = slices.rows(i)
         labelled = rows[t.caption_class[rows] >= 0]
         _, first = np.unique(t.caption_id[labelled], return_index=True)

@@ -83,9 +83,17 @@ def _union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
         parent[touched] = _roots(parent, touched)  # path compression keeps later rounds short
 
 
+def run_starts(*columns: np.ndarray) -> np.ndarray:
+    """Where each run of equal rows begins in ``columns`` sorted together (a boolean per row)."""
+    new = np.zeros(len(columns[0]), bool)
+    new[:1] = True
+    for column in columns:
+        new[1:] |= column[1:] != column[:-1]
+    return new
+
+
 def distinct_per_group(group: np.ndarray, item: np.ndarray, groups: int) -> np.ndarray:
     """How many distinct items each group holds."""
-    if len(group) == 0:
-        return np.zeros(groups, np.int64)
-    pairs = np.unique(np.stack([group, item], axis=1), axis=0)
-    return np.bincount(pairs[:, 0], minlength=groups)
+    order = np.lexsort((item, group))
+    group, item = group[order], item[order]
+    return np.bincount(group[run_starts(group, item)], minlength=groups)

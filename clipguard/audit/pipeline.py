@@ -47,13 +47,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipguard.audit.classes import (NO_CLASS, cell_table, grouped_plurality, image_group_classes, strong_mismatch,
-                                     votes_for)
+from clipguard.audit.classes import (NO_CLASS, cell_table, distinct_caption_rows, grouped_plurality, image_group_classes,
+                                     strong_mismatch, votes_for)
 from clipguard.audit.columns import PairColumn, SignalColumns, class_names, per_group
 from clipguard.audit.counting import PARTITION_ROWS, distinct_counts, distinct_ids, patch_units
 from clipguard.audit.density import density
 from clipguard.audit.detect import AuditTables, DetectConfig, Detection, Finding, detect
-from clipguard.audit.grouping import combined_codes, components, normalise_caption
+from clipguard.audit.grouping import components, normalise_caption
 from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
 from clipguard.audit.neighbours import CODES, EXACT_LIMIT, NeighbourIndex, Neighbours, VectorReader
 from clipguard.audit.output import write_findings, write_signals
@@ -139,14 +139,14 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
         raise AuditInputError(f"no scored pairs with embeddings in {config.embeddings or config.scores}")
     caption_class = pairs.caption_class
     work = Path(config.out) / INDEX_DIR / COUNTING_DIR
-    rows = config.partition_rows
+    partition_rows = config.partition_rows
 
     def distinct(group: np.ndarray, item: np.ndarray, groups: int) -> np.ndarray:
-        return distinct_counts(group, item, groups, work, tasks, rows)
+        return distinct_counts(group, item, groups, work, tasks, partition_rows)
 
     with clock("exact identities (caption text, image sha256)"):
-        caption_id, n_captions = distinct_ids(pairs.caption_hash, work, tasks, rows)
-        image_id, n_images = distinct_ids(pairs.image_hash, work, tasks, rows)
+        caption_id, n_captions = distinct_ids(pairs.caption_hash, work, tasks, partition_rows)
+        image_id, n_images = distinct_ids(pairs.image_hash, work, tasks, partition_rows)
 
     # Neighbours among distinct images and distinct captions: a reused image is not its own
     # neighbour. One side's index at a time: the image index serves the image classes, and is let
@@ -170,7 +170,7 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
     text_index.close()
 
     with clock("shared patch signatures"):
-        units = patch_units(pairs.patches, image_group, work, tasks, rows)
+        units = patch_units(pairs.patches, image_group, work, tasks, partition_rows)
     tables = AuditTables(
         classes=classes, caption_class=caption_class, image_class=image_class,
         caption_texts=lambda rows: [normalise_caption(c) for c in pairs.captions(rows)],
@@ -259,14 +259,7 @@ def _own_classes(image_group: np.ndarray, caption_id: np.ndarray, caption_class:
     labelled, one class ahead), NO_CLASS otherwise."""
     if not classes or not len(image_group):
         return np.full(len(image_group), NO_CLASS, np.int64)
-    labelled = np.flatnonzero(caption_class >= 0)
-    # Each (group, caption) once: its first labelled pair.
-    codes = combined_codes(image_group[labelled], caption_id[labelled])
-    if codes is None:
-        _, first = np.unique(np.stack([image_group[labelled], caption_id[labelled]], axis=1), axis=0, return_index=True)
-    else:
-        _, first = np.unique(codes, return_index=True)
-    distinct = labelled[first]
+    distinct = distinct_caption_rows(image_group, caption_id, caption_class)
     groups = int(image_group.max()) + 1
     enough = np.bincount(image_group[distinct], minlength=groups) >= 2
     own = grouped_plurality(image_group[distinct], caption_class[distinct], groups, min_votes=2)
