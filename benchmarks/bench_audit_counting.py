@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from bench_audit_memory import REPO, tree_of  # this folder is on the path
-from machine import cpu_name
+from bench_audit_memory import REPO, child_json, tree_of  # this folder is on the path
+from machine import run_header
 
 CHILD = r"""
 import hashlib, json, sys, time, tracemalloc
@@ -116,13 +113,11 @@ print(json.dumps({"pairs": pairs, "stages": stages, "images": n_images, "caption
 
 def run_child(tree: Path, pairs: int, work: Path, partition_rows: int, traced: bool) -> dict:
     shutil.rmtree(work, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(pairs), str(tree / "clipguard"), str(work),
-                           str(partition_rows), "1" if traced else "0"], env=env, cwd=tree, capture_output=True, text=True)
-    shutil.rmtree(work, ignore_errors=True)
-    if done.returncode != 0:
-        raise SystemExit(f"the counting at {tree} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return child_json(tree, CHILD, [str(pairs), str(tree / "clipguard"), str(work), str(partition_rows),
+                                        "1" if traced else "0"], "the counting")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
@@ -148,10 +143,7 @@ def main() -> None:
         runs[name] = timed
     first = next(iter(runs.values()))
     equal = {name: r["digests"] == first["digests"] for name, r in runs.items()}
-    result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
-              "pairs": args.pairs, "partition_rows": args.partition_rows, "runs": runs, "outputs_equal": equal,
-              "head": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip()}
+    result = {**run_header(REPO), "pairs": args.pairs, "partition_rows": args.partition_rows, "runs": runs, "outputs_equal": equal}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.pairs:,} pairs, partitions of about {args.partition_rows:,} rows | cpu: {result['cpu']}, "

@@ -18,14 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from bench_audit_memory import REPO, tree_of  # this folder is on the path
-from machine import cpu_name
+from bench_audit_memory import REPO, child_json, tree_of  # this folder is on the path
+from machine import run_header
 
 CHILD = r"""
 import hashlib, json, sys, time
@@ -86,15 +82,6 @@ print(json.dumps({"pairs": pairs, "seconds": seconds, "stage_seconds": clock.sec
 """
 
 
-def run_child(tree: Path, pairs: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(pairs), str(tree / "clipguard")],
-                          env=env, cwd=tree, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"detect at {tree} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=1_000_000)
@@ -105,13 +92,10 @@ def main() -> None:
     work = args.work.resolve()
     runs = {}
     for name, tree in [("checkout", REPO), *((c, tree_of(c, work)) for c in args.baseline)]:
-        runs[name] = run_child(tree, args.pairs)
+        runs[name] = child_json(tree, CHILD, [str(args.pairs), str(tree / "clipguard")], "detect")
     first = next(iter(runs.values()))
     equal = {name: r["findings_digest"] == first["findings_digest"] for name, r in runs.items()}
-    result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
-              "pairs": args.pairs, "runs": runs, "findings_equal": equal,
-              "head": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip()}
+    result = {**run_header(REPO), "pairs": args.pairs, "runs": runs, "findings_equal": equal}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.pairs:,} pairs, {first['image_groups']:,} image groups | cpu: {result['cpu']}, {result['cores']} cores")

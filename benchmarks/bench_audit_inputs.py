@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from bench_audit_memory import CLASSES, REPO, scored_folder, tree_of  # this folder is on the path
-from machine import cpu_name
+from bench_audit_memory import CLASSES, REPO, child_json, scored_folder, tree_of  # this folder is on the path
+from machine import run_header
 
 CHILD = r"""
 import ctypes, gc, json, sys, time, tracemalloc
@@ -69,16 +65,8 @@ def main() -> None:
     keywords = json.dumps({c: [c] for c in CLASSES})
     runs = {}
     for name, tree in [("checkout", REPO), *((c, tree_of(c, work)) for c in args.baseline)]:
-        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-        done = subprocess.run([sys.executable, "-c", CHILD, str(scores), str(data), str(tree / "clipguard"), keywords],
-                              env=env, cwd=tree, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"load_pairs at {tree} failed:\n{done.stderr[-3000:]}")
-        runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
-              "pairs": args.pairs, "runs": runs,
-              "head": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip()}
+        runs[name] = child_json(tree, CHILD, [str(scores), str(data), str(tree / "clipguard"), keywords], "load_pairs")
+    result = {**run_header(REPO), "pairs": args.pairs, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.pairs:,} pairs | cpu: {result['cpu']}, {result['cores']} cores")

@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from machine import cpu_name  # benchmarks/machine.py: run as a script, this folder is on the path
+from machine import run_header  # benchmarks/machine.py: run as a script, this folder is on the path
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -160,16 +160,22 @@ def tree_of(commit: str, work: Path) -> Path:
     return tree
 
 
+def child_json(tree: Path, code: str, args: list[str], what: str) -> dict:
+    """Run ``code`` with ``args`` in a fresh Python that imports clipguard from ``tree`` (on the
+    benchmark's 2 threads unless OMP_NUM_THREADS says otherwise) and return the JSON object its
+    last line prints; its stderr, and an exit, where it fails."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    done = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=tree, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{what} at {tree} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def audit_with(tree: Path, scores: Path, embeddings: Path, out: Path, codes: str = "", executor: str = "") -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     keywords = json.dumps({c: [c] for c in CLASSES})
-    done = subprocess.run([sys.executable, "-c", CHILD, str(scores), str(embeddings), str(out), keywords, codes,
-                           str(tree / "clipguard"), *([executor] if executor else [])],
-                          env=env, cwd=tree, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"the audit at {tree} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_json(tree, CHILD, [str(scores), str(embeddings), str(out), keywords, codes, str(tree / "clipguard"),
+                                    *([executor] if executor else [])], "the audit")
 
 
 def neighbour_recall(data: Path, codes: list[str], queries: int = 2_000, k: int = 10, seed: int = 0) -> dict:
@@ -231,11 +237,8 @@ def main() -> None:
               f"{r['seconds']:.1f} s, {len(r['findings'])} findings", flush=True)
     recall = {} if args.no_recall else neighbour_recall(data, ["flat", *args.codes.split(",")])
     result = {
-        "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
-        "pairs": args.pairs, "parts": args.parts, "dim": args.dim, "embedding_bytes_on_disk": bytes_on_disk,
-        "head": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                               text=True).stdout.strip(),
-        "runs": runs, "image_neighbour_recall_at_10": recall,
+        **run_header(REPO), "pairs": args.pairs, "parts": args.parts, "dim": args.dim,
+        "embedding_bytes_on_disk": bytes_on_disk, "runs": runs, "image_neighbour_recall_at_10": recall,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

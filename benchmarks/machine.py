@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
+import time
+from pathlib import Path
 
 
 def cpu_name() -> str:
@@ -13,3 +16,11 @@ def cpu_name() -> str:
         return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         return platform.processor() or platform.machine() or "unknown"
+
+
+def run_header(repo: Path) -> dict:
+    """What every benchmark record starts with: the day, the CPU, the cores it may use and the
+    repository's commit."""
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
+            "head": head.stdout.strip()}
