@@ -9,8 +9,9 @@ caption and image classes. Then, stage by stage, what the audit's pipeline does 
 the captions and the images, count the distinct captions behind each image and images behind
 each caption, group the patch signatures shared by two or more images, count the (caption class,
 image class) cells in distinct groups (`classes.cell_table`) and find each group's own captions'
-class (`pipeline._own_classes`; both one `np.unique` of a combined code since 2026-12-04, of
-stacked columns before). For each stage it reports the seconds (a run
+class (`classes.own_classes`, `pipeline._own_classes` before; both one `np.unique` of a combined
+code since 2026-12-04, of stacked columns before; both partitioned by ranges of image groups
+where the checkout's `cell_table` takes a work folder). For each stage it reports the seconds (a run
 without tracemalloc) and the Python-traced peak above the data held (a second run with it:
 numpy's arrays are traced), and a digest of every output, which must be equal across versions.
 
@@ -46,8 +47,13 @@ try:
 except ImportError:
     counting = None
 from clipguard.audit import detect, grouping
+import inspect
 from clipguard.audit.classes import cell_table
-from clipguard.audit.pipeline import _own_classes
+try:
+    from clipguard.audit.classes import own_classes  # partitioned by image group since 2026-12-04
+except ImportError:
+    from clipguard.audit.pipeline import _own_classes as own_classes
+parted = "work" in inspect.signature(cell_table).parameters
 
 rng = np.random.default_rng(0)
 images, captions = int(pairs * 0.75), int(pairs * 0.9)
@@ -99,8 +105,10 @@ image_id, n_images = stage("image ids", lambda: ids(image_hash))
 fan_in = stage("captions per image", lambda: distinct(image_id, caption_id, n_images))
 fan_out = stage("images per caption", lambda: distinct(caption_id, image_id, n_captions))
 found = stage("shared patches", lambda: units(patches, image_id))
-cells = stage("class cells", lambda: cell_table(caption_class, image_class, 10, image_id, strong).observed)
-own = stage("own classes", lambda: _own_classes(image_id, caption_id, caption_class, 10))
+on_disk = (work, None, partition_rows) if parted else ()
+cells = stage("class cells", lambda: cell_table(caption_class, image_class, 10, image_id, strong, *on_disk).observed)
+own = stage("own classes", lambda: own_classes(image_id, caption_id, caption_class, 10, *on_disk))
+own = own if len(own) == pairs else own[image_id]  # per image group since 2026-12-04, per pair before
 shared = [np.concatenate([np.r_[len(unit)], *unit]) for unit in found]
 print(json.dumps({"pairs": pairs, "stages": stages, "images": n_images, "captions": n_captions,
                   "shared_signatures": len(found),

@@ -59,6 +59,27 @@ def test_audit_of_clean_data_exits_0_with_no_finding(tmp_path):
     assert json.loads((tmp_path / "audit" / "findings.json").read_text())["findings"] == []
 
 
+def test_partition_rows_reach_the_counting_pass(tmp_path, monkeypatch):
+    """--partition-rows splits the counting pass (spied on: the real partitions are written and
+    worked), and the findings are those of the default, one partition in memory."""
+    from clipguard.audit import counting
+
+    scores = World(7).clean().fan_in("sheep", "aeroplane", captions=7).write(tmp_path / "scores")
+    (tmp_path / "kw.json").write_text(json.dumps(KEYWORDS))
+    spilled, real_init = [], counting.Runs.__init__
+    monkeypatch.setattr(counting.Runs, "__init__", lambda self, folder, name, partitions, dtypes: (
+        spilled.append((name, partitions)), real_init(self, folder, name, partitions, dtypes))[-1])
+    whole = _run("audit", str(scores), "--out", str(tmp_path / "a1"), "--keywords", str(tmp_path / "kw.json"))
+    assert whole.exit_code == 0 and spilled == []
+    parted = _run("audit", str(scores), "--out", str(tmp_path / "a2"), "--keywords", str(tmp_path / "kw.json"),
+                  "--partition-rows", "16")
+    assert parted.exit_code == 0, parted.output
+    assert {"ids", "counts", "cells", "own"} <= {name for name, _ in spilled} and min(p for _, p in spilled) > 1
+    findings = [json.loads((tmp_path / a / "findings.json").read_text())["findings"] for a in ("a1", "a2")]
+    assert findings[0] == findings[1] and findings[0]
+    assert _run("audit", str(scores), "--out", str(tmp_path / "a3"), "--partition-rows", "0").exit_code == 2
+
+
 def test_audit_without_embeddings_or_scores_exits_2(tmp_path):
     scores = World(1).clean(n=30).write(tmp_path / "scores", embeddings=False)
     result = _run("audit", str(scores), "--out", str(tmp_path / "audit"))

@@ -208,7 +208,7 @@ def test_combined_codes_sort_as_the_rows_and_refuse_what_does_not_fit():
     assert combined_codes(np.array([2**40]), np.array([2**30])) is None  # 71 bits
 
 
-def test_cell_table_counts_each_image_group_once_per_cell():
+def test_cell_table_counts_each_image_group_once_per_cell(tmp_path):
     from clipguard.audit.classes import cell_table
 
     # Group 0: two A captions on a B image (one observation of A:B); group 1: one A on B; group 2: B on B.
@@ -225,3 +225,39 @@ def test_cell_table_counts_each_image_group_once_per_cell():
     for a, b, _ in {(a, b, g) for a, b, g in zip(caption_class[both], image_class[both], image_group[both])}:
         expected[a, b] += 1
     np.testing.assert_array_equal(cell_table(caption_class, image_class, 4, image_group, strong).observed, expected)
+    for partition_rows in SIZES:  # a range of image groups at a time: the same table
+        parted = cell_table(caption_class, image_class, 4, image_group, strong, tmp_path, partition_rows=partition_rows)
+        np.testing.assert_array_equal(parted.observed, expected)
+    _no_runs_left(tmp_path)
+
+
+def _own_by_definition(image_group, caption_id, caption_class, classes: int) -> np.ndarray:
+    """Per pair, one group at a time: the plurality of the group's distinct labelled captions'
+    classes, with two votes or more and no tie."""
+    own = np.full(len(image_group), -1, np.int64)
+    for number in np.unique(image_group):
+        rows = np.flatnonzero(image_group == number)
+        labelled = rows[caption_class[rows] >= 0]
+        _, first = np.unique(caption_id[labelled], return_index=True)
+        counts = np.bincount(caption_class[labelled[first]], minlength=classes)
+        if counts.max() >= 2 and (counts == counts.max()).sum() == 1:
+            own[rows] = counts.argmax()
+    return own
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_own_classes_through_partitions_are_each_groups_plurality_of_distinct_captions(tmp_path, seed):
+    from clipguard.audit.classes import own_classes
+
+    t = _random_tables(seed)
+    expected = _own_by_definition(t.image_group, t.caption_id, t.caption_class, 5)
+    assert (expected >= 0).sum() > 100 and (expected < 0).sum() > 100  # both outcomes are tested
+    for partition_rows in SIZES:
+        own = own_classes(t.image_group, t.caption_id, t.caption_class, 5, tmp_path, partition_rows=partition_rows)
+        np.testing.assert_array_equal(own[t.image_group], expected, err_msg=str(partition_rows))
+    np.testing.assert_array_equal(own_classes(t.image_group, t.caption_id, t.caption_class, 5)[t.image_group], expected)
+    # A caption copied onto the same image is one witness, not two; a group without rows has none.
+    assert own_classes(np.array([0, 0, 0, 2]), np.array([7, 7, 8, 9]), np.array([2, 2, 1, 1]), 3, tmp_path,
+                       partition_rows=1).tolist() == [-1, -1, -1]
+    assert own_classes(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), 3).tolist() == []
+    _no_runs_left(tmp_path)

@@ -13,9 +13,12 @@ the cell left out of its own estimate so that a planted cell does not raise its 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from clipguard.audit import counting
+from clipguard.audit.counting import PARTITION_ROWS, group_runs, work_runs
 from clipguard.audit.grouping import combined_codes, run_starts
 from clipguard.audit.neighbours import NeighbourIndex, Neighbours, faiss_threads
 from clipguard.executors.tasks import Tasks
@@ -145,10 +148,11 @@ def centroid_search(index: NeighbourIndex, member_rows: np.ndarray, wanted: int,
         return index.search(centroids, wanted).index
 
 
-def votes_for(voted: np.ndarray, group: np.ndarray, label: np.ndarray, block: int = 65_536) -> np.ndarray:
+def votes_for(voted: np.ndarray, group: np.ndarray, label: np.ndarray, block: int = 65_536,
+              out: np.ndarray | None = None) -> np.ndarray:
     """Per item, how many of its group's votes (`image_group_classes`) are for its ``label``
-    (0 for NO_CLASS), a block of items at a time."""
-    out = np.zeros(len(group), np.int64)
+    (0 for NO_CLASS), a block of items at a time (into ``out`` where given: int64, one per item)."""
+    out = np.zeros(len(group), np.int64) if out is None else out
     for start in range(0, len(group), block):
         mine, wanted = voted[group[start:start + block]], label[start:start + block]
         out[start:start + block] = np.where(wanted >= 0, (mine == wanted[:, None]).sum(axis=1), 0)
@@ -197,21 +201,21 @@ class CellTable:
 
 
 def cell_table(caption_class: np.ndarray, image_class: np.ndarray, classes: int, image_group: np.ndarray,
-               strong: np.ndarray) -> CellTable:
+               strong: np.ndarray, work: Path | None = None, tasks: Tasks | None = None,
+               partition_rows: int = PARTITION_ROWS) -> CellTable:
     """Counts are of distinct image groups per cell, not pairs: the captions of one reused image
     share its class, so they are one observation of a mismatch, not several. Off the diagonal only
-    strong mismatches count (`strong_mismatch`)."""
+    strong mismatches count (`strong_mismatch`). With ``work`` the pairs are counted a range of
+    image groups at a time (`counting.group_runs`): a group's distinct cells are its own, so the
+    partitions' tables add up to the whole's."""
     both = (caption_class >= 0) & (image_class >= 0) & ((caption_class == image_class) | strong)
-    observed = np.zeros((classes, classes), np.int64)
-    if both.any():
-        a, b, group = caption_class[both], image_class[both], image_group[both]
-        codes = combined_codes(a, b, group)
-        if codes is None:
-            units = np.unique(np.stack([a, b, group], axis=1), axis=0)
-            np.add.at(observed, (units[:, 0], units[:, 1]), 1)
-        else:
-            _, first = np.unique(codes, return_index=True)  # one row of each distinct (A, B, group)
-            np.add.at(observed, (a[first], b[first]), 1)
+    groups = int(image_group.max()) + 1 if len(image_group) else 0
+    runs = None if work is None else group_runs(Path(work), "cells", image_group, groups, (caption_class, image_class),
+                                                (np.int64, np.int64), partition_rows, keep=both)
+    if runs is None:
+        observed = distinct_cells(image_group[both], caption_class[both], image_class[both], classes)
+    else:
+        observed = sum(work_runs(runs, cells_run, tasks, classes), np.zeros((classes, classes), np.int64))
     off = observed.copy()
     np.fill_diagonal(off, 0)
     row, col, total = off.sum(axis=1, keepdims=True), off.sum(axis=0, keepdims=True), off.sum()
@@ -220,3 +224,57 @@ def cell_table(caption_class: np.ndarray, image_class: np.ndarray, classes: int,
     expected = np.maximum(expected.astype(np.float64), MIN_EXPECTED)
     np.fill_diagonal(expected, np.nan)
     return CellTable(observed=observed, expected=expected)
+
+
+def distinct_cells(group: np.ndarray, a: np.ndarray, b: np.ndarray, classes: int) -> np.ndarray:
+    """(classes, classes) counts of distinct (group, a, b) rows by (a, b)."""
+    observed = np.zeros((classes, classes), np.int64)
+    if not len(group):
+        return observed
+    codes = combined_codes(a, b, group)
+    if codes is None:
+        units = np.unique(np.stack([a, b, group], axis=1), axis=0)
+        np.add.at(observed, (units[:, 0], units[:, 1]), 1)
+    else:
+        _, first = np.unique(codes, return_index=True)  # one row of each distinct (A, B, group)
+        np.add.at(observed, (a[first], b[first]), 1)
+    return observed
+
+
+def cells_run(paths: tuple[str, str, str], classes: int) -> np.ndarray:
+    """A task: one partition of (image group, caption class, image class) rows; its cell counts."""
+    return distinct_cells(*counting.read_run(paths, (np.int64, np.int64, np.int64)), classes)
+
+
+def own_classes(image_group: np.ndarray, caption_id: np.ndarray, caption_class: np.ndarray, classes: int,
+                work: Path | None = None, tasks: Tasks | None = None,
+                partition_rows: int = PARTITION_ROWS) -> np.ndarray:
+    """Per image group: the plurality class of its distinct labelled captions, with at least two
+    votes and one class ahead, NO_CLASS otherwise. With ``work``, a range of image groups at a time
+    (`counting.group_runs`; only the labelled pairs are spilled)."""
+    groups = int(image_group.max()) + 1 if len(image_group) else 0
+    if not classes:
+        return np.full(groups, NO_CLASS, np.int64)
+    runs = None if work is None else group_runs(Path(work), "own", image_group, groups, (caption_id, caption_class),
+                                                (np.int64, np.int64), partition_rows, keep=caption_class >= 0)
+    if runs is None:
+        return group_own_classes(image_group, caption_id, caption_class, groups)
+    own = np.full(groups, NO_CLASS, np.int64)
+    for numbers, found in work_runs(runs, own_run, tasks):
+        own[numbers] = found
+    return own
+
+
+def group_own_classes(group: np.ndarray, caption_id: np.ndarray, caption_class: np.ndarray, groups: int) -> np.ndarray:
+    """Per group: `own_classes`'s class. (At least two votes for the winner implies at least two
+    distinct labelled captions.)"""
+    distinct = distinct_caption_rows(group, caption_id, caption_class)
+    return grouped_plurality(group[distinct], caption_class[distinct], groups, min_votes=2)
+
+
+def own_run(paths: tuple[str, str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """A task: one partition of labelled (image group, caption id, caption class) rows in row
+    order; its groups and their own classes."""
+    group, caption_id, caption_class = counting.read_run(paths, (np.int64, np.int64, np.int64))
+    numbers, local = np.unique(group, return_inverse=True)
+    return numbers, group_own_classes(local.ravel(), caption_id, caption_class, len(numbers))

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from clipguard.audit.grouping import distinct_per_group, factorize_codes, run_starts
-from clipguard.executors.tasks import Tasks
+from clipguard.executors.tasks import Tasks, in_order
 
 # Rows in a partition, about: 2^22 rows of (hash, row) are 64 MB, and their unique holds ~4x that.
 PARTITION_ROWS = 1 << 22
@@ -86,13 +86,18 @@ def _prefix(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def distinct_ids(codes: np.ndarray, work: Path, tasks: Tasks | None = None,
-                 partition_rows: int = PARTITION_ROWS) -> tuple[np.ndarray, int]:
+                 partition_rows: int = PARTITION_ROWS, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """`grouping.factorize_codes` of uint64 hashes (each one's number in order of first
-    appearance, and how many there are), a partition of hashes at a time."""
+    appearance, and how many there are), a partition of hashes at a time; the numbers in ``out``
+    where given (int64, one per hash: a memory-mapped file, `pairfiles.PairArrays`)."""
     n = len(codes)
     bits = prefix_bits(n, partition_rows)
     if not bits:
-        return factorize_codes(codes)
+        ids, count = factorize_codes(codes)
+        if out is None:
+            return ids, count
+        out[:] = ids
+        return out, count
     runs = Runs(Path(work), "ids", 1 << bits, (np.uint64, np.int64))
     for start in range(0, n, CHUNK_ROWS):
         block = np.asarray(codes[start:start + CHUNK_ROWS], np.uint64)
@@ -106,7 +111,7 @@ def distinct_ids(codes: np.ndarray, work: Path, tasks: Tasks | None = None,
     rank = np.empty(len(first_rows), np.int64)
     rank[np.argsort(first_rows, kind="stable")] = np.arange(len(first_rows))
     del first_rows
-    ids = np.empty(n, np.int64)
+    ids = np.empty(n, np.int64) if out is None else out
     offset = 0
     for p, path, first in zip(filled, inverse_paths, firsts):
         rows = np.fromfile(runs.paths[p][1], np.int64)
@@ -130,20 +135,12 @@ def distinct_counts(group: np.ndarray, item: np.ndarray, groups: int, work: Path
                     partition_rows: int = PARTITION_ROWS) -> np.ndarray:
     """`grouping.distinct_per_group`: how many distinct items each of ``groups`` groups holds, a
     range of group numbers at a time."""
-    n = len(group)
-    bits = prefix_bits(n, partition_rows)
-    if not bits or groups < 2:
+    runs = group_runs(Path(work), "counts", group, groups, (item,), (np.int64,), partition_rows)
+    if runs is None:
         return distinct_per_group(group, item, groups)
-    partitions = min(1 << bits, groups)
-    runs = Runs(Path(work), "counts", partitions, (np.int64, np.int64))
-    for start in range(0, n, CHUNK_ROWS):
-        block = np.asarray(group[start:start + CHUNK_ROWS], np.int64)
-        runs.add(block * partitions // groups, block, item[start:start + CHUNK_ROWS])
     out = np.zeros(groups, np.int64)
-    filled = runs.filled()
-    for i, (numbers, counts) in (tasks or Tasks()).imap(count_run, [(runs.paths[p],) for p in filled]):
+    for numbers, counts in work_runs(runs, count_run, tasks):
         out[numbers] = counts
-        runs.remove(filled[i])
     return out
 
 
@@ -152,6 +149,42 @@ def count_run(paths: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
     group, item = read_run(paths, (np.int64, np.int64))
     numbers, local = np.unique(group, return_inverse=True)
     return numbers, distinct_per_group(local.ravel(), item, len(numbers))
+
+
+def group_runs(work: Path, name: str, group: np.ndarray, groups: int, columns: Sequence[np.ndarray],
+               dtypes: Sequence, partition_rows: int = PARTITION_ROWS, keep: np.ndarray | None = None) -> Runs | None:
+    """Rows (group, *columns), those where ``keep`` is true (all without it), spilled to
+    partitions by ranges of the group numbers, so that a group's rows are in one partition, in
+    input order, and the partitions hold increasing group numbers. None where one partition will
+    do (the caller works the rows in memory)."""
+    n = len(group)
+    bits = prefix_bits(n, partition_rows)
+    if not bits or groups < 2:
+        return None
+    partitions = min(1 << bits, groups)
+    runs = Runs(work, name, partitions, (np.int64, *dtypes))
+    for start in range(0, n, CHUNK_ROWS):
+        chunk = slice(start, start + CHUNK_ROWS)
+        block = np.asarray(group[chunk], np.int64)
+        chosen = [np.asarray(column[chunk]) for column in columns]
+        if keep is not None:
+            kept = np.asarray(keep[chunk], bool)
+            block, chosen = block[kept], [column[kept] for column in chosen]
+        runs.add(block * partitions // groups, block, *chosen)
+    return runs
+
+
+def work_runs(runs: Runs, task: Callable, tasks: Tasks | None = None, *extra) -> Iterator:
+    """``task(paths, *extra)``'s result for each filled partition, in partition order, each
+    partition's files removed once its result is back."""
+    filled = runs.filled()
+
+    def removed(finished):
+        for i, result in finished:
+            runs.remove(filled[i])
+            yield i, result
+
+    yield from in_order(removed((tasks or Tasks()).imap(task, [(runs.paths[p], *extra) for p in filled])))
 
 
 def patch_units(patches: np.ndarray | None, image_group: np.ndarray, work: Path | None = None,
@@ -172,12 +205,7 @@ def patch_units(patches: np.ndarray | None, image_group: np.ndarray, work: Path 
     for start in range(0, n, step):
         keys, rows = _signatures(patches, start, step)
         runs.add(_prefix(keys, bits), keys, rows, image_group[rows])
-    filled = runs.filled()
-    found: list[list[list[np.ndarray]]] = [[] for _ in filled]
-    for i, units in (tasks or Tasks()).imap(units_run, [(runs.paths[p],) for p in filled]):
-        found[i] = units
-        runs.remove(filled[i])
-    return [unit for units in found for unit in units]
+    return [unit for units in work_runs(runs, units_run, tasks) for unit in units]
 
 
 def _signatures(patches: np.ndarray, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:

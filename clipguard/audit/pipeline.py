@@ -29,8 +29,9 @@ statistics (docs/architecture.md says the same):
    array, 800 MB at 10^8; and the larger groups' centroid searches, a block of groups per task):
    k-distances, near-duplicate groups, and each group's nearest outside neighbours for its
    data-driven class.
-3. Table pass: the (caption class, image class) cell table is C x C counts, summed over shards;
-   the tests need only it, the group counts and the group sizes. Per-pair columns are then
+3. Table pass: the (caption class, image class) cell table is C x C counts, summed over ranges
+   of image groups, each a task (built, as is each group's own captions' class: `classes`); the
+   tests need only it, the group counts and the group sizes. Per-pair columns are then
    written shard by shard, joining each shard's rows to its groups' counts (built: `columns`
    keeps them as those tables, gathered for one shard's rows at a time).
 Every pass is per shard or per range, so each can go through `executors.tasks.Tasks` as the
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipguard.audit.classes import (NO_CLASS, cell_table, distinct_caption_rows, grouped_plurality, image_group_classes,
+from clipguard.audit.classes import (NO_CLASS, cell_table, grouped_plurality, image_group_classes, own_classes,
                                      strong_mismatch, votes_for)
 from clipguard.audit.columns import PairColumn, SignalColumns, class_names, per_group
 from clipguard.audit.counting import PARTITION_ROWS, distinct_counts, distinct_ids, patch_units
@@ -158,7 +159,7 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
         image_group = image_group_of[image_id]
         image_class, caption_votes, image_votes = _image_classes(
             image_index, image_nn, image_id, image_group_of, caption_class, len(classes), config.k, tasks)
-        own_class = _own_classes(image_group, caption_id, caption_class, len(classes))
+        own_class = own_classes(image_group, caption_id, caption_class, len(classes), work, tasks, partition_rows)[image_group]
         strong = strong_mismatch(caption_class, image_class, caption_votes, image_votes, len(classes), own_class)
         n_image_groups = int(image_group_of.max()) + 1 if n_images else 0
     exact_search = image_index.exact
@@ -176,7 +177,7 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
         caption_texts=lambda rows: [normalise_caption(c) for c in pairs.captions(rows)],
         caption_id=caption_id, image_id=image_id, image_group=image_group,
         caption_group=caption_group_of[caption_id], strong_mismatch=strong,
-        cells=cell_table(caption_class, image_class, len(classes), image_group, strong),
+        cells=cell_table(caption_class, image_class, len(classes), image_group, strong, work, tasks, partition_rows),
         pair_similarity=pairs.similarity,
         patches=pairs.patches, patch_units=units,
     )
@@ -252,18 +253,6 @@ def _image_classes(index: NeighbourIndex, own_neighbours: Neighbours, image_id: 
     image_group = image_group_of[image_id]
     image_class = group_class[image_group]
     return image_class, votes_for(voted, image_group, caption_class), votes_for(voted, image_group, image_class)
-
-
-def _own_classes(image_group: np.ndarray, caption_id: np.ndarray, caption_class: np.ndarray, classes: int) -> np.ndarray:
-    """Per pair: the majority class of its image group's distinct captions (at least two of them
-    labelled, one class ahead), NO_CLASS otherwise."""
-    if not classes or not len(image_group):
-        return np.full(len(image_group), NO_CLASS, np.int64)
-    distinct = distinct_caption_rows(image_group, caption_id, caption_class)
-    groups = int(image_group.max()) + 1
-    enough = np.bincount(image_group[distinct], minlength=groups) >= 2
-    own = grouped_plurality(image_group[distinct], caption_class[distinct], groups, min_votes=2)
-    return np.where(enough, own, NO_CLASS)[image_group]
 
 
 def duplicate_similarity(neighbours, floor: float) -> float:

@@ -26,6 +26,7 @@ def audit(
     text_duplicate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Cosine similarity at which two captions are near-identical (raised likewise).")] = AUDIT_DEFAULTS.text_duplicate,
     exact_limit: Annotated[int, typer.Option(min=1, help="Up to this many vectors neighbours are exact; above it through faiss (the audit extra).")] = AUDIT_DEFAULTS.exact_limit,
     index_codes: Annotated[IndexCodes, typer.Option(help="What the faiss index keeps per vector (candidates are re-scored exactly from the files): sq8, a byte a dimension; pq, 64 bytes at 512 dimensions (for 10^8 vectors; chooses candidates less well); flat, float32.")] = IndexCodes(AUDIT_DEFAULTS.index_codes),
+    partition_rows: Annotated[int, typer.Option(min=1, help="Rows, about, in one partition of the counting pass (distinct captions and images, counts per group, class cells, patch signatures), each worked alone, as a task: a process holds one partition's sort, not the whole data's (~250 MB at the default, measured). Lower it where memory is short; the partitions are files under --out while it runs.")] = AUDIT_DEFAULTS.partition_rows,
     executor: Annotated[ExecutorKind, typer.Option(help="Where the per-part pass (caption and image hashes, keyword classes, pair similarity) and, above --exact-limit, the neighbour search run: local or ray (a task per embedding part, and per range of the vectors searched: four ranges per Ray CPU).")] = ExecutorKind.local,
     workers: Annotated[int, typer.Option(min=1, help="Ray: CPUs of the local Ray instance it starts (without --ray-address). Local runs the tasks in this process.")] = 1,
     ray_address: RayAddressOpt = None,
@@ -62,7 +63,7 @@ def audit(
         result = run_audit(AuditConfig(
             scores=scores, out=out, embeddings=embeddings, keywords=keywords, alpha=alpha, k=k,
             image_duplicate=image_duplicate, text_duplicate=text_duplicate, exact_limit=exact_limit,
-            index_codes=index_codes.value, executor=on,
+            index_codes=index_codes.value, executor=on, partition_rows=partition_rows,
         ), on_part=on_part, on_search=on_search)
     pairs = result.pairs
     console.print(f"audited {len(pairs):,} of {pairs.scored:,} scored pairs "

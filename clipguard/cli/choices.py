@@ -82,6 +82,7 @@ class AuditDefaults:
     text_duplicate: float = 0.95
     exact_limit: int = 50_000
     index_codes: str = "sq8"
+    partition_rows: int = 1 << 22
 
 
 FINETUNE_DEFAULTS = FinetuneDefaults()

@@ -101,6 +101,18 @@ class Tasks:
         yield from _ray_imap(self._session(), fn, args, shared, done, cpus)
 
 
+def in_order(finished: Iterator[tuple[int, Any]]) -> Iterator[Any]:
+    """`Tasks.imap`'s results in the order of their arguments: each as soon as those before it
+    are out (on Ray tasks finish in any order; the ones ahead wait here)."""
+    waiting: dict[int, Any] = {}
+    upcoming = 0
+    for i, result in finished:
+        waiting[i] = result
+        while upcoming in waiting:
+            yield waiting.pop(upcoming)
+            upcoming += 1
+
+
 def map_tasks(fn: Callable, args: Sequence[tuple], spec: "ExecutorSpec | None" = None,
               on_done: Callable[[int, int], None] | None = None) -> list[Any]:
     """``[fn(*a) for a in args]``, run where ``spec`` says; ``on_done(finished, total)`` after each task."""
