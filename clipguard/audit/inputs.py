@@ -6,8 +6,8 @@ Embeddings are in clip-retrieval's layout (``img_emb/img_emb_<n>.npy``, ``text_e
 --save-embeddings``) or another folder (LAION's). Metadata rows need ``key`` and ``caption``;
 ``shard``, ``image_sha256`` and ``image_patches`` (`clipguard.signals.patches`) are used where
 present. Each part goes through `partpass.code_part` as one task on the executor given; the
-driver keeps its fixed-width columns and reads vectors and captions back by (part, row) when a
-stage needs them. Pairs are those of the score folder with status ok that have vectors; the
+driver keeps its fixed-width columns (in files, memory-mapped, for the audit: `pairfiles`) and
+reads vectors and captions back by (part, row) when a stage needs them. Pairs are those of the score folder with status ok that have vectors; the
 others are counted, never silently lost.
 """
 
@@ -23,9 +23,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipguard.audit.errors import AuditInputError, MissingEmbeddingsError
+from clipguard.audit.pairfiles import ColumnFiles
 from clipguard.audit.partpass import PartCodes, PartFiles, code_part, shared_strings
 from clipguard.audit.vectorfiles import VectorFiles, by_part
-from clipguard.executors.tasks import Tasks
+from clipguard.executors.tasks import Tasks, in_order
 from clipguard.scoring.scorefiles import existing_score_files, read_score_columns
 
 __all__ = ["AuditInputError", "AuditPairs", "Keys", "MissingEmbeddingsError", "load_pairs"]
@@ -56,7 +57,8 @@ class Keys:
 @dataclass
 class AuditPairs:
     """The pairs audited, rows aligned: per pair about 40 bytes of codes (and 8 per patch
-    signature) besides its shard and key; captions and vectors stay in their files."""
+    signature), memory-mapped files where `load_pairs` was given a work folder, besides its shard
+    and key; captions and vectors stay in their files."""
 
     shard: np.ndarray  # object array of str, one object per distinct shard
     key: "Keys"
@@ -101,10 +103,17 @@ class AuditPairs:
         return out
 
 
+PAIR_COLUMNS = {"caption_hash": np.uint64, "image_hash": np.uint64, "caption_class": np.int64,
+                "similarity": np.float32, "part": np.int32, "row": np.int64, "patches": np.uint64}
+
+
 def load_pairs(scores: Path, embeddings: Path | None = None, keywords: dict[str, list[str]] | None = None,
-               tasks: Tasks | None = None, on_part: Callable[[int, int], None] | None = None) -> AuditPairs:
+               tasks: Tasks | None = None, on_part: Callable[[int, int], None] | None = None,
+               work: Path | None = None) -> AuditPairs:
     """Read the score folder, run each embedding part's pass as one of ``tasks`` (default: here),
-    and keep the rows of pairs scored ok. ``on_part(done, total)`` reports parts finished."""
+    and keep the rows of pairs scored ok. ``on_part(done, total)`` reports parts finished. With
+    ``work`` the fixed-width columns go to files there as each part's pass comes back and are
+    read memory-mapped (`pairfiles`): the driver holds one part's codes, not every pair's."""
     scores = Path(scores)
     if not scores.is_dir():
         raise AuditInputError(f"score folder {scores} does not exist (run `clipguard score` first)")
@@ -116,35 +125,37 @@ def load_pairs(scores: Path, embeddings: Path | None = None, keywords: dict[str,
                 "or pass --embeddings DIR for a clip-retrieval folder")
         raise MissingEmbeddingsError(f"no embeddings in {folder} (img_emb/img_emb_*.npy with text_emb/ and metadata/): {hint}")
     files = [PartFiles(stem, str(img), str(txt), str(meta)) for stem, (img, txt, meta) in parts.items()]
-    codes: list[PartCodes] = (tasks or Tasks()).map(code_part, [(f, keywords) for f in files], on_done=on_part)
-    dims = {c.dims for c in codes if len(c)}
-    if len(dims) > 1:
-        raise AuditInputError(f"embedding parts of {folder} have vectors of different dimensions: {sorted(dims)}")
+    columns = ColumnFiles(work, PAIR_COLUMNS)
+    keys, shards, dims, with_patches = [], [], set(), False
     by_key = None  # for metadata without a shard column (LAION's): each scored key's shard, if it is unique
-    if any(len(c) and c.shard[0] is None for c in codes):
-        by_key = ok.group_by("key").aggregate([("shard", "count_distinct"), ("shard", "min")])
-    kept = [_kept_rows(c, f, ok, by_key) for c, f in zip(codes, files)]
-    n = sum(len(rows) for rows, _ in kept)
-
-    def column(name: str, dtype) -> np.ndarray:
-        return _joined([getattr(c, name)[rows] for c, (rows, _) in zip(codes, kept)], dtype)
-
+    finished = (tasks or Tasks()).imap(code_part, [(f, keywords) for f in files], on_done=on_part)
+    for i, codes in enumerate(in_order(finished)):
+        if len(codes):
+            dims.add(codes.dims)
+        if len(dims) > 1:
+            raise AuditInputError(f"embedding parts of {folder} have vectors of different dimensions: {sorted(dims)}")
+        if by_key is None and len(codes) and codes.shard[0] is None:
+            by_key = ok.group_by("key").aggregate([("shard", "count_distinct"), ("shard", "min")])
+        rows, part_shards = _kept_rows(codes, files[i], ok, by_key)
+        keys.append(codes.key.take(pa.array(rows)).cast(pa.large_string()))
+        shards.append(part_shards)
+        with_patches |= codes.patches is not None
+        columns.add(caption_hash=codes.caption_hash[rows], image_hash=codes.image_hash[rows],
+                    caption_class=codes.caption_class[rows], similarity=codes.similarity[rows],
+                    part=np.full(len(rows), i, np.int32), row=rows,
+                    patches=codes.patches[rows] if codes.patches is not None else None)
+        del codes
+    n = columns.rows
+    mapped = columns.open()
+    patches = mapped.pop("patches")
     pairs = AuditPairs(
-        shard=_joined([shards for _, shards in kept], object),
-        key=Keys(pa.concat_arrays([c.key.take(pa.array(rows)).cast(pa.large_string()) for c, (rows, _) in zip(codes, kept)])),
-        caption_hash=column("caption_hash", np.uint64),
-        image_hash=column("image_hash", np.uint64), caption_class=column("caption_class", np.int64),
-        similarity=column("similarity", np.float32),
-        part=_joined([np.full(len(rows), i, np.int32) for i, (rows, _) in enumerate(kept)], np.int32),
-        row=_joined([rows for rows, _ in kept], np.int64),
-        parts=files, scored=scored, without_embeddings=max(0, ok.num_rows - n),
-        dims=dims.pop() if dims else 0,
-        patches=_joined_patches([c.patches for c in codes], [rows for rows, _ in kept])
-        if any(c.patches is not None for c in codes) else None,
+        shard=_joined(shards, object), key=Keys(pa.concat_arrays(keys) if keys else pa.array([], pa.large_string())),
+        **mapped, parts=files, scored=scored, without_embeddings=max(0, ok.num_rows - n),
+        dims=dims.pop() if dims else 0, patches=patches if with_patches else None,
     )
     # Arrow's allocator (mimalloc) keeps what the reads and joins freed (~110 MB at 200,000
     # pairs) for arrow alone; handed back, numpy and faiss can use it (benchmarks/README.md).
-    del codes, kept, ok
+    del keys, ok
     pa.default_memory_pool().release_unused()
     return pairs
 
@@ -176,18 +187,6 @@ def _kept_rows(codes: PartCodes, files: PartFiles, ok: pa.Table, by_key: pa.Tabl
 
 def _joined(arrays: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
-
-
-def _joined_patches(matrices: list[np.ndarray | None], kept: list[np.ndarray]) -> np.ndarray:
-    """The parts' signature matrices, rows kept, padded with 0 to the widest."""
-    width = max((m.shape[1] for m in matrices if m is not None), default=0)
-    out = np.zeros((sum(len(k) for k in kept), width), np.uint64)
-    start = 0
-    for matrix, rows in zip(matrices, kept):
-        if matrix is not None and matrix.shape[1]:
-            out[start:start + len(rows), : matrix.shape[1]] = matrix[rows]
-        start += len(rows)
-    return out
 
 
 def _embedding_parts(folder: Path) -> dict[str, tuple[Path, Path, Path]]:

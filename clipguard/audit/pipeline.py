@@ -1,7 +1,9 @@
 """`run_audit`: a score folder and its embeddings -> per-pair cross-pair signals and findings.
 
-Each embedding part's pass (`partpass.code_part`) runs as a task on the executor given; the
-driver keeps its fixed-width columns (~40 bytes a pair). Vectors stay in their memory-mapped
+Each embedding part's pass (`partpass.code_part`) runs as a task on the executor given; its
+fixed-width columns (~40 bytes a pair, and 8 per patch signature) go to files in
+``OUT/.search-index/pairs`` as each part comes back, read memory-mapped, as are the per-pair
+numbers the audit gives them (ids, groups, classes, votes: 64 bytes a pair; `pairfiles`). Vectors stay in their memory-mapped
 files: neighbours are searched exactly up to `neighbours.EXACT_LIMIT` distinct vectors (those
 read into memory), and above it through a faiss IVF index of 8-bit codes (512 bytes a vector at
 512 dimensions; `index_codes="pq"`: 64) re-scored exactly from the files, filled into
@@ -10,7 +12,8 @@ time, its search cut into ranges that are tasks on the same executor (`searchtas
 neighbours are written into ``OUT/.search-index/<side>-neighbours`` as they come and read back
 memory-mapped, and density, the near-duplicate groups and the groups' class votes read them a
 block of rows at a time, so the codes and the neighbours are file pages. What still grows with the
-data in the driver: the per-pair columns (and the ids the counting pass numbers them with), per
+data in the driver's own memory: per pair its shard (8 bytes) and key (arrow: 8 and its text),
+the strong-mismatch flag and the tests' three scores (25 bytes) and a stage's transients; per
 distinct image and caption a few numbers (its id, group, k-distance and outlier ratio: ~40
 bytes), and per image group its class and its neighbours' labels (k bytes up to 128 classes). How it scales to 10^8 pairs in bounded memory, with the same
 statistics (docs/architecture.md says the same):
@@ -58,6 +61,7 @@ from clipguard.audit.grouping import components, normalise_caption
 from clipguard.audit.inputs import AuditInputError, AuditPairs, load_pairs
 from clipguard.audit.neighbours import CODES, EXACT_LIMIT, NeighbourIndex, Neighbours, VectorReader
 from clipguard.audit.output import write_findings, write_signals
+from clipguard.audit.pairfiles import PairArrays
 from clipguard.audit.searchtasks import own_neighbours
 from clipguard.audit.timing import StageClock
 from clipguard.executors.tasks import Tasks
@@ -73,6 +77,7 @@ DUPLICATE_SHARE = 0.25
 # folder must be on storage they reach); removed at the end.
 INDEX_DIR = ".search-index"
 COUNTING_DIR = "counting"  # in INDEX_DIR
+PAIRS_DIR = "pairs"  # in INDEX_DIR: the per-pair columns, memory-mapped (`pairfiles`)
 
 
 @dataclass(frozen=True)
@@ -135,19 +140,24 @@ def run_audit(config: AuditConfig, on_part: Callable[[int, int], None] | None = 
 def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks: Tasks, clock: StageClock,
            on_part: Callable[[int, int], None] | None, on_search: Callable[[str, int, int], None]) -> AuditResult:
     with clock("read scores; per-part pass (hashes, keyword classes, pair similarity)"):
-        pairs = load_pairs(config.scores, config.embeddings, keywords, tasks, on_part)
+        pairs = load_pairs(config.scores, config.embeddings, keywords, tasks, on_part,
+                           work=Path(config.out) / INDEX_DIR / PAIRS_DIR)
     if len(pairs) == 0:
         raise AuditInputError(f"no scored pairs with embeddings in {config.embeddings or config.scores}")
     caption_class = pairs.caption_class
     work = Path(config.out) / INDEX_DIR / COUNTING_DIR
     partition_rows = config.partition_rows
+    arrays = PairArrays(Path(config.out) / INDEX_DIR / PAIRS_DIR)  # per-pair outputs, memory-mapped
+    n = len(pairs)
 
     def distinct(group: np.ndarray, item: np.ndarray, groups: int) -> np.ndarray:
         return distinct_counts(group, item, groups, work, tasks, partition_rows)
 
     with clock("exact identities (caption text, image sha256)"):
-        caption_id, n_captions = distinct_ids(pairs.caption_hash, work, tasks, partition_rows)
-        image_id, n_images = distinct_ids(pairs.image_hash, work, tasks, partition_rows)
+        caption_id, n_captions = distinct_ids(pairs.caption_hash, work, tasks, partition_rows,
+                                              out=arrays.new("caption_id", n, np.int64))
+        image_id, n_images = distinct_ids(pairs.image_hash, work, tasks, partition_rows,
+                                          out=arrays.new("image_id", n, np.int64))
 
     # Neighbours among distinct images and distinct captions: a reused image is not its own
     # neighbour. One side's index at a time: the image index serves the image classes, and is let
@@ -156,10 +166,12 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
         image_index, image_nn, image_duplicate, image_group_of = _near_duplicates(
             pairs, "image", image_id, n_images, config.image_duplicate, config, tasks, on_search)
     with clock("image classes from neighbours"):
-        image_group = image_group_of[image_id]
+        image_group = arrays.gather("image_group", image_group_of, image_id)
         image_class, caption_votes, image_votes = _image_classes(
-            image_index, image_nn, image_id, image_group_of, caption_class, len(classes), config.k, tasks)
-        own_class = own_classes(image_group, caption_id, caption_class, len(classes), work, tasks, partition_rows)[image_group]
+            image_index, image_nn, image_id, image_group, image_group_of, caption_class, len(classes), config.k, tasks,
+            arrays)
+        own_class = arrays.gather("own_class", own_classes(image_group, caption_id, caption_class, len(classes), work,
+                                                           tasks, partition_rows), image_group)
         strong = strong_mismatch(caption_class, image_class, caption_votes, image_votes, len(classes), own_class)
         n_image_groups = int(image_group_of.max()) + 1 if n_images else 0
     exact_search = image_index.exact
@@ -176,7 +188,7 @@ def _audit(config: AuditConfig, keywords: dict | None, classes: list[str], tasks
         classes=classes, caption_class=caption_class, image_class=image_class,
         caption_texts=lambda rows: [normalise_caption(c) for c in pairs.captions(rows)],
         caption_id=caption_id, image_id=image_id, image_group=image_group,
-        caption_group=caption_group_of[caption_id], strong_mismatch=strong,
+        caption_group=arrays.gather("caption_group", caption_group_of, caption_id), strong_mismatch=strong,
         cells=cell_table(caption_class, image_class, len(classes), image_group, strong, work, tasks, partition_rows),
         pair_similarity=pairs.similarity,
         patches=pairs.patches, patch_units=units,
@@ -239,8 +251,9 @@ def _near_duplicates(pairs: AuditPairs, side: str, ids: np.ndarray, count: int, 
     return index, neighbours, threshold, components(count, neighbours, threshold)
 
 
-def _image_classes(index: NeighbourIndex, own_neighbours: Neighbours, image_id: np.ndarray, image_group_of: np.ndarray,
-                   caption_class: np.ndarray, classes: int, k: int, tasks: Tasks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _image_classes(index: NeighbourIndex, own_neighbours: Neighbours, image_id: np.ndarray, image_group: np.ndarray,
+                   image_group_of: np.ndarray, caption_class: np.ndarray, classes: int, k: int, tasks: Tasks,
+                   arrays: PairArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pair: its image group's data-driven class, and the neighbours' votes for its caption's
     class and for that image class (what `strong_mismatch` weighs)."""
     n = len(image_id)
@@ -250,9 +263,9 @@ def _image_classes(index: NeighbourIndex, own_neighbours: Neighbours, image_id: 
     image_label = _image_labels(image_id, len(image_group_of), caption_class)
     group_class, voted = image_group_classes(index, image_group_of, groups, image_label, classes, k, own_neighbours,
                                              tasks)
-    image_group = image_group_of[image_id]
-    image_class = group_class[image_group]
-    return image_class, votes_for(voted, image_group, caption_class), votes_for(voted, image_group, image_class)
+    image_class = arrays.gather("image_class", group_class, image_group)
+    return (image_class, votes_for(voted, image_group, caption_class, out=arrays.new("caption_votes", n, np.int64)),
+            votes_for(voted, image_group, image_class, out=arrays.new("image_votes", n, np.int64)))
 
 
 def duplicate_similarity(neighbours, floor: float) -> float:
