@@ -266,7 +266,7 @@ def test_the_driver_keeps_one_string_per_shard_not_one_per_pair(tmp_path):
     result, _ = _audit(World(4).clean(n=200), tmp_path)
     shards = result.pairs.shard
     assert sorted(set(shards)) == ["00000", "00001"]
-    assert len({id(s) for s in shards}) == 2  # every row of a shard refers to one str
+    assert len(shards.names) == 2 and shards.codes.dtype == np.int32  # a number a pair into two names
 
 
 def test_unknown_index_codes_are_a_clear_error(tmp_path):
@@ -639,11 +639,17 @@ def test_signal_columns_are_gathered_a_shard_at_a_time_from_their_tables(tmp_pat
     import pyarrow.parquet as pq
 
     from clipguard.audit.columns import PairColumn, SignalColumns, class_names, per_group
-    from clipguard.audit.output import shard_rows, write_signals
+    from clipguard.audit.inputs import Shards
+    from clipguard.audit.output import write_signals
 
     shard_a, shard_b = "shard-b", "shard-a"
-    shards = np.array([shard_a, shard_b, shard_a, shard_b, shard_b], dtype=object)
-    assert [(name, rows.tolist()) for name, rows in shard_rows(shards)] == [("shard-a", [1, 3, 4]), ("shard-b", [0, 2])]
+    shards = Shards.of(np.array([shard_a, shard_b, shard_a, shard_b, shard_b], dtype=object))
+    assert [(name, rows.tolist()) for name, rows in shards.rows()] == [("shard-a", [1, 3, 4]), ("shard-b", [0, 2])]
+    # Numbered in another order than the names': the rows still come by name.
+    renumbered = Shards(np.array(["shard-b", "shard-a"], dtype=object), np.array([0, 1, 0, 1, 1], np.int32))
+    assert [(name, rows.tolist()) for name, rows in renumbered.rows()] == [("shard-a", [1, 3, 4]), ("shard-b", [0, 2])]
+    assert renumbered[2] == "shard-b" and renumbered[[1, 0]].tolist() == ["shard-a", "shard-b"] and len(renumbered) == 5
+    assert list(renumbered) == ["shard-b", "shard-a", "shard-b", "shard-a", "shard-a"]
     group = np.array([2, 0, 2, 1, 0])
     columns = SignalColumns({
         "fan_in": per_group(np.array([10, 20, 30]), group),

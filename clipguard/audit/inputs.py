@@ -29,7 +29,7 @@ from clipguard.audit.vectorfiles import VectorFiles, by_part
 from clipguard.executors.tasks import Tasks, in_order
 from clipguard.scoring.scorefiles import existing_score_files, read_score_columns
 
-__all__ = ["AuditInputError", "AuditPairs", "Keys", "MissingEmbeddingsError", "load_pairs"]
+__all__ = ["AuditInputError", "AuditPairs", "Keys", "MissingEmbeddingsError", "Shards", "load_pairs"]
 
 
 class Keys:
@@ -54,13 +54,50 @@ class Keys:
         return iter(self.array.to_pylist())
 
 
+class Shards:
+    """Each pair's shard as a number into the shards' names (4 bytes a pair, a memory-mapped file
+    for the audit) rather than an object pointer a pair (8, and the driver's own); its rows by
+    shard come from one integer sort, not a sort of 10^8 Python strings. Reads like the object
+    array it replaces: a name for a row, an object array of names for rows, names when iterated."""
+
+    def __init__(self, names: np.ndarray, codes: np.ndarray):
+        self.names, self.codes = np.asarray(names, dtype=object), codes
+
+    @classmethod
+    def of(cls, shards: np.ndarray) -> "Shards":
+        """From one name per row (an object array)."""
+        names, codes = np.unique(np.asarray(shards, dtype=object), return_inverse=True) if len(shards) else ([], [])
+        return cls(np.asarray(names, dtype=object), np.asarray(codes, np.int32).ravel())
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, rows):
+        if isinstance(rows, (int, np.integer)):
+            return str(self.names[self.codes[int(rows)]])
+        return self.names[np.asarray(self.codes[rows])]
+
+    def __iter__(self):
+        for start in range(0, len(self.codes), 1 << 16):
+            yield from self.names[np.asarray(self.codes[start:start + (1 << 16)])].tolist()
+
+    def rows(self):
+        """Each shard (in name order) and its rows, ascending."""
+        order = np.argsort(np.asarray(self.codes), kind="stable")
+        counts = np.bincount(np.asarray(self.codes), minlength=len(self.names))
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        for number in np.argsort(self.names.astype(str), kind="stable"):
+            if counts[number]:
+                yield str(self.names[number]), order[bounds[number]:bounds[number + 1]]
+
+
 @dataclass
 class AuditPairs:
-    """The pairs audited, rows aligned: per pair about 40 bytes of codes (and 8 per patch
-    signature), memory-mapped files where `load_pairs` was given a work folder, besides its shard
-    and key; captions and vectors stay in their files."""
+    """The pairs audited, rows aligned: per pair about 44 bytes of codes with its shard's number
+    (and 8 per patch signature), memory-mapped files where `load_pairs` was given a work folder,
+    besides its key; captions and vectors stay in their files."""
 
-    shard: np.ndarray  # object array of str, one object per distinct shard
+    shard: "Shards"
     key: "Keys"
     caption_hash: np.ndarray  # uint64 of the normalised caption
     image_hash: np.ndarray  # uint64 of the image's sha256 (or stored vector)
@@ -103,7 +140,7 @@ class AuditPairs:
         return out
 
 
-PAIR_COLUMNS = {"caption_hash": np.uint64, "image_hash": np.uint64, "caption_class": np.int64,
+PAIR_COLUMNS = {"shard": np.int32, "caption_hash": np.uint64, "image_hash": np.uint64, "caption_class": np.int64,
                 "similarity": np.float32, "part": np.int32, "row": np.int64, "patches": np.uint64}
 
 
@@ -126,7 +163,8 @@ def load_pairs(scores: Path, embeddings: Path | None = None, keywords: dict[str,
         raise MissingEmbeddingsError(f"no embeddings in {folder} (img_emb/img_emb_*.npy with text_emb/ and metadata/): {hint}")
     files = [PartFiles(stem, str(img), str(txt), str(meta)) for stem, (img, txt, meta) in parts.items()]
     columns = ColumnFiles(work, PAIR_COLUMNS)
-    keys, shards, dims, with_patches = [], [], set(), False
+    keys, dims, with_patches = [], set(), False
+    shard_number: dict[str, int] = {}  # shard name -> its number, in order of first appearance
     by_key = None  # for metadata without a shard column (LAION's): each scored key's shard, if it is unique
     finished = (tasks or Tasks()).imap(code_part, [(f, keywords) for f in files], on_done=on_part)
     for i, codes in enumerate(in_order(finished)):
@@ -138,9 +176,14 @@ def load_pairs(scores: Path, embeddings: Path | None = None, keywords: dict[str,
             by_key = ok.group_by("key").aggregate([("shard", "count_distinct"), ("shard", "min")])
         rows, part_shards = _kept_rows(codes, files[i], ok, by_key)
         keys.append(codes.key.take(pa.array(rows)).cast(pa.large_string()))
-        shards.append(part_shards)
+        # The part's shard names numbered by arrow's hashing (a sort of the row's str objects is
+        # Python comparisons), then renumbered into the run's numbering.
+        encoded = pa.array(part_shards, pa.string()).dictionary_encode()
+        numbers = np.array([shard_number.setdefault(name, len(shard_number)) for name in encoded.dictionary.to_pylist()],
+                           np.int32)
         with_patches |= codes.patches is not None
-        columns.add(caption_hash=codes.caption_hash[rows], image_hash=codes.image_hash[rows],
+        columns.add(shard=numbers[encoded.indices.to_numpy(zero_copy_only=False)],
+                    caption_hash=codes.caption_hash[rows], image_hash=codes.image_hash[rows],
                     caption_class=codes.caption_class[rows], similarity=codes.similarity[rows],
                     part=np.full(len(rows), i, np.int32), row=rows,
                     patches=codes.patches[rows] if codes.patches is not None else None)
@@ -149,7 +192,7 @@ def load_pairs(scores: Path, embeddings: Path | None = None, keywords: dict[str,
     mapped = columns.open()
     patches = mapped.pop("patches")
     pairs = AuditPairs(
-        shard=_joined(shards, object), key=Keys(pa.concat_arrays(keys) if keys else pa.array([], pa.large_string())),
+        shard=Shards(np.array(list(shard_number), dtype=object), mapped.pop("shard")), key=Keys(pa.concat_arrays(keys) if keys else pa.array([], pa.large_string())),
         **mapped, parts=files, scored=scored, without_embeddings=max(0, ok.num_rows - n),
         dims=dims.pop() if dims else 0, patches=patches if with_patches else None,
     )
@@ -183,10 +226,6 @@ def _kept_rows(codes: PartCodes, files: PartFiles, ok: pa.Table, by_key: pa.Tabl
     part = part.append_column("shard", pa.array(codes.shard, pa.string()))
     rows = np.sort(part.join(ok, keys=["shard", "key"], join_type="inner").column("row").to_numpy())
     return rows, codes.shard[rows]
-
-
-def _joined(arrays: list[np.ndarray], dtype) -> np.ndarray:
-    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
 
 
 def _embedding_parts(folder: Path) -> dict[str, tuple[Path, Path, Path]]:

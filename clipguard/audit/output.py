@@ -4,7 +4,6 @@ pair's caption added) and ``findings.md`` for a person."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ import pyarrow as pa
 from clipguard.audit.columns import SignalColumns
 from clipguard.audit.detect import Finding
 from clipguard.audit.inputs import AuditPairs
-from clipguard.audit.vectorfiles import by_part
 from clipguard.reporting.findings import FINDINGS_FORMAT, FINDINGS_NAME, KIND_TITLES
 from clipguard.scoring.scorefiles import atomic_write_bytes, atomic_write_json, write_parquet
 from clipguard.signals.registry import AUDIT_SIGNALS_DIR
@@ -25,7 +23,7 @@ MARKDOWN_PAIRS = 100  # per finding in findings.md; findings.json lists them all
 def write_signals(out: Path, pairs: AuditPairs, columns: SignalColumns) -> list[Path]:
     """One parquet file per shard, its columns gathered for its rows only."""
     written = []
-    for shard, rows in shard_rows(pairs.shard):
+    for shard, rows in pairs.shard.rows():
         table = {"key": pairs.key.take(rows).cast(pa.string()),
                  "shard": pa.array([shard] * len(rows), pa.string())}
         for name in columns:
@@ -43,13 +41,6 @@ def write_signals(out: Path, pairs: AuditPairs, columns: SignalColumns) -> list[
     for stale in set((Path(out) / AUDIT_SIGNALS_DIR).glob("*.parquet")) - set(written):
         stale.unlink()
     return written
-
-
-def shard_rows(shards: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
-    """Each shard (in name order) and its rows, ascending: one sort, not a pass over every pair per shard."""
-    names, number = np.unique(shards, return_inverse=True)  # the shard names' objects, not a copy of each
-    for i, rows in by_part(number.ravel()):
-        yield str(names[i]), rows
 
 
 def finding_record(finding: Finding, pairs: AuditPairs, captions: list[str]) -> dict:

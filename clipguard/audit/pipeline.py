@@ -1,7 +1,7 @@
 """`run_audit`: a score folder and its embeddings -> per-pair cross-pair signals and findings.
 
 Each embedding part's pass (`partpass.code_part`) runs as a task on the executor given; its
-fixed-width columns (~40 bytes a pair, and 8 per patch signature) go to files in
+fixed-width columns (~44 bytes a pair with its shard's number, and 8 per patch signature) go to files in
 ``OUT/.search-index/pairs`` as each part comes back, read memory-mapped, as are the per-pair
 numbers the audit gives them (ids, groups, classes, votes: 64 bytes a pair; `pairfiles`). Vectors stay in their memory-mapped
 files: neighbours are searched exactly up to `neighbours.EXACT_LIMIT` distinct vectors (those
@@ -12,7 +12,7 @@ time, its search cut into ranges that are tasks on the same executor (`searchtas
 neighbours are written into ``OUT/.search-index/<side>-neighbours`` as they come and read back
 memory-mapped, and density, the near-duplicate groups and the groups' class votes read them a
 block of rows at a time, so the codes and the neighbours are file pages. What still grows with the
-data in the driver's own memory: per pair its shard (8 bytes) and key (arrow: 8 and its text),
+data in the driver's own memory: per pair its key (arrow: 8 bytes and its text),
 the strong-mismatch flag and the tests' three scores (25 bytes) and a stage's transients; per
 distinct image and caption a few numbers (its id, group, k-distance and outlier ratio: ~40
 bytes), and per image group its class and its neighbours' labels (k bytes up to 128 classes). How it scales to 10^8 pairs in bounded memory, with the same
