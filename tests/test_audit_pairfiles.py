@@ -8,12 +8,13 @@ import mmap
 import random
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from audit_worlds import KEYWORDS, World
 from clipguard.audit import AuditConfig, run_audit
 from clipguard.audit.inputs import PAIR_COLUMNS, load_pairs
-from clipguard.audit.pairfiles import ColumnFiles, PairArrays
+from clipguard.audit.pairfiles import ColumnFiles, PairArrays, StringFile
 from clipguard.executors.tasks import in_order
 
 
@@ -72,6 +73,24 @@ def test_pair_arrays_gather_a_table_at_each_pairs_group(tmp_path):
         np.testing.assert_array_equal(gathered, table[index])
         assert _file_backed(gathered) == (folder is not None)
     assert (tmp_path / "group_value.npy").is_file()
+
+
+def test_keys_appended_by_block_are_read_back_from_a_mapped_file(tmp_path):
+    keys = [f"shard-7/key-{i:06d}-" + "x" * 40 for i in range(20_000)]  # ~1.2 MB of text
+    blocks = [pa.array(keys[start:start + 5_000]) for start in range(0, len(keys), 5_000)]
+    for folder in (tmp_path, None):
+        strings = StringFile(folder, "key")
+        for block in blocks:
+            strings.add(block)
+        before = pa.total_allocated_bytes()
+        read = strings.open()
+        assert read.to_pylist() == keys and read.take(pa.array([3, 19_999])).to_pylist() == [keys[3], keys[-1]]
+        held = pa.total_allocated_bytes() - before
+        if folder is None:
+            assert held > 1_000_000  # joined in arrow's own memory
+        else:
+            assert held < 50_000  # the keys' text and offsets are the file's pages
+    assert StringFile(tmp_path / "none", "key").open().to_pylist() == []
 
 
 def test_results_in_order_whatever_order_tasks_finish_in():

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipguard.audit.errors import AuditInputError, MissingEmbeddingsError
-from clipguard.audit.pairfiles import ColumnFiles
+from clipguard.audit.pairfiles import ColumnFiles, StringFile
 from clipguard.audit.partpass import PartCodes, PartFiles, code_part, shared_strings
 from clipguard.audit.vectorfiles import VectorFiles, by_part
 from clipguard.executors.tasks import Tasks, in_order
@@ -33,10 +33,11 @@ __all__ = ["AuditInputError", "AuditPairs", "Keys", "MissingEmbeddingsError", "S
 
 
 class Keys:
-    """The pairs' keys in one arrow buffer (~8 bytes a key besides its text, against ~60 for a
-    Python str each: 6 GB at 10^8 pairs); a key, or an array of them, as str where asked for."""
+    """The pairs' keys in arrow buffers (~8 bytes a key besides its text, against ~60 for a
+    Python str each: 6 GB at 10^8 pairs; for the audit a memory-mapped file, `pairfiles.StringFile`);
+    a key, or an array of them, as str where asked for."""
 
-    def __init__(self, array: pa.Array):
+    def __init__(self, array: pa.Array | pa.ChunkedArray):
         self.array = array
 
     def __len__(self) -> int:
@@ -163,7 +164,7 @@ def load_pairs(scores: Path, embeddings: Path | None = None, keywords: dict[str,
         raise MissingEmbeddingsError(f"no embeddings in {folder} (img_emb/img_emb_*.npy with text_emb/ and metadata/): {hint}")
     files = [PartFiles(stem, str(img), str(txt), str(meta)) for stem, (img, txt, meta) in parts.items()]
     columns = ColumnFiles(work, PAIR_COLUMNS)
-    keys, dims, with_patches = [], set(), False
+    keys, dims, with_patches = StringFile(work, "key"), set(), False
     shard_number: dict[str, int] = {}  # shard name -> its number, in order of first appearance
     by_key = None  # for metadata without a shard column (LAION's): each scored key's shard, if it is unique
     finished = (tasks or Tasks()).imap(code_part, [(f, keywords) for f in files], on_done=on_part)
@@ -175,7 +176,7 @@ def load_pairs(scores: Path, embeddings: Path | None = None, keywords: dict[str,
         if by_key is None and len(codes) and codes.shard[0] is None:
             by_key = ok.group_by("key").aggregate([("shard", "count_distinct"), ("shard", "min")])
         rows, part_shards = _kept_rows(codes, files[i], ok, by_key)
-        keys.append(codes.key.take(pa.array(rows)).cast(pa.large_string()))
+        keys.add(codes.key.take(pa.array(rows)))
         # The part's shard names numbered by arrow's hashing (a sort of the row's str objects is
         # Python comparisons), then renumbered into the run's numbering.
         encoded = pa.array(part_shards, pa.string()).dictionary_encode()
@@ -192,7 +193,7 @@ def load_pairs(scores: Path, embeddings: Path | None = None, keywords: dict[str,
     mapped = columns.open()
     patches = mapped.pop("patches")
     pairs = AuditPairs(
-        shard=Shards(np.array(list(shard_number), dtype=object), mapped.pop("shard")), key=Keys(pa.concat_arrays(keys) if keys else pa.array([], pa.large_string())),
+        shard=Shards(np.array(list(shard_number), dtype=object), mapped.pop("shard")), key=Keys(keys.open()),
         **mapped, parts=files, scored=scored, without_embeddings=max(0, ok.num_rows - n),
         dims=dims.pop() if dims else 0, patches=patches if with_patches else None,
     )

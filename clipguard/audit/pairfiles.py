@@ -5,8 +5,9 @@ lies, 8 patch signatures: ~104 bytes a pair) are ~10 GB. Held as numpy arrays th
 memory, which the driver must have; as memory-mapped files they are page cache, which the OS
 fills from disk as rows are read and drops under pressure (the data's passes read them in
 order, a chunk at a time). `ColumnFiles` writes each column as the raw bytes of one file, a
-part's rows appended after the last, and opens them read-only with `np.memmap`; `PairArrays`
-gives a stage a per-pair output of its own in the same folder (written, then read).
+part's rows appended after the last, and opens them read-only with `np.memmap`; `StringFile`
+does the same for the keys, as an Arrow IPC file; `PairArrays` gives a stage a per-pair output
+of its own in the same folder (written, then read).
 
 The files live in the audit's working folder (``OUT/.search-index``), removed with it at the
 end; an array still mapped then stays readable (on POSIX an unlinked file lives while mapped).
@@ -18,6 +19,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 
 class ColumnFiles:
@@ -97,6 +99,33 @@ def _padded(arrays: list[np.ndarray], blocks: list[tuple[int, int]], shape: tupl
             out[start:start + rows, :width] = next(given)
         start += rows
     return out
+
+
+class StringFile:
+    """Strings (a pair's key) appended a block at a time to an Arrow IPC file in ``folder`` (in
+    memory where ``folder`` is None), read back as one chunked array over the memory-mapped file:
+    arrow reads IPC without copying, so 10^8 keys are file pages, not ~3 GB of the driver's."""
+
+    def __init__(self, folder: Path | None, name: str):
+        self.path = None if folder is None else Path(folder) / f"{name}.arrow"
+        self._blocks: list[pa.Array] = []
+        self._writer = None
+
+    def add(self, values: pa.Array) -> None:
+        values = values.cast(pa.large_string())
+        if self.path is None:
+            self._blocks.append(values)
+            return
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pa.ipc.new_file(str(self.path), pa.schema([("value", pa.large_string())]))
+        self._writer.write_batch(pa.record_batch([values], names=["value"]))
+
+    def open(self) -> pa.Array | pa.ChunkedArray:
+        if self.path is None or self._writer is None:
+            return pa.concat_arrays(self._blocks) if self._blocks else pa.array([], pa.large_string())
+        self._writer.close()
+        return pa.ipc.open_file(pa.memory_map(str(self.path))).read_all().column("value")
 
 
 class PairArrays:

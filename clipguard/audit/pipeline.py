@@ -12,7 +12,7 @@ time, its search cut into ranges that are tasks on the same executor (`searchtas
 neighbours are written into ``OUT/.search-index/<side>-neighbours`` as they come and read back
 memory-mapped, and density, the near-duplicate groups and the groups' class votes read them a
 block of rows at a time, so the codes and the neighbours are file pages. What still grows with the
-data in the driver's own memory: per pair its key (arrow: 8 bytes and its text),
+data in the driver's own memory (the keys are a mapped Arrow file too): per pair
 the strong-mismatch flag and the tests' three scores (25 bytes) and a stage's transients; per
 distinct image and caption a few numbers (its id, group, k-distance and outlier ratio: ~40
 bytes), and per image group its class and its neighbours' labels (k bytes up to 128 classes). How it scales to 10^8 pairs in bounded memory, with the same
