@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -60,6 +59,7 @@ from clipguard.calibration.estimates import clopper_pearson
 from clipguard.labels import LabelSource
 from clipguard.metrics import roc_auc
 from clipguard.synth import WorldSpec, generate_world
+from machine import run_header  # this folder is on the path
 
 REFERENCE = "clipguard-reference"
 # name -> (kind, goals, evade variant or None, the audit goals that name it: "caption class:image class",
@@ -280,7 +280,7 @@ def main() -> None:
             clean.append(one_clean(args.out, noise, seed))
             print(f"clean {noise} world seed {seed}: {clean[-1]['findings']} finding(s) on {clean[-1]['pairs']} pairs "
                   f"(largest -log10 p {clean[-1]['largest_neglog10_p']})", flush=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or "unknown", "cores": len(os.sched_getaffinity(0)),
+    result = {**run_header(Path(__file__).resolve().parents[1]),  # platform.processor() is often empty on Linux
               "rate": args.rate, "labelled": args.labelled, "fpr_budget": args.fpr, "criterion": args.criterion, "world_seed": args.world_seed,
               "cells": rows, "clean_worlds": clean}
     args.out.mkdir(parents=True, exist_ok=True)
