@@ -642,8 +642,7 @@ def test_signal_columns_are_gathered_a_shard_at_a_time_from_their_tables(tmp_pat
     from clipguard.audit.inputs import Shards
     from clipguard.audit.output import write_signals
 
-    shard_a, shard_b = "shard-b", "shard-a"
-    shards = Shards.of(np.array([shard_a, shard_b, shard_a, shard_b, shard_b], dtype=object))
+    shards = Shards(np.array(["shard-a", "shard-b"], dtype=object), np.array([1, 0, 1, 0, 0], np.int32))
     assert [(name, rows.tolist()) for name, rows in shards.rows()] == [("shard-a", [1, 3, 4]), ("shard-b", [0, 2])]
     # Numbered in another order than the names': the rows still come by name.
     renumbered = Shards(np.array(["shard-b", "shard-a"], dtype=object), np.array([0, 1, 0, 1, 1], np.int32))

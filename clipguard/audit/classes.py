@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipguard.audit import counting
+from clipguard.audit import counting  # its read_run looked up when a task runs, so a test can tell where
 from clipguard.audit.counting import PARTITION_ROWS, group_runs, work_runs
 from clipguard.audit.grouping import combined_codes, run_starts
 from clipguard.audit.neighbours import NeighbourIndex, Neighbours, faiss_threads

@@ -64,12 +64,6 @@ class Shards:
     def __init__(self, names: np.ndarray, codes: np.ndarray):
         self.names, self.codes = np.asarray(names, dtype=object), codes
 
-    @classmethod
-    def of(cls, shards: np.ndarray) -> "Shards":
-        """From one name per row (an object array)."""
-        names, codes = np.unique(np.asarray(shards, dtype=object), return_inverse=True) if len(shards) else ([], [])
-        return cls(np.asarray(names, dtype=object), np.asarray(codes, np.int32).ravel())
-
     def __len__(self) -> int:
         return len(self.codes)
 
@@ -84,12 +78,10 @@ class Shards:
 
     def rows(self):
         """Each shard (in name order) and its rows, ascending."""
-        order = np.argsort(np.asarray(self.codes), kind="stable")
-        counts = np.bincount(np.asarray(self.codes), minlength=len(self.names))
-        bounds = np.concatenate([[0], np.cumsum(counts)])
+        of_shard = dict(by_part(self.codes))  # by number, in number order: first appearance, not the names'
         for number in np.argsort(self.names.astype(str), kind="stable"):
-            if counts[number]:
-                yield str(self.names[number]), order[bounds[number]:bounds[number + 1]]
+            if int(number) in of_shard:
+                yield str(self.names[number]), of_shard[int(number)]
 
 
 @dataclass

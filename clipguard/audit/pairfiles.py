@@ -1,7 +1,7 @@
 """Per-pair columns on disk: appended a part at a time, then read memory-mapped.
 
-At 10^8 pairs the audit's per-pair columns (two hashes, a class, a similarity, where each row
-lies, 8 patch signatures: ~104 bytes a pair) are ~10 GB. Held as numpy arrays they are anonymous
+At 10^8 pairs the audit's per-pair columns (shard number, two hashes, a class, a similarity,
+where each row lies, 8 patch signatures: ~108 bytes a pair) are ~11 GB. Held as numpy arrays they are anonymous
 memory, which the driver must have; as memory-mapped files they are page cache, which the OS
 fills from disk as rows are read and drops under pressure (the data's passes read them in
 order, a chunk at a time). `ColumnFiles` writes each column as the raw bytes of one file, a
@@ -15,7 +15,6 @@ end; an array still mapped then stays readable (on POSIX an unlinked file lives 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ class ColumnFiles:
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
             for name in self.dtypes:  # appended to from empty: what an earlier, killed run left goes
-                _remove(self._path(name))
+                self._path(name).unlink(missing_ok=True)
 
     def _path(self, name: str) -> Path:
         return self.folder / f"{name}.bin"
@@ -67,38 +66,45 @@ class ColumnFiles:
         return {name: self._open(name) for name in self.dtypes}
 
     def _open(self, name: str) -> np.ndarray:
+        dtype, blocks = self.dtypes[name], self._widths.get(name)
+        if blocks is None:  # one value a row
+            if self.folder is None:
+                return np.concatenate(self._blocks[name]) if self._blocks[name] else np.zeros(0, dtype)
+            return _mapped(self._path(name), dtype, (self.rows,))
+        shape = (self.rows, max((w for _, w in blocks), default=0))
+        if self.folder is not None and all(w == shape[1] for _, w in blocks):
+            return _mapped(self._path(name), dtype, shape)
+        return self._padded(name, blocks, shape)
+
+    def _padded(self, name: str, blocks: list[tuple[int, int]], shape: tuple[int, int]) -> np.ndarray:
+        """A matrix column with its blocks padded with 0 to the widest, a block at a time: in
+        memory, or into a mapped file beside its raw one (which then goes)."""
         dtype = self.dtypes[name]
-        blocks = self._widths.get(name)
-        widest = max((w for _, w in blocks), default=0) if blocks is not None else None
-        shape = (self.rows,) if blocks is None else (self.rows, widest)
-        if self.folder is None:
-            return _padded(self._blocks[name], blocks, shape, dtype) if blocks is not None else \
-                (np.concatenate(self._blocks[name]) if self._blocks[name] else np.zeros(shape, dtype))
-        path = self._path(name)
-        if blocks is None or all(w == widest for _, w in blocks):
-            return _mapped(path, dtype, shape)
-        padded = self.folder / f"{name}.padded.npy"  # blocks of other widths: copied a block at a time
-        out = np.lib.format.open_memmap(padded, mode="w+", dtype=dtype, shape=shape)
-        start = 0
-        with open(path, "rb") as f:
-            for rows, width in blocks:
-                if width:
-                    out[start:start + rows, :width] = np.fromfile(f, dtype, rows * width).reshape(rows, width)
-                start += rows
+        padded = None if self.folder is None else self.folder / f"{name}.padded.npy"
+        out = np.zeros(shape, dtype) if padded is None else np.lib.format.open_memmap(padded, mode="w+", dtype=dtype,
+                                                                                      shape=shape)
+        given, start = self._matrix_blocks(name, blocks), 0
+        for rows, width in blocks:
+            if width:
+                out[start:start + rows, :width] = next(given)
+            start += rows
+        if padded is None:
+            return out
         out.flush()
         del out
-        _remove(path)
+        self._path(name).unlink(missing_ok=True)
         return np.asarray(np.load(padded, mmap_mode="r"))
 
-
-def _padded(arrays: list[np.ndarray], blocks: list[tuple[int, int]], shape: tuple[int, int], dtype) -> np.ndarray:
-    out = np.zeros(shape, dtype)
-    start, given = 0, iter(arrays)
-    for rows, width in blocks:
-        if width:
-            out[start:start + rows, :width] = next(given)
-        start += rows
-    return out
+    def _matrix_blocks(self, name: str, blocks: list[tuple[int, int]]):
+        """The matrix column's blocks that have it, in order, from memory or from its raw file."""
+        if self.folder is None:
+            yield from self._blocks[name]
+            return
+        dtype = self.dtypes[name]
+        with open(self._path(name), "rb") as raw:
+            for rows, width in blocks:
+                if width:
+                    yield np.fromfile(raw, dtype, rows * width).reshape(rows, width)
 
 
 class StringFile:
@@ -156,10 +162,3 @@ def _mapped(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     if not int(np.prod(shape)):  # nothing written (mmap cannot map an empty file)
         return np.zeros(shape, dtype)
     return np.asarray(np.memmap(path, dtype=dtype, mode="r", shape=shape))  # a plain ndarray over the map
-
-
-def _remove(path: Path) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
