@@ -124,3 +124,31 @@ def test_the_audits_pairs_and_per_pair_outputs_are_mapped_files(tmp_path):
     assert not (tmp_path / "audit" / ".search-index").exists()
     assert int(t.image_id.max()) + 1 == len(np.unique(t.image_id)) and t.image_class.min() >= -1
     assert any(f.kind == "image_fan_in" for f in result.findings)
+
+
+def test_a_working_file_that_cannot_be_written_is_a_clear_error_not_a_traceback(tmp_path):
+    """A full disk under --out (/dev/full behind the keys' file: every write there fails with
+    ENOSPC) stops the audit with a message naming the working folder, exit 2 at the command
+    line, and the working folder is still removed."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from clipguard.audit import AuditInputError
+    from clipguard.cli.main import app
+
+    scores = World(7).clean(n=60).write(tmp_path / "w")
+    out = tmp_path / "audit"
+    (out / ".search-index" / "pairs").mkdir(parents=True)
+    (out / ".search-index" / "pairs" / "key.arrow").symlink_to("/dev/full")
+    with pytest.raises(AuditInputError, match=r"could not write or read its working files under .*\.search-index.*free disk"):
+        run_audit(AuditConfig(scores=scores, out=out, keywords=KEYWORDS))
+    assert not (out / ".search-index").exists()
+    (out / ".search-index" / "pairs").mkdir(parents=True)
+    (out / ".search-index" / "pairs" / "key.arrow").symlink_to("/dev/full")
+    (tmp_path / "kw.json").write_text(json.dumps(KEYWORDS))
+    result = CliRunner().invoke(app, ["audit", str(scores), "--out", str(out), "--keywords", str(tmp_path / "kw.json")],
+                                env={"CLIPGUARD_CONSOLE_WIDTH": "400", "HF_HUB_OFFLINE": "1"}, catch_exceptions=False)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "No space left on device" in said and "choose another --out" in said
+    assert "Traceback" not in said

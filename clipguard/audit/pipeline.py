@@ -133,6 +133,15 @@ def run_audit(config: AuditConfig, on_part: Callable[[int, int], None] | None = 
     try:
         with Tasks(config.executor) as tasks:  # one executor session for the part pass and the searches
             return _audit(config, keywords, classes, tasks, clock, on_part, on_search or (lambda side, done, total: None))
+    except OSError as exc:
+        # The inputs' own read errors are AuditInputErrors already, naming their file; what is
+        # left is the working files (a full disk, a read-only or unreachable --out), which numpy
+        # reports without a file name ("... requested and 0 written").
+        raise AuditInputError(
+            f"the audit could not write or read its working files under {Path(config.out) / INDEX_DIR} ({exc}): "
+            "they hold the pairs' columns, the counting partitions and the search index while it runs (README, "
+            "audit: about 24 bytes a pair for the counting, 116 a pair for the columns, and the index); free disk "
+            "there or choose another --out") from exc
     finally:
         shutil.rmtree(Path(config.out) / INDEX_DIR, ignore_errors=True)
 
